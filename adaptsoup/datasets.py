@@ -1,0 +1,74 @@
+"""Where benchmark data lives: CIFAR-10 from ``ADAPTSOUP_DATA``, a user's path, or ``../shared/datasets``.
+
+The JPEG tarball is unpacked once into the cache folder (outside the repository); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+from .data import default_cache_dir
+from .errors import DataError
+from .io import atomic_path
+
+ENV_DATA = "ADAPTSOUP_DATA"
+CIFAR10_TARBALL = "cifar10-jpeg.tar.gz"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _candidate_dirs(explicit: str | os.PathLike | None) -> list[Path]:
+    out = []
+    if explicit:
+        out.append(Path(explicit).expanduser())
+    if os.environ.get(ENV_DATA):
+        out.append(Path(os.environ[ENV_DATA]).expanduser())
+    here = Path(__file__).resolve().parent.parent
+    out.append(here.parent / "shared" / "datasets" / "cifar10")
+    out.append(Path.cwd().parent / "shared" / "datasets" / "cifar10")
+    return out
+
+
+def find_cifar10(path: str | os.PathLike | None = None) -> Path | None:
+    """A folder holding ``train/<class>`` and ``test/<class>`` (unpacking the tarball if that is what is found)."""
+    for cand in _candidate_dirs(path):
+        for base in (cand, cand / "cifar10"):
+            if (base / "train").is_dir() and (base / "test").is_dir():
+                return base
+            if (base / CIFAR10_TARBALL).is_file():
+                return unpack_cifar10(base / CIFAR10_TARBALL)
+            if base.is_file() and base.name.endswith(".tar.gz"):
+                return unpack_cifar10(base)
+    return None
+
+
+def require_cifar10(path: str | os.PathLike | None = None) -> Path:
+    root = find_cifar10(path)
+    if root is None:
+        raise DataError(
+            f"CIFAR-10 not found: pass --data PATH or set {ENV_DATA} to a folder with {CIFAR10_TARBALL} "
+            "(or with train/ and test/ class folders)"
+        )
+    return root
+
+
+def unpack_cifar10(tarball: Path) -> Path:
+    dest = default_cache_dir() / "datasets" / "cifar10"
+    marker = dest / ".complete"
+    if marker.is_file() and marker.read_text().strip() == str(tarball.stat().st_size):
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tarball, "r:gz") as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and not m.name.startswith(("/", "..")) and ".." not in m.name]
+        tar.extractall(dest, members=members, filter="data")
+    # the archive may hold a top-level folder
+    if not (dest / "train").is_dir():
+        inner = [p for p in dest.iterdir() if p.is_dir() and (p / "train").is_dir()]
+        if not inner:
+            raise DataError(f"{tarball} does not hold train/ and test/ folders")
+        for sub in ("train", "test"):
+            (inner[0] / sub).rename(dest / sub)
+    with atomic_path(marker) as tmp:
+        tmp.write_text(str(tarball.stat().st_size))
+    return dest

@@ -1,0 +1,71 @@
+"""One evaluation loop: logits, pre-logits features and top-1 accuracy of a model over an ImageSet."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data import ImageSet, Preprocess, eval_batches
+
+
+@dataclass
+class Outputs:
+    logits: torch.Tensor | None  # [N, C]
+    features: torch.Tensor | None  # [N, D] pre-logits
+
+
+@torch.no_grad()
+def run_model(
+    model: nn.Module,
+    images: ImageSet,
+    preprocess: Preprocess,
+    *,
+    want_logits: bool = True,
+    want_features: bool = False,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    bf16: bool = False,
+) -> Outputs:
+    """Forward every image once (eval mode); collect logits and/or pre-logits features."""
+    was_training = model.training
+    model.eval()
+    logits, feats = [], []
+    device = torch.device(device)
+    for x, _ in eval_batches(images, preprocess, batch_size):
+        x = x.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            tokens = model.forward_features(x)
+            pre = model.forward_head(tokens, pre_logits=True)
+            if want_features:
+                feats.append(pre.float().cpu())
+            if want_logits:
+                logits.append(model.get_classifier()(pre).float().cpu() if hasattr(model, "get_classifier") else model.forward_head(tokens).float().cpu())
+    model.train(was_training)
+    return Outputs(
+        logits=torch.cat(logits) if want_logits else None,
+        features=torch.cat(feats) if want_features else None,
+    )
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    if labels.numel() == 0:
+        return float("nan")
+    return float((logits.argmax(dim=1) == labels).float().mean().item() * 100.0)
+
+
+def accuracy(model: nn.Module, images: ImageSet, preprocess: Preprocess, **kwargs) -> float:
+    if images.labels is None:
+        raise ValueError("accuracy needs a labeled image set")
+    return top1(run_model(model, images, preprocess, **kwargs).logits, images.labels)
+
+
+def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
+    pred = logits.argmax(dim=1)
+    out = []
+    for c in range(num_classes):
+        sel = labels == c
+        out.append(float((pred[sel] == c).float().mean().item() * 100.0) if sel.any() else float("nan"))
+    return out

@@ -1,0 +1,91 @@
+"""Run manifests: what was run, with what, on what, and what came out — enough to reproduce and resume."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .io import write_json_atomic
+
+TRACKED_PACKAGES = ("adaptsoup", "torch", "torchvision", "timm", "numpy", "pillow", "safetensors", "onnx", "onnxruntime")
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit(path: str | os.PathLike | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path or Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "packages": package_versions(),
+        "git_commit": git_commit(),
+    }
+
+
+class Manifest:
+    """A JSON manifest kept on disk, rewritten atomically after every change."""
+
+    def __init__(self, path: str | os.PathLike, data: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.data: dict[str, Any] = data if data is not None else {}
+
+    @classmethod
+    def load_or_new(cls, path: str | os.PathLike, **initial: Any) -> "Manifest":
+        import json
+
+        path = Path(path)
+        if path.is_file():
+            return cls(path, json.loads(path.read_text()))
+        data = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **initial}
+        return cls(path, data)
+
+    def set(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self.save()
+
+    def update(self, section: str, key: str, value: Any) -> None:
+        self.data.setdefault(section, {})[key] = value
+        self.save()
+
+    def save(self) -> None:
+        self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_json_atomic(self.path, self.data)
