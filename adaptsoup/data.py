@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
 
@@ -168,7 +168,6 @@ def read_rgb(path: str | os.PathLike) -> Image.Image:
             raise UnreadableImage("empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ImageFile.LOAD_TRUNCATED_IMAGES = False
             with Image.open(path) as img:
                 img.load()
                 return _to_rgb8(img)

@@ -142,9 +142,11 @@ def load_model(
     if num_classes is None:
         if meta is not None:
             num_classes = meta.num_classes
-        elif state_dict is not None and "head.weight" in state_dict:
-            num_classes = int(state_dict["head.weight"].shape[0])
     model = create_model(arch, num_classes=num_classes, **model_kwargs)
+    if num_classes is None and state_dict is not None and not reset_head:
+        found = _classes_in_state_dict(model, encoder_state_dict(state_dict))
+        if found is not None and found != getattr(model, "num_classes", found):
+            model = create_model(arch, num_classes=found, **model_kwargs)
     if state_dict is not None:
         state_dict = encoder_state_dict(state_dict)
         if isinstance(model, VisionTransformer):
@@ -154,9 +156,25 @@ def load_model(
         load_state_dict_strict(model, state_dict, source=str(checkpoint))
     if meta is not None:
         apply_meta(model, meta)
-    model.pretrained_cfg = dict(model.pretrained_cfg, architecture=arch)
+    model.pretrained_cfg = dict(model.pretrained_cfg, architecture=arch, num_classes=getattr(model, "num_classes", None))
+    if reset_head and meta is not None and len(meta.class_names) != getattr(model, "num_classes", 0):
+        model.pretrained_cfg["label_names"] = None
+        model.adaptsoup_meta = dataclasses.replace(meta, num_classes=model.num_classes, class_names=[])
     model.eval()
     return model
+
+
+def _classes_in_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> int | None:
+    """The class count of a plain state dict, read off the weight of ``model``'s classifier."""
+    if not hasattr(model, "get_classifier"):
+        return None
+    classifier = model.get_classifier()
+    for name, module in model.named_modules():
+        if module is classifier and name:
+            weight = state_dict.get(f"{name}.weight")
+            if weight is not None and weight.ndim >= 1:
+                return int(weight.shape[0])
+    return None
 
 
 def encoder_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -23,12 +23,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True, markup=False, highlight=False)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]adaptsoup: error:[/red] {message}", highlight=False, soft_wrap=True)
+    err.print(f"adaptsoup: error: {message}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -110,7 +110,126 @@ def predict(
     report = predict_folder(onnx, images, csv)
     out.print(f"wrote {report.csv_path}: {report.images} images" + (f", {len(report.skipped)} unreadable skipped" if report.skipped else ""))
     for path, reason in report.skipped[:10]:
-        err.print(f"  skipped {path}: {reason}", highlight=False)
+        err.print(f"  skipped {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _floats(text: Optional[str], option: str) -> Optional[List[float]]:
+    if text is None:
+        return None
+    try:
+        values = [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        fail(f"{option} takes comma-separated numbers, got {text!r}")
+    if not values:
+        fail(f"{option} is empty")
+    return values
+
+
+def _ints(text: Optional[str], option: str) -> Optional[List[int]]:
+    values = _floats(text, option)
+    if values is None:
+        return None
+    if any(v != int(v) for v in values):
+        fail(f"{option} takes comma-separated integers, got {text!r}")
+    return [int(v) for v in values]
+
+
+@app.command()
+def adapt(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="The deployed classifier checkpoint (the stock)."),
+    target: Optional[Path] = typer.Option(None, "--target", "-t", help="Folder of unlabeled shifted images (searched recursively)."),
+    source: Optional[Path] = typer.Option(None, "--source", "-s", help="Labeled source folder, <class_name>/<image> layout."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/adapt-<time>)."),
+    stock: Optional[Path] = typer.Option(None, "--stock", help="MAE pre-trained checkpoint with a decoder (original MAE key names)."),
+    arch: Optional[str] = typer.Option(None, help="timm architecture, if --model carries no adaptsoup metadata."),
+    eval_dirs: Optional[List[Path]] = typer.Option(None, "--eval", help="Labeled folder to report top-1 on (repeatable)."),
+    vanilla: Optional[int] = typer.Option(None, help="Also fine-tune the stock this many times without inter-training (supervised soup)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Recipe file (.toml or .yaml); flags override it."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory with its recorded recipe."),
+    inter_lrs: Optional[str] = typer.Option(None, help="MAE inter-training learning rates, comma-separated (grid axis)."),
+    mask_ratios: Optional[str] = typer.Option(None, help="MAE mask ratios (grid axis)."),
+    decoder_depths: Optional[str] = typer.Option(None, help="MAE decoder depths, 0 = sized for the encoder (grid axis)."),
+    inter_steps: Optional[str] = typer.Option(None, help="Inter-training steps (grid axis); default from --inter-epochs."),
+    inter_seeds: Optional[str] = typer.Option(None, help="Inter-training seeds (grid axis)."),
+    inter_epochs: Optional[float] = typer.Option(None, help="Inter-training epochs over the target when no steps are given."),
+    inter_augment: Optional[str] = typer.Option(None, help="Inter-training augmentation: none, crop-flip or 3a."),
+    decoder_warmup_steps: Optional[int] = typer.Option(None, help="Steps to warm up a fresh decoder with the encoder frozen."),
+    ft_lrs: Optional[str] = typer.Option(None, help="Fine-tuning learning rates, comma-separated (N = count x seeds)."),
+    ft_seeds: Optional[str] = typer.Option(None, help="Fine-tuning seeds."),
+    ft_epochs: Optional[float] = typer.Option(None, help="Fine-tuning epochs over the source."),
+    ft_steps: Optional[int] = typer.Option(None, help="Fine-tuning steps (overrides --ft-epochs)."),
+    ft_augment: Optional[str] = typer.Option(None, help="Fine-tuning augmentation: none, crop-flip or 3a (DeiT III 3-Augment)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size of inter-training and fine-tuning (paper: 128)."),
+    max_source_images: Optional[int] = typer.Option(None, help="Use a seeded random subset of this many source images."),
+    max_target_images: Optional[int] = typer.Option(None, help="Use a seeded random subset of this many target images."),
+    seed: Optional[int] = typer.Option(None, help="Seed of data subsets and decoder warm-up."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="Train under bf16 autocast."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Inter-train the stock with MAE on unlabeled target images, fine-tune back on source, and mix a soup."""
+    import time as _time
+
+    from adaptsoup.adapt import run_adapt
+    from adaptsoup.progress import progress_bars
+    from adaptsoup.recipe import AdaptConfig, load_recipe_file, merge
+
+    if resume is not None:
+        manifest = resume / "manifest.json"
+        if not manifest.is_file():
+            fail(f"--resume {resume}: no manifest.json there (not an adapt run directory)")
+        import json
+
+        raw = json.loads(manifest.read_text())["config"]
+        given = [n for n, v in (("--model", model), ("--target", target), ("--source", source), ("--config", config)) if v is not None]
+        if given:
+            fail(f"--resume takes the recipe recorded in {manifest}; do not also pass {', '.join(given)}")
+        cfg = AdaptConfig.from_dict(raw)
+    else:
+        raw = load_recipe_file(config) if config else {}
+        flags = {
+            "model": str(model) if model else None, "target": str(target) if target else None,
+            "source": str(source) if source else None, "out": str(out_dir) if out_dir else None,
+            "stock": str(stock) if stock else None, "arch": arch,
+            "evals": [str(e) for e in eval_dirs] if eval_dirs else None, "vanilla": vanilla,
+            "max_source_images": max_source_images, "max_target_images": max_target_images, "seed": seed,
+            "device": device, "bf16": bf16,
+            "inter": {
+                "lrs": _floats(inter_lrs, "--inter-lrs"), "mask_ratios": _floats(mask_ratios, "--mask-ratios"),
+                "decoder_depths": _ints(decoder_depths, "--decoder-depths"), "steps": _ints(inter_steps, "--inter-steps"),
+                "seeds": _ints(inter_seeds, "--inter-seeds"), "epochs": inter_epochs, "augment": inter_augment,
+                "decoder_warmup_steps": decoder_warmup_steps, "batch_size": batch_size,
+            },
+            "finetune": {
+                "lrs": _floats(ft_lrs, "--ft-lrs"), "seeds": _ints(ft_seeds, "--ft-seeds"), "epochs": ft_epochs,
+                "steps": ft_steps, "augment": ft_augment, "batch_size": batch_size,
+            },
+        }
+        cfg = AdaptConfig.from_dict(merge(raw, flags))
+        missing = [f"--{n}" for n in ("model", "target", "source") if not getattr(cfg, n)]
+        if missing:
+            fail(f"missing {', '.join(missing)} (or give them in --config)")
+        if not cfg.out:
+            cfg.out = str(Path("runs") / _time.strftime("adapt-%Y%m%d-%H%M%S"))
+        if (Path(cfg.out) / "manifest.json").is_file():
+            fail(f"{cfg.out} already holds a run: use --resume {cfg.out} to continue it, or another --out")
+    with progress_bars(progress) as bars:
+        result = run_adapt(cfg, progress=bars, echo=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True),
+                           command="adaptsoup " + " ".join(sys.argv[1:]))
+    print_metrics(result.metrics)
+    out.print(f"soup: {result.soup_path}")
+    out.print(f"manifest: {result.manifest_path}")
+
+
+def print_metrics(metrics: dict) -> None:
+    """One table per eval folder: top-1 of the deployed model, each soup and each ingredient."""
+    for eval_name, scores in metrics.items():
+        table = Table(title=f"top-1 on {eval_name}")
+        table.add_column("model")
+        table.add_column("top-1 %", justify="right")
+        for name, acc in sorted(scores.items(), key=lambda kv: (kv[0] not in ("deployed", "soup", "supervised_soup"), kv[0])):
+            table.add_row(name, f"{acc:.2f}")
+        out.print(table)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,10 +259,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     except NO_ARGS:
         code = 2  # the help text has been shown
     except USAGE as exc:
-        err.print(f"adaptsoup: error: {exc.format_message()}", highlight=False, soft_wrap=True)
+        err.print(f"adaptsoup: error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
         code = 2
     except AdaptsoupError as exc:
-        err.print(f"adaptsoup: error: {exc}", highlight=False, soft_wrap=True)
+        err.print(f"adaptsoup: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         code = 2
     except (KeyboardInterrupt, *ABORT):
         err.print("adaptsoup: interrupted")

@@ -1,0 +1,362 @@
+"""``adapt``: Self-Soupervision end to end (eq. 1 of the paper).
+
+    soup = 1/(N·M) Σ_j Σ_i FineTune(InterTrain_MAE(stock, target_i), source_j, labels_j)
+
+1. inter-train M copies of the stock with MAE on the unlabeled target images (a grid of learning rate,
+   mask ratio, decoder depth, steps, seed); only the encoder is kept;
+2. fine-tune each inter-trained encoder back on the labeled source N times with LP-FT;
+3. average the M·N ingredients (streaming) into ``soup.safetensors``;
+4. optionally add ``vanilla`` supervised ingredients (the stock fine-tuned without inter-training): their
+   uniform average is the "supervised soup" baseline.
+
+Every artefact is written atomically into the run directory, and every training run checkpoints its state,
+so ``resume`` skips what is finished and continues what was cut off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointMeta, read_checkpoint, save_checkpoint
+from .data import ImageSet, Preprocess, load_folder
+from .errors import AdaptsoupError
+from .evaluation import run_model, top1
+from .io import write_text_atomic
+from .mae import DecoderConfig, MaskedAutoencoder
+from .manifest import Manifest, environment
+from .mixing import stream_weighted_average
+from .models import class_names, load_model, load_state_dict_strict, model_meta, require_vit
+from .progress import NullProgress
+from .recipe import AdaptConfig, FineTuneRun, InterRun, finetune_runs, inter_runs, validate
+from .training import LinearProbeConfig, TrainConfig, classification_loss, fit_linear_probe, mae_loss, steps_for_epochs, train
+
+SOUP = "soup"
+SUPERVISED_SOUP = "supervised_soup"
+DEPLOYED = "deployed"
+
+
+class RunLog:
+    """Timestamped lines to ``adapt.log`` in the run directory and to the console."""
+
+    def __init__(self, path: Path, echo: Callable[[str], None] | None = None) -> None:
+        self.path = path
+        self.echo = echo
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+        if self.echo is not None:
+            self.echo(line)
+
+
+@dataclass
+class Ingredient:
+    name: str
+    kind: str  # "self" (inter-trained then fine-tuned) or "vanilla" (fine-tuned only)
+    inter: InterRun | None
+    finetune: FineTuneRun
+
+    @property
+    def path_name(self) -> str:
+        return f"{self.name}.safetensors"
+
+
+@dataclass
+class AdaptResult:
+    run_dir: Path
+    soup_path: Path
+    supervised_soup_path: Path | None
+    ingredients: list[Path]
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # eval folder -> model -> top-1
+    manifest_path: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def plan_ingredients(cfg: AdaptConfig, num_inter_images: int) -> tuple[list[InterRun], list[Ingredient]]:
+    inters = inter_runs(cfg.inter, num_inter_images)
+    fts = finetune_runs(cfg.finetune)
+    ingredients = [Ingredient(f"{i.name}-{f.name}", "self", i, f) for i in inters for f in fts]
+    for v in range(cfg.vanilla):
+        f = fts[v % len(fts)]
+        f = dataclasses.replace(f, name=f"ft{v:02d}", seed=f.seed + v // len(fts))
+        ingredients.append(Ingredient(f"vanilla-{f.name}", "vanilla", None, f))
+    return inters, ingredients
+
+
+def run_adapt(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | None = print, command: str | None = None,
+              on_step: Callable[[str, int], None] | None = None) -> AdaptResult:
+    """Run (or resume) an adapt job as configured; returns where everything was written."""
+    validate(cfg)
+    progress = progress or NullProgress()
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for sub in ("inter", "ingredients", "state", "soups"):
+        (run_dir / sub).mkdir(exist_ok=True)
+    log = RunLog(run_dir / "adapt.log", echo)
+    manifest = Manifest.load_or_new(run_dir / "manifest.json", kind="adapt")
+    manifest.data.update(command=command or " ".join(sys.argv), config=cfg.to_dict(), environment=environment())
+    manifest.data.setdefault("timings_s", {})
+    manifest.data.setdefault("ingredients", {})
+    manifest.save()
+    t_start = time.perf_counter()
+
+    # -- the stock and the data ------------------------------------------------------------------------------
+    stock = require_vit(load_model(cfg.arch, cfg.model), "adapt")
+    pre = Preprocess.for_model(stock)
+    names = class_names(stock)
+    device = cfg.device
+    t0 = time.perf_counter()
+    target = load_folder(cfg.target, pre, progress=progress, description="decode target")
+    source = load_folder(cfg.source, pre, labeled=True, class_names=names, progress=progress, description="decode source")
+    source = _subset(source, cfg.max_source_images, cfg.seed)
+    target = _subset(target, cfg.max_target_images, cfg.seed)
+    _check_unique_eval_names(cfg.evals)
+    evals = {Path(e).name or str(e): load_folder(e, pre, labeled=True, class_names=names, progress=progress, description=f"decode {Path(e).name}") for e in cfg.evals}
+    manifest.data["data"] = {
+        "target": _data_record(target), "source": _data_record(source),
+        "evals": {k: _data_record(v) for k, v in evals.items()},
+    }
+    manifest.data["timings_s"]["load_data"] = time.perf_counter() - t0
+    manifest.save()
+    for label, images in (("target", target), ("source", source), *evals.items()):
+        if images.skipped:
+            log(f"{label}: skipped {len(images.skipped)} unreadable file(s): " + ", ".join(f"{p} ({r})" for p, r in images.skipped[:5]) + (" ..." if len(images.skipped) > 5 else ""))
+    log(f"stock {cfg.model}: {model_meta(stock).arch}, {stock.num_classes} classes; target {len(target)} images, source {len(source)} labeled")
+
+    inter_data = target if cfg.inter.data == "target" else _strip_labels(source)
+    inters, ingredients = plan_ingredients(cfg, len(inter_data))
+    log(f"plan: {len(inters)} inter-training run(s) x {len(finetune_runs(cfg.finetune))} fine-tuning(s)"
+        + (f" + {cfg.vanilla} vanilla" if cfg.vanilla else "") + f" = {len(ingredients)} ingredients")
+    overall = progress.add_task("ingredients", total=len(ingredients))
+
+    # -- 1. inter-training ------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    decoder_source = _decoder_state(cfg, log)
+    for run in inters:
+        out = run_dir / "inter" / f"{run.name}.safetensors"
+        needed = any(ing.inter == run and not (run_dir / "ingredients" / ing.path_name).is_file() for ing in ingredients)
+        if out.is_file() or not needed:
+            continue
+        encoder = load_model(cfg.arch, cfg.model)
+        with torch.random.fork_rng():  # a fresh decoder's initialisation depends on the seed alone
+            torch.manual_seed(cfg.seed)
+            mae = MaskedAutoencoder(encoder, _decoder_config(encoder, run.decoder_depth), mask_ratio=run.mask_ratio, norm_pix_loss=cfg.inter.norm_pix_loss)
+        _prepare_decoder(mae, run, cfg, decoder_source, inter_data, pre, run_dir, progress, log)
+        tcfg = TrainConfig(
+            steps=run.steps, lr=run.lr, batch_size=cfg.inter.batch_size, weight_decay=cfg.inter.weight_decay,
+            warmup_frac=cfg.inter.warmup_frac, augment=cfg.inter.augment, seed=run.seed, bf16=cfg.bf16, device=device,
+            checkpoint_every_s=cfg.checkpoint_every_s,
+        )
+        log(f"inter-train {run.name}: MAE on {cfg.inter.data} ({len(inter_data)} images), lr {run.lr:g}, mask {run.mask_ratio}, {run.steps} steps")
+        res = train(mae, mae_loss, inter_data, pre, tcfg, state_path=run_dir / "state" / f"{run.name}.pt", progress=progress,
+                    description=f"inter-train {run.name}", on_step=_step_hook(on_step, run.name))
+        encoder = mae.encoder.cpu()
+        meta = model_meta(encoder, made_by="adaptsoup adapt", stage="inter-train", ssl="mae", parents=[str(cfg.model)], run=dataclasses.asdict(run))
+        save_checkpoint(out, encoder.state_dict(), meta)
+        manifest.update("inter", run.name, {**dataclasses.asdict(run), "train": _train_record(res, tcfg), "path": str(out.relative_to(run_dir))})
+        del mae, encoder
+    manifest.data["timings_s"]["inter_train"] = manifest.data["timings_s"].get("inter_train", 0) + time.perf_counter() - t0
+
+    # -- 2. fine-tune back (LP-FT) ----------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    done = 0
+    for ing in ingredients:
+        out = run_dir / "ingredients" / ing.path_name
+        if out.is_file():
+            done += 1
+            progress.update(overall, completed=done)
+            continue
+        parent = run_dir / "inter" / f"{ing.inter.name}.safetensors" if ing.inter else Path(cfg.model)
+        model = load_model(cfg.arch if ing.inter is None else None, parent)
+        probe = _linear_probe(model, source, pre, cfg, run_dir, ing, log)
+        ft = cfg.finetune
+        steps = ft.steps or steps_for_epochs(ft.epochs, len(source), ft.batch_size)
+        tcfg = TrainConfig(
+            steps=steps, lr=ing.finetune.lr, batch_size=ft.batch_size, weight_decay=ft.weight_decay,
+            warmup_frac=ft.warmup_frac, augment=ft.augment, seed=ing.finetune.seed + (1000 * (ing.inter.seed + 1) if ing.inter else 0),
+            bf16=cfg.bf16, device=device, checkpoint_every_s=cfg.checkpoint_every_s,
+        )
+        log(f"fine-tune {ing.name}: LP-FT on source, lr {ing.finetune.lr:g}, {steps} steps")
+        res = train(model, classification_loss(ft.label_smoothing), source, pre, tcfg, state_path=run_dir / "state" / f"{ing.name}.pt",
+                    progress=progress, description=f"fine-tune {ing.name}", on_step=_step_hook(on_step, ing.name))
+        model.cpu()
+        meta = model_meta(model, made_by="adaptsoup adapt", stage="fine-tune", kind=ing.kind, parents=[str(parent)],
+                          finetune=dataclasses.asdict(ing.finetune), inter=dataclasses.asdict(ing.inter) if ing.inter else None)
+        save_checkpoint(out, model.state_dict(), meta)
+        manifest.update("ingredients", ing.name, {
+            "kind": ing.kind, "inter": ing.inter.name if ing.inter else None, "finetune": dataclasses.asdict(ing.finetune),
+            "linear_probe": probe, "train": _train_record(res, tcfg), "path": str(out.relative_to(run_dir)), "status": "done",
+        })
+        done += 1
+        progress.update(overall, completed=done)
+        del model
+    progress.remove_task(overall)
+    manifest.data["timings_s"]["fine_tune"] = manifest.data["timings_s"].get("fine_tune", 0) + time.perf_counter() - t0
+
+    # -- 3. soups ---------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    self_paths = [run_dir / "ingredients" / i.path_name for i in ingredients if i.kind == "self"]
+    vanilla_paths = [run_dir / "ingredients" / i.path_name for i in ingredients if i.kind == "vanilla"]
+    soup_path = write_soup(run_dir / "soup.safetensors", self_paths, stock, method="uniform")
+    supervised_path = write_soup(run_dir / "soups" / f"{SUPERVISED_SOUP}.safetensors", vanilla_paths, stock, method="uniform") if vanilla_paths else None
+    manifest.data["soups"] = {SOUP: {"path": "soup.safetensors", "method": "uniform", "ingredients": [p.stem for p in self_paths]}}
+    if supervised_path:
+        manifest.data["soups"][SUPERVISED_SOUP] = {"path": str(supervised_path.relative_to(run_dir)), "method": "uniform", "ingredients": [p.stem for p in vanilla_paths]}
+    manifest.data["timings_s"]["soup"] = time.perf_counter() - t0
+    log(f"soup of {len(self_paths)} ingredients -> {soup_path}")
+
+    # -- 4. evaluation ----------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    metrics = manifest.data.get("metrics", {})
+    if evals:
+        candidates = {DEPLOYED: Path(cfg.model), **{p.stem: p for p in self_paths + vanilla_paths}, SOUP: soup_path}
+        if supervised_path:
+            candidates[SUPERVISED_SOUP] = supervised_path
+        metrics = evaluate_checkpoints(candidates, evals, pre, arch=cfg.arch, device=device, bf16=cfg.bf16, progress=progress, known=metrics)
+        manifest.data["metrics"] = metrics
+    manifest.data["timings_s"]["evaluate"] = time.perf_counter() - t0
+    manifest.data["timings_s"]["total_this_invocation"] = time.perf_counter() - t_start
+    manifest.data["status"] = "complete"
+    manifest.save()
+    return AdaptResult(run_dir, soup_path, supervised_path, self_paths + vanilla_paths, metrics, manifest.path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pieces
+
+
+def write_soup(out: Path, paths: list[Path], stock: nn.Module, method: str = "uniform", weights=None) -> Path:
+    state, meta = stream_weighted_average(paths, weights)
+    base = meta or model_meta(stock)
+    meta = dataclasses.replace(base, provenance={"made_by": "adaptsoup", "stage": "soup", "method": method,
+                                                 "parents": [p.name for p in paths], "weights": None if weights is None else [float(w) for w in weights]})
+    return save_checkpoint(out, state, meta)
+
+
+def evaluate_checkpoints(candidates: dict[str, Path], evals: dict[str, ImageSet], pre: Preprocess, *, arch: str | None = None,
+                         device: str = "cpu", bf16: bool = False, progress=None, known: dict | None = None) -> dict[str, dict[str, float]]:
+    """Top-1 of each checkpoint on each labeled set: ``{eval_name: {model_name: accuracy}}``, one model in memory."""
+    progress = progress or NullProgress()
+    metrics: dict[str, dict[str, float]] = {k: dict(v) for k, v in (known or {}).items()}
+    todo = [(n, p) for n, p in candidates.items() if any(n not in metrics.get(e, {}) for e in evals)]
+    task = progress.add_task("evaluate", total=len(todo) * max(1, len(evals)))
+    for name, path in todo:
+        model = load_model(arch if name == DEPLOYED else None, path)
+        for eval_name, images in evals.items():
+            logits = run_model(model, images, pre, device=device, bf16=bf16).logits
+            metrics.setdefault(eval_name, {})[name] = top1(logits, images.labels)
+            progress.advance(task)
+        del model
+    progress.remove_task(task)
+    return metrics
+
+
+def _decoder_config(encoder: nn.Module, depth: int) -> DecoderConfig:
+    cfg = DecoderConfig.for_encoder(encoder.embed_dim)
+    return dataclasses.replace(cfg, depth=depth) if depth else cfg
+
+
+def _decoder_state(cfg: AdaptConfig, log: RunLog) -> dict[str, torch.Tensor] | None:
+    if not cfg.stock:
+        log("MAE decoder: none given (--stock); a fresh decoder is warmed up with the encoder frozen")
+        return None
+    state, _ = read_checkpoint(cfg.stock)
+    log(f"MAE decoder: loaded from {cfg.stock}")
+    return state
+
+
+def _prepare_decoder(mae: MaskedAutoencoder, run: InterRun, cfg: AdaptConfig, decoder_state, data: ImageSet, pre: Preprocess,
+                     run_dir: Path, progress, log: RunLog) -> None:
+    """Load the stock's MAE decoder, or warm up a fresh one (encoder frozen), shared by runs of one decoder size."""
+    if decoder_state is not None:
+        try:
+            mae.load_decoder_state_dict(decoder_state)
+            return
+        except AdaptsoupError as exc:
+            if run.decoder_depth:
+                log(f"MAE decoder from --stock does not fit decoder depth {run.decoder_depth} ({exc}); warming up a fresh one")
+            else:
+                raise
+    warm = run_dir / "inter" / f"decoder_warmup_d{mae.decoder_config.depth}_m{int(run.mask_ratio * 100)}.safetensors"
+    if warm.is_file():
+        state, _ = read_checkpoint(warm)
+        mae.load_decoder_state_dict(state)
+        return
+    steps = cfg.inter.decoder_warmup_steps
+    if steps <= 0:
+        log("decoder warm-up disabled (decoder_warmup_steps = 0): inter-training starts from a random decoder")
+        return
+    for p in mae.encoder.parameters():
+        p.requires_grad_(False)
+    tcfg = TrainConfig(steps=steps, lr=cfg.inter.decoder_warmup_lr, batch_size=cfg.inter.batch_size, weight_decay=cfg.inter.weight_decay,
+                       warmup_frac=0.1, augment=cfg.inter.augment, seed=cfg.seed, bf16=cfg.bf16, device=cfg.device,
+                       checkpoint_every_s=cfg.checkpoint_every_s)
+    log(f"decoder warm-up: {steps} steps, lr {tcfg.lr:g}, encoder frozen")
+    train(mae, mae_loss, data, pre, tcfg, state_path=run_dir / "state" / f"{warm.stem}.pt", progress=progress, description="decoder warm-up")
+    for p in mae.encoder.parameters():
+        p.requires_grad_(True)
+    save_checkpoint(warm, mae.decoder_state_dict(), None)
+
+
+def _linear_probe(model: nn.Module, source: ImageSet, pre: Preprocess, cfg: AdaptConfig, run_dir: Path, ing: Ingredient, log: RunLog) -> dict:
+    """LP of LP-FT: the head is set to the linear-probe solution (computed once per parent, then reused)."""
+    parent = ing.inter.name if ing.inter else "stock"
+    cache = run_dir / "inter" / f"{parent}.probe.safetensors"
+    if cache.is_file():
+        state, meta = read_checkpoint(cache)
+        model.get_classifier().load_state_dict({k.split(".", 1)[1]: v for k, v in state.items()})
+        return dict(meta.provenance.get("probe", {})) if meta else {}
+    t0 = time.perf_counter()
+    probe = fit_linear_probe(model, source, pre, LinearProbeConfig(weight_decay=cfg.finetune.probe_weight_decay, device=cfg.device, bf16=cfg.bf16))
+    probe["wall_s"] = time.perf_counter() - t0
+    log(f"linear probe on {parent}: train accuracy {probe['train_acc']:.1f}% ({probe['wall_s']:.0f}s)")
+    head = {f"head.{k}": v for k, v in model.get_classifier().state_dict().items()}
+    save_checkpoint(cache, head, dataclasses.replace(model_meta(model), provenance={"probe": probe}))
+    return probe
+
+
+def _subset(images: ImageSet, limit: int, seed: int) -> ImageSet:
+    if not limit or limit >= len(images):
+        return images
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(images), generator=gen)[:limit].sort().values
+    return images.subset(idx)
+
+
+def _strip_labels(images: ImageSet) -> ImageSet:
+    return dataclasses.replace(images, labels=None)
+
+
+def _data_record(images: ImageSet) -> dict:
+    return {"root": images.root, "images": len(images), "skipped": len(images.skipped),
+            "skipped_files": [{"path": p, "reason": r} for p, r in images.skipped[:100]]}
+
+
+def _train_record(res, tcfg: TrainConfig) -> dict:
+    return {"config": tcfg.to_dict(), "wall_s": round(res.wall_s, 2), "images_per_s": round(res.images_per_s, 1),
+            "final_loss": res.losses[-1] if res.losses else None, "losses": [round(x, 5) for x in res.losses], "resumed_from_step": res.resumed_from}
+
+
+def _step_hook(on_step, name):
+    if on_step is None:
+        return None
+    return lambda step, loss: on_step(name, step)
+
+
+def _check_unique_eval_names(evals: list[str]) -> None:
+    names = [Path(e).name for e in evals]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise AdaptsoupError(f"--eval folders must have distinct names; repeated: {', '.join(sorted(dupes))}")

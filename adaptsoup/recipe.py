@@ -1,0 +1,205 @@
+"""Recipes: the resolved configuration of an ``adapt`` run (defaults < config file < command-line flags).
+
+The defaults are the paper's (Self-Soupervision, §4): MAE inter-training with AdamW (wd 0.01, 10% warm-up,
+cosine, batch 128) at learning rates {1e-5, 2e-5, 3e-5, 4e-5}; fine-tuning back on source with LP-FT at
+{6e-5, 8e-5, 1e-4, 1.5e-4} and 3-Augment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import AdaptsoupError
+
+
+@dataclass
+class InterTrainConfig:
+    """Self-supervised inter-training (no labels).  List-valued fields are grid axes: M = their product."""
+
+    ssl: str = "mae"
+    lrs: list[float] = field(default_factory=lambda: [1e-5, 2e-5, 3e-5, 4e-5])
+    mask_ratios: list[float] = field(default_factory=lambda: [0.75])
+    decoder_depths: list[int] = field(default_factory=lambda: [0])  # 0: sized for the encoder
+    steps: list[int] = field(default_factory=lambda: [0])  # 0: derived from ``epochs``
+    seeds: list[int] = field(default_factory=lambda: [0])
+    epochs: float = 10.0
+    batch_size: int = 128
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1
+    augment: str = "crop-flip"
+    norm_pix_loss: bool = True
+    decoder_warmup_steps: int = 200
+    decoder_warmup_lr: float = 1e-3
+    data: str = "target"  # "target" (Self-Soupervision) or "source" (continued SSL baseline)
+
+
+@dataclass
+class FineTuneConfig:
+    """Fine-tuning back on labeled source data, LP-FT.  ``lrs`` x ``seeds`` = N fine-tunings per encoder."""
+
+    lrs: list[float] = field(default_factory=lambda: [6e-5, 8e-5, 1e-4, 1.5e-4])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    epochs: float = 10.0
+    steps: int = 0  # 0: derived from ``epochs``
+    batch_size: int = 128
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1
+    augment: str = "3a"
+    label_smoothing: float = 0.1
+    probe_weight_decay: float = 1e-4
+
+
+@dataclass
+class AdaptConfig:
+    """Everything an ``adapt`` run needs; written to the manifest as the resolved recipe."""
+
+    model: str = ""
+    target: str = ""
+    source: str = ""
+    out: str = ""
+    stock: str | None = None  # MAE pre-trained checkpoint holding a decoder
+    arch: str | None = None
+    evals: list[str] = field(default_factory=list)
+    vanilla: int = 0
+    mix: list[str] = field(default_factory=list)
+    tta: str | None = None
+    max_source_images: int = 0  # 0: all
+    max_target_images: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    bf16: bool = False
+    checkpoint_every_s: float = 120.0
+    inter: InterTrainConfig = field(default_factory=InterTrainConfig)
+    finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "AdaptConfig":
+        raw = dict(raw)
+        inter = _build(InterTrainConfig, raw.pop("inter", {}) or {}, "inter")
+        finetune = _build(FineTuneConfig, raw.pop("finetune", {}) or {}, "finetune")
+        cfg = _build(cls, raw, "")
+        cfg.inter, cfg.finetune = inter, finetune
+        return cfg
+
+
+def _build(cls, raw: dict[str, Any], section: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = [k for k in raw if k not in known]
+    if unknown:
+        where = f"[{section}] " if section else ""
+        raise AdaptsoupError(f"unknown recipe key(s) {where}{', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    obj = cls()
+    for key, value in raw.items():
+        if key in ("inter", "finetune"):
+            continue
+        default = getattr(obj, key)
+        if isinstance(default, list) and not isinstance(value, list):
+            value = [value]
+        setattr(obj, key, value)
+    return obj
+
+
+def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) recipe as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdaptsoupError(f"recipe file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text) or {}
+    except Exception as exc:  # noqa: BLE001 - parse errors of either format
+        raise AdaptsoupError(f"cannot parse {path}: {str(exc).splitlines()[0]}") from None
+    raise AdaptsoupError(f"recipe must be .toml, .yaml or .yml: {path}")
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; ``None`` in ``override`` means "not given"."""
+    out = dict(base)
+    for key, value in override.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Grids
+
+
+@dataclass(frozen=True)
+class InterRun:
+    """One inter-training run of the grid."""
+
+    name: str
+    lr: float
+    mask_ratio: float
+    decoder_depth: int
+    steps: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class FineTuneRun:
+    name: str
+    lr: float
+    seed: int
+
+
+def inter_runs(cfg: InterTrainConfig, num_images: int) -> list[InterRun]:
+    from .training import steps_for_epochs
+
+    default_steps = steps_for_epochs(cfg.epochs, num_images, cfg.batch_size)
+    runs = []
+    for i, (lr, ratio, depth, steps, seed) in enumerate(
+        itertools.product(cfg.lrs, cfg.mask_ratios, cfg.decoder_depths, cfg.steps, cfg.seeds)
+    ):
+        runs.append(InterRun(f"{cfg.ssl}{i:02d}", float(lr), float(ratio), int(depth), int(steps) or default_steps, int(seed)))
+    return runs
+
+
+def finetune_runs(cfg: FineTuneConfig) -> list[FineTuneRun]:
+    return [FineTuneRun(f"ft{j:02d}", float(lr), int(seed)) for j, (lr, seed) in enumerate(itertools.product(cfg.lrs, cfg.seeds))]
+
+
+def validate(cfg: AdaptConfig) -> None:
+    from .data import AUGMENTATIONS
+
+    if cfg.inter.ssl != "mae":
+        raise AdaptsoupError(f"unknown self-supervised loss {cfg.inter.ssl!r}; available: mae")
+    if cfg.inter.data not in ("target", "source"):
+        raise AdaptsoupError(f"inter.data must be 'target' or 'source', got {cfg.inter.data!r}")
+    for name, values in (("inter.lrs", cfg.inter.lrs), ("finetune.lrs", cfg.finetune.lrs)):
+        if not values or any(float(v) <= 0 for v in values):
+            raise AdaptsoupError(f"{name} must be a non-empty list of positive learning rates, got {values}")
+    if any(not 0 <= float(r) < 1 for r in cfg.inter.mask_ratios):
+        raise AdaptsoupError(f"mask ratios must be in [0, 1), got {cfg.inter.mask_ratios}")
+    for aug in (cfg.inter.augment, cfg.finetune.augment):
+        if aug not in AUGMENTATIONS:
+            raise AdaptsoupError(f"unknown augmentation {aug!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    if cfg.vanilla < 0:
+        raise AdaptsoupError("--vanilla must be >= 0")
+    if cfg.device not in ("cpu",) and not cfg.device.startswith("cuda"):
+        raise AdaptsoupError(f"unknown device {cfg.device!r}; use cpu or cuda")
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AdaptsoupError("--device cuda was asked for but no CUDA device is available")

@@ -1,0 +1,149 @@
+"""End-to-end ``adapt`` on a tiny model and a few dozen images: manifest, soup, resume after a crash."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adaptsoup.adapt import run_adapt
+from adaptsoup.checkpoint import read_checkpoint, save_checkpoint
+from adaptsoup.errors import AdaptsoupError
+from adaptsoup.mae import MaskedAutoencoder
+from adaptsoup.models import load_model, model_meta
+from adaptsoup.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
+from helpers import CLASS_NAMES, tiny_model, write_noise_images
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = tiny_model()
+    stock = save_checkpoint(tmp_path / "stock.safetensors", model.state_dict(), model_meta(model))
+    for i, name in enumerate(CLASS_NAMES):
+        write_noise_images(tmp_path / "source" / name, 8, seed=10 + i)
+        write_noise_images(tmp_path / "eval" / name, 4, seed=20 + i)
+    write_noise_images(tmp_path / "target" / "a", 12, seed=30)
+    write_noise_images(tmp_path / "target" / "b" / "c", 12, seed=31, suffix=".jpg")
+    (tmp_path / "target" / "broken.jpg").write_bytes(b"not an image")
+    return tmp_path, stock
+
+
+def config(tmp_path, stock_path, out="run", **overrides) -> AdaptConfig:
+    cfg = AdaptConfig(
+        model=str(stock_path), target=str(tmp_path / "target"), source=str(tmp_path / "source"), out=str(tmp_path / out),
+        evals=[str(tmp_path / "eval")], vanilla=1, checkpoint_every_s=0.0,
+        inter=InterTrainConfig(lrs=[1e-3, 2e-3], steps=[4], batch_size=8, decoder_warmup_steps=2),
+        finetune=FineTuneConfig(lrs=[1e-3, 3e-3], steps=3, batch_size=8),
+    )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def test_adapt_writes_a_complete_run(setup):
+    tmp_path, stock = setup
+    result = run_adapt(config(tmp_path, stock), echo=None)
+    run = result.run_dir
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["config"]["inter"]["lrs"] == [1e-3, 2e-3]
+    assert manifest["environment"]["packages"]["torch"]
+    assert manifest["data"]["target"] == {**manifest["data"]["target"], "images": 24, "skipped": 1}
+    assert manifest["data"]["source"]["images"] == 24
+    names = sorted(manifest["ingredients"])
+    assert names == ["mae00-ft00", "mae00-ft01", "mae01-ft00", "mae01-ft01", "vanilla-ft00"]
+    for name, record in manifest["ingredients"].items():
+        assert record["status"] == "done" and (run / record["path"]).is_file()
+        assert record["train"]["config"]["steps"] == 3
+    assert set(manifest["timings_s"]) >= {"load_data", "inter_train", "fine_tune", "soup", "evaluate"}
+    scores = manifest["metrics"]["eval"]
+    assert set(scores) >= {"deployed", "soup", "supervised_soup", *names}
+    assert all(0.0 <= v <= 100.0 for v in scores.values())
+    # the soup loads as a model, carries metadata, and is the mean of the 4 self ingredients
+    soup = load_model(None, result.soup_path)
+    assert soup.pretrained_cfg["label_names"] == CLASS_NAMES
+    _, meta = read_checkpoint(result.soup_path)
+    assert meta.provenance["stage"] == "soup" and len(meta.provenance["parents"]) == 4
+    states = [read_checkpoint(run / "ingredients" / f"{n}.safetensors")[0] for n in names if n.startswith("mae")]
+    for key, value in soup.state_dict().items():
+        mean = sum(s[key].double() for s in states) / 4
+        assert torch.allclose(value.double(), mean, atol=1e-6), key
+    # inter-trained encoders keep timm key names and no MAE keys
+    enc_state, enc_meta = read_checkpoint(run / "inter" / "mae00.safetensors")
+    assert "mask_token" not in enc_state and not any(k.startswith("decoder") for k in enc_state)
+    assert enc_meta.provenance["stage"] == "inter-train"
+    # the log says which decoder path was taken and what was skipped
+    log = (run / "adapt.log").read_text()
+    assert "warmed up" in log and "broken.jpg" in log
+    assert not list((run / "state").iterdir()), "training state files are removed when runs finish"
+
+
+def test_inter_training_changes_the_encoder_and_finetuning_the_head(setup):
+    tmp_path, stock = setup
+    result = run_adapt(config(tmp_path, stock, vanilla=0, evals=[]), echo=None)
+    base, _ = read_checkpoint(stock)
+    inter, _ = read_checkpoint(result.run_dir / "inter" / "mae00.safetensors")
+    assert not torch.equal(base["blocks.0.attn.qkv.weight"], inter["blocks.0.attn.qkv.weight"])
+    ing, _ = read_checkpoint(result.run_dir / "ingredients" / "mae00-ft00.safetensors")
+    assert not torch.equal(inter["head.weight"], ing["head.weight"])
+
+
+def test_stock_decoder_is_used_when_given(setup):
+    tmp_path, stock = setup
+    mae = MaskedAutoencoder(load_model(None, stock))
+    decoder = save_checkpoint(tmp_path / "decoder.safetensors", mae.decoder_state_dict(), None)
+    cfg = config(tmp_path, stock, vanilla=0, evals=[], stock=str(decoder))
+    cfg.inter.lrs = [1e-3]
+    result = run_adapt(cfg, echo=None)
+    log = (result.run_dir / "adapt.log").read_text()
+    assert "loaded from" in log and "warmed up" not in log
+    assert not list((result.run_dir / "inter").glob("decoder_warmup*"))
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(setup):
+    tmp_path, stock = setup
+    reference = run_adapt(config(tmp_path, stock, out="ref", evals=[]), echo=None)
+
+    def crash_at(name: str, step: int):
+        def hook(run: str, s: int) -> None:
+            if run == name and s == step:
+                raise Crash()
+        return hook
+
+    cfg = config(tmp_path, stock, out="crashy", evals=[])
+    with pytest.raises(Crash):
+        run_adapt(cfg, echo=None, on_step=crash_at("mae01", 2))  # mid inter-training
+    assert (tmp_path / "crashy" / "state" / "mae01.pt").is_file()
+    with pytest.raises(Crash):
+        run_adapt(cfg, echo=None, on_step=crash_at("mae01-ft00", 1))  # mid fine-tuning
+    result = run_adapt(cfg, echo=None)
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["ingredients"]["mae01-ft00"]["train"]["resumed_from_step"] == 1
+    assert manifest["inter"]["mae01"]["train"]["resumed_from_step"] == 2
+    got, _ = read_checkpoint(result.soup_path)
+    want, _ = read_checkpoint(reference.soup_path)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def test_class_mismatch_between_source_and_model_is_refused(setup):
+    tmp_path, stock = setup
+    write_noise_images(tmp_path / "source" / "zebra", 2, seed=99)
+    with pytest.raises(AdaptsoupError, match="zebra"):
+        run_adapt(config(tmp_path, stock), echo=None)
+
+
+def test_non_vit_stock_is_refused(tmp_path):
+    import timm
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    path = save_checkpoint(tmp_path / "r.safetensors", model.state_dict(), None)
+    cfg = AdaptConfig(model=str(path), arch="resnet18", target=str(tmp_path), source=str(tmp_path), out=str(tmp_path / "o"))
+    write_noise_images(tmp_path / "t", 2)
+    with pytest.raises(AdaptsoupError, match="VisionTransformer"):
+        run_adapt(cfg, echo=None)

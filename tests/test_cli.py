@@ -1,0 +1,222 @@
+"""The ``adaptsoup`` command line: help for every command, one-line errors with exit code 2, export + predict."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import torch
+import typer
+
+from adaptsoup.checkpoint import save_checkpoint
+from adaptsoup.models import model_meta
+from adaptsoup_cli.main import app, main
+
+from helpers import ARCH, CLASS_NAMES, tiny_model
+
+
+def _command_paths(command: click.Command, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every (sub)command path of the Typer app, so newly added commands are covered automatically."""
+    paths = []
+    for name, sub in sorted(getattr(command, "commands", {}).items()):
+        paths.append(prefix + (name,))
+        paths.extend(_command_paths(sub, prefix + (name,)))
+    return paths
+
+
+COMMANDS = _command_paths(typer.main.get_command(app))
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Call the console-script entry point in this process; returns (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    code = info.value.code
+    return (0 if code is None else code), captured.out, captured.err
+
+
+def run_subprocess(*args, executable: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = (executable or [sys.executable, "-m", "adaptsoup_cli.main"]) + [str(a) for a in args]
+    env = dict(os.environ, COLUMNS="200", PYTHONWARNINGS="ignore")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+
+
+def squeeze(text: str) -> str:
+    """``text`` without whitespace: rich wraps stdout at the console width when it is not a terminal."""
+    return "".join(text.split())
+
+
+def assert_one_line_error(stderr: str, *fragments: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    assert lines[0].startswith("adaptsoup: error:"), lines[0]
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    model = tiny_model(seed=4)
+    return save_checkpoint(tmp_path / "stock.safetensors", model.state_dict(), model_meta(model, trained_by="tests"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Help and usage errors
+
+
+def test_commands_are_registered():
+    names = {path[0] for path in COMMANDS}
+    assert {"info", "export", "predict"} <= names
+
+
+def test_top_level_help(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0
+    for path in COMMANDS:
+        if len(path) == 1:
+            assert path[0] in out
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(p) for p in COMMANDS])
+def test_every_command_has_help(capsys, command):
+    code, out, err = run_cli(capsys, *command, "--help")
+    assert code == 0, err
+    assert "Usage" in out
+    assert command[-1] in out
+
+
+@pytest.mark.parametrize("command", [()] + COMMANDS, ids=["(top)"] + [" ".join(p) for p in COMMANDS])
+def test_unknown_option_is_a_one_line_usage_error(capsys, command):
+    code, _, err = run_cli(capsys, *command, "--definitely-not-an-option")
+    assert code == 2
+    assert_one_line_error(err, "--definitely-not-an-option")
+
+
+def test_no_arguments_shows_help(capsys):
+    code, out, err = run_cli(capsys)
+    assert code == 2
+    assert "Usage" in out + err
+
+
+def test_unknown_command(capsys):
+    code, _, err = run_cli(capsys, "definitely-not-a-command")
+    assert code == 2
+    assert_one_line_error(err)
+
+
+def test_unknown_option_in_a_real_process():
+    script = Path(sys.executable).parent / "adaptsoup"
+    executable = [str(script)] if script.is_file() else None  # the installed console script, when present
+    result = run_subprocess("export", "--bogus-flag", executable=executable)
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "--bogus-flag")
+
+
+def test_missing_checkpoint_in_a_real_process(tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    result = run_subprocess("export", "--model", missing, "--onnx", tmp_path / "out.onnx")
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, str(missing))
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("command", ["export", "info"])
+def test_missing_checkpoint_is_one_line(capsys, tmp_path, command):
+    missing = tmp_path / "nowhere" / "model.safetensors"
+    args = ["export", "--model", missing, "--onnx", tmp_path / "out.onnx"] if command == "export" else ["info", missing]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2
+    assert_one_line_error(err, "not found", str(missing))
+
+
+def test_missing_onnx_and_image_folder_are_one_line(capsys, tmp_path, image_folder):
+    code, _, err = run_cli(capsys, "predict", "--onnx", tmp_path / "missing.onnx", image_folder)
+    assert code == 2
+    assert_one_line_error(err, "missing.onnx")
+    code, _, err = run_cli(capsys, "info", tmp_path / "missing.onnx")
+    assert code == 2
+    assert_one_line_error(err, "missing.onnx")
+
+
+@pytest.mark.parametrize("folder", ["photos [old]", "run[/b]"])
+def test_error_message_keeps_brackets_in_paths(capsys, tmp_path, folder):
+    missing = tmp_path / folder / "model.safetensors"
+    code, _, err = run_cli(capsys, "info", missing)
+    assert code == 2
+    assert_one_line_error(err, str(missing))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_export_then_predict(capsys, tmp_path, checkpoint, image_folder):
+    (image_folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff")
+    onnx_path = tmp_path / "deploy" / "model.onnx"
+
+    code, out, err = run_cli(
+        capsys, "export", "--model", checkpoint, "--onnx", onnx_path, "--images", image_folder, "--quantize", "int8"
+    )
+    assert code == 0, err
+    assert onnx_path.is_file()
+    assert (onnx_path.parent / "model.int8.onnx").is_file()
+    assert "wrote" in out and "parity" in out
+    assert str(onnx_path) in squeeze(out)
+
+    code, out, err = run_cli(capsys, "info", onnx_path)
+    assert code == 0, err
+    assert ARCH in out
+    for name in CLASS_NAMES:
+        assert name in out
+
+    csv_path = tmp_path / "preds" / "predictions.csv"
+    code, out, err = run_cli(capsys, "predict", "--onnx", onnx_path, image_folder, "--csv", csv_path)
+    assert code == 0, err
+    assert "12images" in squeeze(out)
+    assert "corrupt.jpg" in squeeze(err)  # the unreadable file is reported, not fatal
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["path", "class", "probability"]
+    assert len(rows) == 13
+    assert {row[1] for row in rows[1:]} <= set(CLASS_NAMES)
+    assert all(0.0 < float(row[2]) <= 1.0 for row in rows[1:])
+
+
+def test_info_on_a_checkpoint(capsys, checkpoint):
+    code, out, err = run_cli(capsys, "info", checkpoint)
+    assert code == 0, err
+    assert ARCH in out
+    assert "trained_by" in out
+
+
+def test_export_parity_failure_exits_1(capsys, tmp_path):
+    """A plain .pt state dict (so --arch is needed) and an impossible tolerance."""
+    model = tiny_model(seed=6)
+    pt = tmp_path / "weights.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, pt)
+
+    code, _, err = run_cli(capsys, "export", "--model", pt, "--onnx", tmp_path / "m.onnx")
+    assert code == 2
+    assert_one_line_error(err, "--arch")
+
+    code, _, err = run_cli(capsys, "export", "--model", pt, "--arch", ARCH, "--onnx", tmp_path / "m.onnx", "--tolerance", "-1")
+    assert code == 1
+    assert_one_line_error(err, "parity")
+
+
+def test_relative_checkpoint_path(capsys, tmp_path, checkpoint, monkeypatch):
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    shutil.copy(checkpoint, work / "ck.safetensors")
+    monkeypatch.chdir(work)
+    code, out, err = run_cli(capsys, "info", "ck.safetensors")
+    assert code == 0, err
+    assert ARCH in out

@@ -1,0 +1,155 @@
+"""ONNX export: metadata, parity with PyTorch, dynamic batch, int8 quantization and folder prediction."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adaptsoup.data import Preprocess, load_folder
+from adaptsoup.errors import AdaptsoupError
+from adaptsoup.export import (
+    ParityError,
+    export_and_check,
+    ort_session,
+    predict_folder,
+    preprocess_from_onnx,
+    read_onnx_metadata,
+)
+from adaptsoup.models import set_class_names
+
+from helpers import ARCH, MEAN, STD, logits, random_batch, tiny_model, write_noise_images
+
+NAMES = ["airplane", "boat", "car"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One fp32 + int8 export shared by the tests of this module (exporting takes seconds)."""
+    model = tiny_model(seed=5)
+    set_class_names(model, NAMES)
+    out = tmp_path_factory.mktemp("export") / "model.onnx"
+    report = export_and_check(model, out, quantize="int8")
+    return model, report
+
+
+def test_export_writes_onnx_with_metadata(exported):
+    model, report = exported
+    path = Path(report.path)
+    assert path.is_file() and path.suffix == ".onnx"
+    assert report.size_bytes == path.stat().st_size > 0
+    meta = read_onnx_metadata(path)
+    assert meta["arch"] == ARCH
+    assert meta["class_names"] == NAMES
+    assert meta["input_size"] == (3, 32, 32)
+    assert meta["mean"] == pytest.approx(MEAN)
+    assert meta["std"] == pytest.approx(STD)
+    assert meta["interpolation"] == "bicubic"
+    assert meta["crop_pct"] == pytest.approx(1.0)
+    assert preprocess_from_onnx(path) == Preprocess.for_model(model)
+
+
+def test_export_parity(exported):
+    _, report = exported
+    assert report.max_abs_diff < 1e-4
+    assert report.top1_agreement == 100.0
+    assert report.batch_size > 1
+    assert report.exporter in ("dynamo", "torchscript")
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_onnx_batch_size_is_dynamic(exported, batch):
+    model, report = exported
+    session = ort_session(report.path)
+    (inp,) = session.get_inputs()
+    assert inp.name == "input"
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    x = random_batch(batch, seed=batch)
+    got = session.run(None, {"input": x.numpy()})[0]
+    assert got.shape == (batch, 3)
+    np.testing.assert_allclose(got, logits(model, x).numpy(), atol=1e-4, rtol=0)
+
+
+def test_int8_quantization(exported):
+    _, report = exported
+    qpath = Path(report.quantized_path)
+    assert qpath.name == "model.int8.onnx"
+    assert qpath.parent == Path(report.path).parent
+    assert qpath.is_file() and report.int8_size_bytes == qpath.stat().st_size
+    assert report.int8_size_bytes < report.size_bytes
+    assert report.int8_top1_agreement is not None and 0.0 <= report.int8_top1_agreement <= 100.0
+    assert np.isfinite(report.int8_max_abs_diff)
+    # The quantized model keeps the metadata and the dynamic batch.
+    assert read_onnx_metadata(qpath)["class_names"] == NAMES
+    out = ort_session(qpath).run(None, {"input": random_batch(3).numpy()})[0]
+    assert out.shape == (3, 3)
+
+
+def test_export_leaves_no_temporary_files(exported):
+    _, report = exported
+    assert sorted(os.listdir(Path(report.path).parent)) == ["model.int8.onnx", "model.onnx"]
+
+
+def test_predict_folder_matches_pytorch(exported, tmp_path):
+    model, report = exported
+    folder = tmp_path / "images"
+    write_noise_images(folder, 10, seed=11)
+    write_noise_images(folder / "nested", 3, seed=12, size=(40, 48), suffix=".jpg")
+    (folder / "broken.jpg").write_bytes(b"")
+    (folder / "readme.txt").write_text("ignored")
+    out_csv = tmp_path / "out" / "predictions.csv"
+
+    result = predict_folder(report.path, folder, out_csv)
+
+    assert result.images == 13
+    assert [Path(p).name for p, _ in result.skipped] == ["broken.jpg"]
+    with open(out_csv, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["path", "class", "probability"]
+    rows = rows[1:]
+
+    pre = Preprocess.for_model(model)
+    images = load_folder(folder, pre, cache=False)
+    with torch.no_grad():
+        probs = torch.softmax(model(pre.normalize(images.images)), dim=1)
+    expected = [NAMES[i] for i in probs.argmax(1).tolist()]
+    assert [r[0] for r in rows] == images.paths
+    assert [r[1] for r in rows] == expected
+    np.testing.assert_allclose([float(r[2]) for r in rows], probs.max(1).values.numpy(), atol=1e-4)
+
+
+def test_export_with_real_images_reports_accuracy(tmp_path, labeled_folder):
+    model = tiny_model(seed=2)
+    set_class_names(model, ["bird", "cat", "dog"])
+    images = load_folder(labeled_folder, Preprocess.for_model(model), labeled=True, class_names=["bird", "cat", "dog"], cache=False)
+    report = export_and_check(model, tmp_path / "m.onnx", images=images)
+    assert report.batch_size == len(images)
+    assert report.max_abs_diff < 1e-4
+    assert report.fp32_accuracy is not None and 0.0 <= report.fp32_accuracy <= 100.0
+    assert report.quantized_path is None
+
+
+def test_parity_error_on_impossible_tolerance(tmp_path, pico_model):
+    with pytest.raises(ParityError, match="parity"):
+        export_and_check(pico_model, tmp_path / "m.onnx", tolerance=-1)
+
+
+def test_not_an_adaptsoup_onnx(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    path = tmp_path / "other.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    with pytest.raises(AdaptsoupError, match="not exported by adaptsoup"):
+        read_onnx_metadata(path)
+    with pytest.raises(AdaptsoupError, match="not found"):
+        predict_folder(tmp_path / "missing.onnx", tmp_path, tmp_path / "p.csv")
