@@ -1,4 +1,7 @@
 # Two commands do all the set-up on a fresh clone: `make demo` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+QUIET := { grep -v "^WARNING: Location" || true; }
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,9 +12,9 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(PIP) install torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "^WARNING: Location" || true
-	$(PIP) install -c constraints.txt -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP) install --upgrade pip 2>&1 | $(QUIET)
+	$(PIP) install torch==2.14.1 torchvision==0.29.1 2>&1 | $(QUIET)
+	$(PIP) install -c constraints.txt -e '.[test]' 2>&1 | $(QUIET)
 	$(BIN)/python -c "import adaptsoup, adaptsoup_cli, torch, timm, onnxruntime"
 	rm -f $(VENV)/.installed-*
 	touch $@
