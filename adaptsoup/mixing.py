@@ -10,6 +10,7 @@ non-float buffers (integer indices, masks) are copied from the first ingredient.
 from __future__ import annotations
 
 import os
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -116,6 +117,77 @@ def weighted_average(states: Sequence[StateDict], weights: Sequence[float] | tor
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Model Stock (Jang et al., 2024): a pure per-tensor rule, streamed
+
+
+def model_stock_ratio(mean_cos: float, k: int, eps: float = 1e-6) -> tuple[float, bool]:
+    """t = k·cos θ / (1 + (k−1)·cos θ), with cos θ clamped to [−1, 1] and t to [0, 1].
+
+    Returns (t, clamped): ``clamped`` says a clamp or the denominator guard changed the value.
+    """
+    cos = min(1.0, max(-1.0, mean_cos))
+    clamped = abs(cos - mean_cos) > eps  # float rounding just past ±1 is not worth reporting
+    denom = 1.0 + (k - 1) * cos
+    if abs(denom) < eps:
+        return 0.0, True
+    t = k * cos / denom
+    if not -eps <= t <= 1.0 + eps:
+        return min(1.0, max(0.0, t)), True
+    t = min(1.0, max(0.0, t))
+    return t, clamped
+
+
+def stream_model_stock(paths: Sequence[str | os.PathLike], stock_path: str | os.PathLike) -> tuple[StateDict, dict]:
+    """Model Stock per tensor: w = t·mean(w_i) + (1−t)·w_stock, t from the mean pairwise cosine of the deltas.
+
+    Streams one ingredient at a time: with u_i = δ_i/|δ_i| the mean pairwise cosine is
+    (|Σ u_i|² − k) / (k(k−1)), so only Σ u_i and Σ w_i are kept (float64).  Tensors whose deltas are all
+    zero keep the stock's value.  Returns the state dict and per-tensor diagnostics.
+    """
+    k = len(paths)
+    if k < 2:
+        raise SoupError("Model Stock needs at least 2 ingredients")
+    stock, _ = read_checkpoint(stock_path)
+    sum_w: dict[str, torch.Tensor] = {}
+    sum_u: dict[str, torch.Tensor] = {}
+    nonzero: dict[str, int] = {}
+    for path in paths:
+        state, _ = read_checkpoint(path)
+        check_compatible(stock, state, Path(path).name, "the stock")
+        for key, value in state.items():
+            if not value.is_floating_point():
+                continue
+            w = value.to(torch.float64)
+            delta = w - stock[key].to(torch.float64)
+            norm = delta.norm()
+            sum_w[key] = sum_w.get(key, torch.zeros_like(w)) + w
+            if norm > 0:
+                sum_u[key] = sum_u.get(key, torch.zeros_like(w)) + delta / norm
+                nonzero[key] = nonzero.get(key, 0) + 1
+        del state
+    out: StateDict = {}
+    info: dict = {"t": {}, "cos": {}, "clamped": []}
+    for key, ref in stock.items():
+        if key not in sum_w:
+            out[key] = ref.clone()
+            continue
+        if nonzero.get(key, 0) < k:  # some ingredient did not move this tensor: no angle to measure
+            cos = 1.0 if nonzero.get(key, 0) == 0 else float("nan")
+        else:
+            cos = float(((sum_u[key] * sum_u[key]).sum() - k) / (k * (k - 1)))
+        if math.isnan(cos):
+            t, clamped = 0.0, True
+        else:
+            t, clamped = model_stock_ratio(cos, k)
+        mean = sum_w[key] / k
+        out[key] = (t * mean + (1 - t) * ref.to(torch.float64)).to(ref.dtype)
+        info["t"][key], info["cos"][key] = t, cos
+        if clamped:
+            info["clamped"].append(key)
+    return out, info
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Registry of mixing methods
 
 
@@ -128,29 +200,90 @@ class MixResult:
     info: dict = field(default_factory=dict)
 
 
+@dataclass
+class MixOptions:
+    """Options of the data-driven methods (the paper's defaults)."""
+
+    epochs: int = 100  # self-season
+    subset: int = 0  # self-season: 0 = all target images
+    batch_size: int = 256
+    lr: float = 0.1
+    min_lr: float = 0.01
+    k: int = 16
+    temperature: float = 0.07
+    samples: int = 1000  # season
+    split: float = 0.5  # season / knn scoring: retrieval fraction
+    seed: int = 0
+    greedy_tie: str = "strict"
+    score: str = "auto"  # greedy / best: "classifier", "knn" or "auto" (classifier when the classes match)
+    include_stock: bool = False
+    bf16: bool = False
+
+
+@dataclass
+class MixContext:
+    """Everything a mixing method may use. ``target`` is unlabeled; ``labeled`` is the few-label set."""
+
+    paths: list[Path]
+    names: list[str]
+    stock_path: Path | None = None
+    arch: str | None = None
+    target: object | None = None  # ImageSet
+    labeled: object | None = None  # ImageSet
+    options: MixOptions = field(default_factory=MixOptions)
+    progress: object | None = None
+    log: Callable[[str], None] = lambda message: None
+
+
 MixFn = Callable[..., MixResult]
 MIXERS: dict[str, MixFn] = {}
+NEEDS: dict[str, str] = {}  # method -> what data it needs: "none", "target" or "labels"
 
 
-def register_mixer(name: str) -> Callable[[MixFn], MixFn]:
+def register_mixer(name: str, needs: str = "none") -> Callable[[MixFn], MixFn]:
+    """Register ``fn(ctx) -> MixResult`` under ``name``; ``needs`` says which data it uses."""
+
     def wrap(fn: MixFn) -> MixFn:
         if name in MIXERS:
             raise ValueError(f"mixing method {name!r} registered twice")
         MIXERS[name] = fn
+        NEEDS[name] = needs
         return fn
 
     return wrap
 
 
 def get_mixer(name: str) -> MixFn:
+    from . import seasoning_methods  # noqa: F401  (registers the data-driven methods)
+
     if name not in MIXERS:
         raise AdaptsoupError(f"unknown mixing method {name!r}; choose one of: {', '.join(sorted(MIXERS))}")
     return MIXERS[name]
 
 
+def mixer_names() -> list[str]:
+    from . import seasoning_methods  # noqa: F401
+
+    return sorted(MIXERS)
+
+
 @register_mixer("uniform")
-def mix_uniform(paths: Sequence[str | os.PathLike], **_: object) -> MixResult:
+def mix_uniform(ctx) -> MixResult:
     """The uniform soup (Wortsman et al. 2022): the plain average of all ingredients, streamed."""
-    state, _meta = stream_weighted_average(paths)
-    n = len(paths)
+    state, _meta = stream_weighted_average(ctx.paths)
+    n = len(ctx.paths)
     return MixResult(state_dict=state, coefficients=[1.0 / n] * n, info={})
+
+
+@register_mixer("model-stock")
+def mix_model_stock(ctx) -> MixResult:
+    """Model Stock: interpolate between the ingredients' mean and the stock by their deltas' agreement."""
+    if ctx.stock_path is None:
+        raise AdaptsoupError("model-stock needs the stock (the model the ingredients were fine-tuned from)")
+    state, info = stream_model_stock(ctx.paths, ctx.stock_path)
+    ts = list(info["t"].values())
+    summary = {
+        "t_mean": sum(ts) / len(ts) if ts else None, "t_min": min(ts) if ts else None, "t_max": max(ts) if ts else None,
+        "clamped_tensors": info["clamped"], "t_per_tensor": info["t"], "cos_per_tensor": info["cos"],
+    }
+    return MixResult(state_dict=state, coefficients=None, info=summary)

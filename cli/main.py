@@ -165,6 +165,8 @@ def adapt(
     seed: Optional[int] = typer.Option(None, help="Seed of data subsets and decoder warm-up."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="Train under bf16 autocast."),
+    mix_methods: Optional[List[str]] = typer.Option(None, "--mix", help="Also mix with this method at the end (repeatable)."),
+    mix_labeled: Optional[Path] = typer.Option(None, help="Few-label folder for --mix season/greedy/best."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Inter-train the stock with MAE on unlabeled target images, fine-tune back on source, and mix a soup."""
@@ -213,12 +215,102 @@ def adapt(
             cfg.out = str(Path("runs") / _time.strftime("adapt-%Y%m%d-%H%M%S"))
         if (Path(cfg.out) / "manifest.json").is_file():
             fail(f"{cfg.out} already holds a run: use --resume {cfg.out} to continue it, or another --out")
+    if mix_methods:
+        from adaptsoup.mixing import NEEDS, get_mixer
+
+        for method in mix_methods:
+            get_mixer(method)
+        needing = [m for m in mix_methods if NEEDS.get(m) == "labels"]
+        if needing and mix_labeled is None:
+            fail(f"--mix {', '.join(needing)} needs a few labels: add --mix-labeled DIR")
     with progress_bars(progress) as bars:
         result = run_adapt(cfg, progress=bars, echo=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True),
                            command="adaptsoup " + " ".join(sys.argv[1:]))
     print_metrics(result.metrics)
+    if mix_methods:
+        from adaptsoup.mixrun import MixRequest, mix_run
+
+        with progress_bars(progress) as bars:
+            mixes = mix_run(MixRequest(run_dir=result.run_dir, methods=list(mix_methods), labeled=str(mix_labeled) if mix_labeled else None),
+                            progress=bars, log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+        print_mixes({m: mixes[m] for m in mix_methods})
     out.print(f"soup: {result.soup_path}")
     out.print(f"manifest: {result.manifest_path}")
+
+
+@app.command()
+def mix(
+    run_dir: Path = typer.Argument(..., help="An adapt run directory."),
+    methods: List[str] = typer.Option(..., "--method", help="uniform, self-season, season, greedy, best or model-stock (repeatable)."),
+    target: Optional[Path] = typer.Option(None, help="Unlabeled target images for self-season (default: the run's --target)."),
+    labeled: Optional[Path] = typer.Option(None, help="A few labeled images (class_name/<image>) for season, greedy and best."),
+    eval_dirs: Optional[List[Path]] = typer.Option(None, "--eval", help="Labeled folders to score the soups on (default: the run's)."),
+    ingredients: str = typer.Option("self", help="Which ingredients to mix: self, vanilla or all."),
+    include_stock: bool = typer.Option(False, help="Add the stock as one more ingredient."),
+    epochs: int = typer.Option(100, help="self-season: epochs over the target images."),
+    subset: int = typer.Option(0, help="self-season: a seeded random subset of this many target images (0: all)."),
+    batch_size: int = typer.Option(256, help="self-season batch size (the in-batch neighbours)."),
+    lr: float = typer.Option(0.1, help="self-season: AdamW learning rate, cosine-decayed to --min-lr."),
+    min_lr: float = typer.Option(0.01, help="self-season: final learning rate."),
+    k: int = typer.Option(16, help="Neighbours for the kNN entropy and kNN accuracy."),
+    temperature: float = typer.Option(0.07, help="Temperature of the kNN softmax."),
+    samples: int = typer.Option(1000, help="season: Dirichlet(1) coefficient samples."),
+    split: float = typer.Option(0.5, help="season / kNN scoring: fraction of --labeled used for retrieval."),
+    score: str = typer.Option("auto", help="greedy / best: classifier, knn or auto (classifier when classes match)."),
+    greedy_tie: str = typer.Option("strict", help="greedy: strict (must improve) or keep (ties accepted)."),
+    seed: int = typer.Option(0, help="Seed of subsets, samples and splits."),
+    bf16: bool = typer.Option(False, "--bf16/--fp32", help="self-season under bf16 autocast."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Mix a run's ingredients: Self-Seasoning without labels, seasoning/greedy/best with a few, Model Stock."""
+    from adaptsoup.mixing import MixOptions
+    from adaptsoup.mixrun import MixRequest, mix_run
+    from adaptsoup.progress import progress_bars
+
+    if score not in ("auto", "classifier", "knn"):
+        fail(f"--score must be auto, classifier or knn, got {score!r}")
+    options = MixOptions(epochs=epochs, subset=subset, batch_size=batch_size, lr=lr, min_lr=min_lr, k=k, temperature=temperature,
+                         samples=samples, split=split, seed=seed, greedy_tie=greedy_tie, score=score, include_stock=include_stock, bf16=bf16)
+    req = MixRequest(run_dir=run_dir, methods=list(methods), target=str(target) if target else None,
+                     labeled=str(labeled) if labeled else None, evals=[str(e) for e in eval_dirs] if eval_dirs else None,
+                     ingredients=ingredients, options=options)
+    with progress_bars(progress) as bars:
+        mixes = mix_run(req, progress=bars, log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+    print_mixes({m: mixes[m] for m in methods})
+
+
+def print_mixes(mixes: dict) -> None:
+    table = Table(title="soups")
+    table.add_column("method")
+    table.add_column("coefficients")
+    table.add_column("time s", justify="right")
+    table.add_column("accuracy: soup / uniform / best ingredient")
+    for method, rec in mixes.items():
+        coeffs = rec.get("coefficients")
+        shown = ", ".join(f"{n}={c:.2f}" for n, c in coeffs.items()) if coeffs else (f"t mean {rec['info'].get('t_mean', 0):.2f}" if rec.get("info") else "")
+        accs = "; ".join(
+            f"{e}: {m['soup']:.2f} / {m['uniform']:.2f} / {m['best_ingredient']:.2f}"
+            for e, m in (rec.get("metrics") or {}).items() if m.get("soup") is not None and m.get("uniform") is not None and m.get("best_ingredient") is not None
+        )
+        table.add_row(method, shown, f"{rec['wall_s']:.1f}", accs)
+    out.print(table)
+
+
+@app.command()
+def interpolate(
+    run_dir: Path = typer.Argument(..., help="An adapt run directory."),
+    a: str = typer.Argument(..., help="First ingredient (name as in ingredients/, or 'soup')."),
+    b: str = typer.Argument(..., help="Second ingredient."),
+    eval_dir: Path = typer.Option(..., "--eval", help="Labeled folder to measure accuracy on."),
+    steps: int = typer.Option(11, help="Points along the line, ends included."),
+) -> None:
+    """Accuracy along the straight line between two ingredients (linear mode connectivity), as JSON and PNG."""
+    from adaptsoup.mixrun import interpolate as run_interpolate
+
+    result = run_interpolate(run_dir, a, b, steps, str(eval_dir))
+    for lam, acc in zip(result["lambda"], result["accuracy"]):
+        out.print(f"lambda {lam:.2f}: {acc:.2f}%")
+    out.print(f"plot: {result['png']}")
 
 
 def print_metrics(metrics: dict) -> None:

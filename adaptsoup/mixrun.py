@@ -1,0 +1,206 @@
+"""Mixing the ingredients of an ``adapt`` run directory: ``adaptsoup mix`` and ``adapt --mix``.
+
+Writes ``soups/<method>.safetensors``, records coefficients, diagnostics, wall time and accuracies in the
+run's manifest (next to the uniform soup and the best ingredient), and draws the coefficients heat map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .adapt import DEPLOYED, SOUP, evaluate_checkpoints
+from .checkpoint import read_checkpoint, save_checkpoint
+from .data import Preprocess, load_folder
+from .errors import AdaptsoupError
+from .manifest import Manifest
+from .mixing import NEEDS, MixContext, MixOptions, get_mixer, stream_weighted_average
+from .models import class_names, load_model, model_meta
+from .progress import NullProgress
+
+MIX_PLOT = "mix_coefficients.png"
+
+
+@dataclass
+class MixRequest:
+    run_dir: Path
+    methods: list[str]
+    target: str | None = None  # default: the run's target folder
+    labeled: str | None = None  # few labels for season / greedy / best
+    evals: list[str] | None = None  # default: the run's --eval folders
+    ingredients: str = "self"  # "self", "vanilla" or "all"
+    options: MixOptions = field(default_factory=MixOptions)
+
+
+def load_run(run_dir: Path) -> Manifest:
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        raise AdaptsoupError(f"{run_dir} is not an adapt run directory (no manifest.json)")
+    manifest = Manifest.load_or_new(path)
+    if not manifest.data.get("ingredients"):
+        raise AdaptsoupError(f"{run_dir} has no finished ingredients yet: finish it with adaptsoup adapt --resume {run_dir}")
+    return manifest
+
+
+def run_ingredients(manifest: Manifest, run_dir: Path, which: str) -> tuple[list[str], list[Path]]:
+    if which not in ("self", "vanilla", "all"):
+        raise AdaptsoupError(f"--ingredients must be self, vanilla or all, got {which!r}")
+    items = sorted((name, rec) for name, rec in manifest.data["ingredients"].items() if which == "all" or rec["kind"] == which)
+    if not items:
+        raise AdaptsoupError(f"the run has no {which} ingredients")
+    missing = [name for name, rec in items if not (run_dir / rec["path"]).is_file()]
+    if missing:
+        raise AdaptsoupError(f"ingredient file(s) missing from {run_dir}: {', '.join(missing)}")
+    return [n for n, _ in items], [run_dir / rec["path"] for _, rec in items]
+
+
+def mix_run(req: MixRequest, *, progress=None, log: Callable[[str], None] = print) -> dict:
+    """Run each requested method on the run's ingredients; returns ``manifest['mixes']``."""
+    run_dir = Path(req.run_dir)
+    manifest = load_run(run_dir)
+    config = manifest.data["config"]
+    progress = progress or NullProgress()
+    names, paths = run_ingredients(manifest, run_dir, req.ingredients)
+    stock_path = Path(config["model"])
+    if req.options.include_stock:
+        names, paths = names + ["stock"], paths + [stock_path]
+    for method in req.methods:
+        get_mixer(method)  # unknown names fail before any work
+    first = load_model(None, paths[0])
+    pre = Preprocess.for_model(first)
+    classes = class_names(first)
+    target = labeled = None
+    if any(NEEDS.get(m) == "target" for m in req.methods):
+        target = load_folder(req.target or config["target"], pre, progress=progress, description="decode target")
+    if any(NEEDS.get(m) == "labels" for m in req.methods):
+        if not req.labeled:
+            raise AdaptsoupError(f"{', '.join(m for m in req.methods if NEEDS.get(m) == 'labels')} need(s) a few labels: pass --labeled DIR")
+        labeled = load_folder(req.labeled, pre, labeled=True, progress=progress, description="decode labeled")
+    eval_dirs = req.evals if req.evals is not None else config.get("evals", [])
+    evals = {Path(e).name: load_folder(e, pre, labeled=True, class_names=classes, progress=progress, description=f"decode {Path(e).name}") for e in eval_dirs}
+
+    mixes = manifest.data.setdefault("mixes", {})
+    for method in req.methods:
+        ctx = MixContext(paths=paths, names=names, stock_path=stock_path, target=target, labeled=labeled,
+                         options=req.options, progress=progress, log=log)
+        t0 = time.perf_counter()
+        result = get_mixer(method)(ctx)
+        wall = time.perf_counter() - t0
+        out = run_dir / "soups" / f"{method}.safetensors"
+        meta = dataclasses.replace(model_meta(first), provenance={
+            "made_by": "adaptsoup mix", "stage": "soup", "method": method, "parents": names,
+            "coefficients": result.coefficients,
+        })
+        save_checkpoint(out, result.state_dict, meta)
+        record = {
+            "path": str(out.relative_to(run_dir)), "wall_s": round(wall, 2), "ingredients": names,
+            "coefficients": dict(zip(names, result.coefficients)) if result.coefficients is not None else None,
+            "options": dataclasses.asdict(req.options), "info": _jsonable(result.info),
+        }
+        mixes[method] = record
+        manifest.save()
+        log(f"{method}: wrote {out} in {wall:.1f}s")
+    if evals:
+        metrics = manifest.data.setdefault("metrics", {})
+        candidates = {f"mix:{m}": run_dir / mixes[m]["path"] for m in req.methods}
+        candidates[SOUP] = run_dir / "soup.safetensors"
+        candidates.update(dict(zip(names, paths)))
+        candidates.pop("stock", None)
+        metrics.update(evaluate_checkpoints(candidates, evals, pre, progress=progress, known=metrics))
+        for m in req.methods:
+            mixes[m]["metrics"] = {
+                e: {"soup": scores.get(f"mix:{m}"), "uniform": scores.get(SOUP),
+                    "best_ingredient": max((scores[n] for n in names if n in scores), default=None),
+                    "deployed": scores.get(DEPLOYED)}
+                for e, scores in metrics.items() if e in evals
+            }
+        manifest.save()
+    plot_coefficients(mixes, run_dir / MIX_PLOT)
+    return mixes
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def plot_coefficients(mixes: dict, out: Path) -> Path | None:
+    """Heat map of mixture coefficients: ingredients (rows) x methods (columns)."""
+    with_coeffs = {m: r["coefficients"] for m, r in mixes.items() if r.get("coefficients")}
+    if not with_coeffs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_path
+
+    ingredients = sorted({n for c in with_coeffs.values() for n in c})
+    methods = sorted(with_coeffs)
+    grid = torch.tensor([[with_coeffs[m].get(n, 0.0) for m in methods] for n in ingredients])
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(methods), 1.0 + 0.35 * len(ingredients)))
+    im = ax.imshow(grid.numpy(), cmap="viridis", vmin=0.0, vmax=max(1e-9, float(grid.max())), aspect="auto")
+    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+    ax.set_yticks(range(len(ingredients)), ingredients)
+    for i in range(len(ingredients)):
+        for j in range(len(methods)):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w" if grid[i, j] < grid.max() / 2 else "k", fontsize=7)
+    fig.colorbar(im, ax=ax, label="coefficient")
+    ax.set_title("mixture coefficients")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return out
+
+
+def interpolate(run_dir: Path, a: str, b: str, steps: int, eval_dir: str, *, progress=None) -> dict:
+    """Accuracy along θ(λ) = (1−λ)·θ_a + λ·θ_b: linear mode connectivity of two ingredients (JSON + PNG)."""
+    run_dir = Path(run_dir)
+    manifest = load_run(run_dir)
+    names, paths = run_ingredients(manifest, run_dir, "all")
+    lookup = dict(zip(names, paths))
+    lookup[SOUP] = run_dir / "soup.safetensors"
+    for n in (a, b):
+        if n not in lookup:
+            raise AdaptsoupError(f"no ingredient {n!r} in {run_dir}; known: {', '.join(names)}")
+    if steps < 2:
+        raise AdaptsoupError("--steps must be at least 2")
+    model = load_model(None, lookup[a])
+    pre = Preprocess.for_model(model)
+    images = load_folder(eval_dir, pre, labeled=True, class_names=class_names(model))
+    from .evaluation import run_model, top1
+
+    lambdas = [i / (steps - 1) for i in range(steps)]
+    accs = []
+    for lam in lambdas:
+        state, _ = stream_weighted_average([lookup[a], lookup[b]], [1 - lam, lam] if 0 < lam < 1 else ([1, 0] if lam == 0 else [0, 1]))
+        model.load_state_dict(state)
+        accs.append(top1(run_model(model, images, pre).logits, images.labels))
+    result = {"a": a, "b": b, "eval": str(eval_dir), "lambda": lambdas, "accuracy": accs}
+    stem = f"interpolate_{a}_{b}"
+    from .io import atomic_path, write_json_atomic
+
+    write_json_atomic(run_dir / f"{stem}.json", result)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(lambdas, accs, marker="o")
+    ax.set_xlabel(f"λ  (0 = {a}, 1 = {b})")
+    ax.set_ylabel(f"top-1 on {Path(eval_dir).name} (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(run_dir / f"{stem}.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    result["png"] = str(run_dir / f"{stem}.png")
+    return result

@@ -1,0 +1,217 @@
+"""Mixing methods: closed-form checks (Model Stock, one-hot, greedy), the kNN-entropy loss, Self-Seasoning."""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+
+import pytest
+import torch
+
+from adaptsoup.adapt import run_adapt
+from adaptsoup.checkpoint import read_checkpoint, save_checkpoint
+from adaptsoup.data import Preprocess, load_folder
+from adaptsoup.errors import AdaptsoupError
+from adaptsoup.mixing import MixOptions, model_stock_ratio, stream_model_stock
+from adaptsoup.mixrun import MixRequest, interpolate, mix_run
+from adaptsoup.models import model_meta
+from adaptsoup.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
+from adaptsoup.seasoning import (
+    SelfSeasonConfig, StackedIngredients, candidate_coefficients, greedy, knn_accuracy, knn_entropy, self_season,
+    split_retrieval_eval,
+)
+from helpers import CLASS_NAMES, tiny_model, write_noise_images
+
+
+def direct_knn_entropy(z, k=16, t=0.07):
+    """The definition, written out row by row."""
+    z = z / z.norm(dim=1, keepdim=True)
+    total = 0.0
+    for i in range(z.shape[0]):
+        sims = torch.stack([z[i] @ z[j] for j in range(z.shape[0]) if j != i])
+        top = sims.sort(descending=True).values[:k]
+        p = torch.exp(top / t) / torch.exp(top / t).sum()
+        total = total - (p * torch.log(p.clamp(min=1e-12))).sum()
+    return total / z.shape[0]
+
+
+@pytest.mark.parametrize("batch,dim,k", [(20, 8, 16), (40, 16, 16), (6, 4, 16), (10, 3, 4)])
+def test_knn_entropy_matches_its_definition(batch, dim, k):
+    z = torch.randn(batch, dim, generator=torch.Generator().manual_seed(batch), dtype=torch.float64)
+    got = knn_entropy(z.float(), k=k)
+    want = direct_knn_entropy(z, k=k)
+    assert got.item() == pytest.approx(want.item(), abs=1e-6)
+
+
+def test_knn_entropy_gradients_reach_mixture_logits():
+    logits = torch.zeros(3, requires_grad=True)
+    bases = torch.randn(3, 24, 8, generator=torch.Generator().manual_seed(0))
+    z = torch.tensordot(torch.softmax(logits, 0), bases, dims=1)
+    knn_entropy(z).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def _save(tmp_path, name, state, meta):
+    return save_checkpoint(tmp_path / f"{name}.safetensors", state, meta)
+
+
+def test_model_stock_identical_deltas_give_the_mean(tmp_path):
+    stock = tiny_model(seed=0)
+    meta = model_meta(stock)
+    base = stock.state_dict()
+    delta = {k: torch.randn_like(v) * 0.1 if v.is_floating_point() else v for k, v in base.items()}
+    a = {k: base[k] + delta[k] if v.is_floating_point() else v for k, v in base.items()}
+    paths = [_save(tmp_path, "a1", a, meta), _save(tmp_path, "a2", a, meta), _save(tmp_path, "a3", a, meta)]
+    state, info = stream_model_stock(paths, _save(tmp_path, "stock", base, meta))
+    for key, value in a.items():
+        assert torch.allclose(state[key], value, atol=1e-6), key
+        if value.is_floating_point():
+            assert info["t"][key] == pytest.approx(1.0, abs=1e-9)
+    assert not info["clamped"]
+
+
+def test_model_stock_orthogonal_deltas_give_the_stock(tmp_path):
+    stock = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}
+    a = {"w": stock["w"] + torch.tensor([1.0, 0.0, 0.0, 0.0])}
+    b = {"w": stock["w"] + torch.tensor([0.0, 2.0, 0.0, 0.0])}
+    state, info = stream_model_stock([_save(tmp_path, "a", a, None), _save(tmp_path, "b", b, None)], _save(tmp_path, "s", stock, None))
+    assert info["t"]["w"] == pytest.approx(0.0, abs=1e-12)
+    assert torch.allclose(state["w"], stock["w"])
+
+
+def test_model_stock_ratio_formula_and_guards():
+    assert model_stock_ratio(0.5, 2) == (pytest.approx(2 * 0.5 / 1.5), False)
+    assert model_stock_ratio(1.0000001, 3) == (pytest.approx(1.0), False)  # rounding, not a clamp
+    assert model_stock_ratio(1.5, 3) == (pytest.approx(1.0), True)
+    t, clamped = model_stock_ratio(-0.5, 3)  # denominator 1 + 2*(-0.5) = 0: guarded
+    assert t == 0.0 and clamped
+    t, clamped = model_stock_ratio(-0.2, 3)  # negative t clamped to the stock
+    assert t == 0.0 and clamped
+
+
+def test_candidates_hold_uniform_and_one_hots_and_sum_to_one():
+    c = candidate_coefficients(4, 50, seed=0)
+    assert c.shape == (1 + 4 + 50, 4)
+    assert torch.allclose(c.sum(1), torch.ones(len(c), dtype=torch.float64))
+    assert torch.allclose(c[0], torch.full((4,), 0.25, dtype=torch.float64))
+    assert torch.equal(c[1:5], torch.eye(4, dtype=torch.float64))
+    assert (c >= 0).all()
+
+
+def test_greedy_keeps_only_ingredients_that_help():
+    # ingredient 0 alone scores 70, 1 alone 60, 2 alone 65; any soup containing 2 drops, 0+1 rises to 75
+    def score(stack, alpha):
+        used = {i for i in range(3) if alpha[i] > 0}
+        if used == {0}:
+            return 70.0
+        if used == {1}:
+            return 60.0
+        if used == {2}:
+            return 65.0
+        return 50.0 if 2 in used else 75.0
+
+    scorer = types.SimpleNamespace(__call__=score)
+    stack = types.SimpleNamespace(count=3)
+    coefficients, chosen, individual, trail = greedy(stack, score)
+    assert chosen == [0, 1]
+    assert coefficients == [0.5, 0.5, 0.0]
+    assert individual == [70.0, 60.0, 65.0]
+    assert [t["kept"] for t in trail] == [True, False, True]  # order tried: 0, 2, 1
+
+
+def test_greedy_tie_rule():
+    def flat(stack, alpha):
+        return 70.0
+
+    stack = types.SimpleNamespace(count=2)
+    assert greedy(stack, flat, tie="strict")[1] == [0]
+    assert greedy(stack, flat, tie="keep")[1] == [0, 1]
+    with pytest.raises(AdaptsoupError):
+        greedy(stack, flat, tie="sometimes")
+
+
+def test_knn_accuracy_on_separable_features():
+    labels = torch.tensor([0, 1] * 20)
+    feats = torch.nn.functional.one_hot(labels, 2).float() + 0.01 * torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
+    retrieval, evaluation = split_retrieval_eval(40, 0.5, seed=0)
+    assert set(retrieval.tolist()).isdisjoint(evaluation.tolist())
+    assert knn_accuracy(feats, labels, retrieval, evaluation, 2, k=5) == 100.0
+
+
+def test_self_season_lowers_its_loss(tmp_path):
+    paths = [save_checkpoint(tmp_path / f"m{s}.safetensors", tiny_model(seed=s).state_dict(), model_meta(tiny_model(seed=s))) for s in (1, 2, 3)]
+    stack = StackedIngredients(paths)
+    model = tiny_model(seed=1)
+    write_noise_images(tmp_path / "target", 32, seed=5)
+    pre = Preprocess.for_model(model)
+    target = load_folder(tmp_path / "target", pre, cache=False)
+    res = self_season(model, stack, target, pre, SelfSeasonConfig(epochs=15, batch_size=32, lr=0.3, min_lr=0.03))
+    assert res.steps == 15
+    assert res.losses[-1] < res.initial_loss
+    assert sum(res.coefficients) == pytest.approx(1.0, abs=1e-6)
+    assert max(res.coefficients) - min(res.coefficients) > 1e-3  # it moved away from uniform
+    # the written soup is the coefficient-weighted average
+    soup = stack.state_dict(torch.tensor(res.coefficients))
+    states = [read_checkpoint(p)[0] for p in paths]
+    key = "blocks.0.attn.qkv.weight"
+    want = sum(c * s[key].double() for c, s in zip(res.coefficients, states))
+    assert torch.allclose(soup[key].double(), want, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("mixrun")
+    model = tiny_model()
+    stock = save_checkpoint(tmp_path / "stock.safetensors", model.state_dict(), model_meta(model))
+    for i, name in enumerate(CLASS_NAMES):
+        write_noise_images(tmp_path / "source" / name, 6, seed=10 + i)
+        write_noise_images(tmp_path / "labeled" / name, 6, seed=20 + i)
+    write_noise_images(tmp_path / "target", 24, seed=30)
+    cfg = AdaptConfig(
+        model=str(stock), target=str(tmp_path / "target"), source=str(tmp_path / "source"), out=str(tmp_path / "run"),
+        evals=[str(tmp_path / "labeled")], checkpoint_every_s=1e9,
+        inter=InterTrainConfig(lrs=[1e-3, 3e-3], steps=[3], batch_size=8, decoder_warmup_steps=1),
+        finetune=FineTuneConfig(lrs=[1e-3, 3e-3], steps=2, batch_size=8),
+    )
+    run_adapt(cfg, echo=None)
+    return tmp_path
+
+
+def test_mix_run_writes_soups_coefficients_and_plot(small_run):
+    run = small_run / "run"
+    opts = MixOptions(epochs=2, batch_size=16, samples=5)
+    mixes = mix_run(MixRequest(run_dir=run, methods=["uniform", "self-season", "season", "greedy", "best", "model-stock"],
+                               labeled=str(small_run / "labeled"), options=opts), log=lambda m: None)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert set(manifest["mixes"]) == {"uniform", "self-season", "season", "greedy", "best", "model-stock"}
+    for method, record in mixes.items():
+        assert (run / record["path"]).is_file()
+        assert record["wall_s"] >= 0
+        if method != "model-stock":
+            assert sum(record["coefficients"].values()) == pytest.approx(1.0, abs=1e-6)
+            assert list(record["coefficients"]) == ["mae00-ft00", "mae00-ft01", "mae01-ft00", "mae01-ft01"]
+        m = record["metrics"]["labeled"]
+        assert {"soup", "uniform", "best_ingredient", "deployed"} <= set(m)
+    # the uniform method's soup is adapt's soup
+    a, _ = read_checkpoint(run / "soups" / "uniform.safetensors")
+    b, _ = read_checkpoint(run / "soup.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert mixes["best"]["coefficients"][mixes["best"]["info"]["chosen"]] == 1.0
+    assert (run / "mix_coefficients.png").stat().st_size > 1000
+
+
+def test_labels_methods_need_labels_and_unknown_methods_are_refused(small_run):
+    with pytest.raises(AdaptsoupError, match="--labeled"):
+        mix_run(MixRequest(run_dir=small_run / "run", methods=["greedy"]), log=lambda m: None)
+    with pytest.raises(AdaptsoupError, match="unknown mixing method"):
+        mix_run(MixRequest(run_dir=small_run / "run", methods=["gumbo"]), log=lambda m: None)
+
+
+def test_interpolation_ends_are_the_ingredients(small_run):
+    run = small_run / "run"
+    res = interpolate(run, "mae00-ft00", "mae01-ft01", 3, str(small_run / "labeled"))
+    scores = json.loads((run / "manifest.json").read_text())["metrics"]["labeled"]
+    assert res["accuracy"][0] == pytest.approx(scores["mae00-ft00"])
+    assert res["accuracy"][-1] == pytest.approx(scores["mae01-ft01"])
+    assert (run / "interpolate_mae00-ft00_mae01-ft01.png").is_file()
