@@ -165,6 +165,7 @@ def adapt(
     seed: Optional[int] = typer.Option(None, help="Seed of data subsets and decoder warm-up."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="Train under bf16 autocast."),
+    tta_method: Optional[str] = typer.Option(None, "--tta", help="Stack test-time adaptation (sar or tent) on the soup over the target."),
     mix_methods: Optional[List[str]] = typer.Option(None, "--mix", help="Also mix with this method at the end (repeatable)."),
     mix_labeled: Optional[Path] = typer.Option(None, help="Few-label folder for --mix season/greedy/best."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
@@ -215,6 +216,8 @@ def adapt(
             cfg.out = str(Path("runs") / _time.strftime("adapt-%Y%m%d-%H%M%S"))
         if (Path(cfg.out) / "manifest.json").is_file():
             fail(f"{cfg.out} already holds a run: use --resume {cfg.out} to continue it, or another --out")
+    if tta_method is not None and tta_method not in ("sar", "tent"):
+        fail(f"--tta must be sar or tent, got {tta_method!r}")
     if mix_methods:
         from adaptsoup.mixing import NEEDS, get_mixer
 
@@ -234,6 +237,14 @@ def adapt(
             mixes = mix_run(MixRequest(run_dir=result.run_dir, methods=list(mix_methods), labeled=str(mix_labeled) if mix_labeled else None),
                             progress=bars, log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
         print_mixes({m: mixes[m] for m in mix_methods})
+    if tta_method:
+        from adaptsoup.tta import TTAConfig, tta_run_dir
+
+        with progress_bars(progress) as bars:
+            summary = tta_run_dir(str(result.soup_path), str(result.run_dir / "tta"), TTAConfig(method=tta_method, device=cfg.device),
+                                  target=cfg.target, progress=bars,
+                                  log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+        out.print(f"{tta_method} on the soup: {result.run_dir / 'tta' / 'adapted.safetensors'} ({summary['resets']} reset(s))")
     out.print(f"soup: {result.soup_path}")
     out.print(f"manifest: {result.manifest_path}")
 
@@ -311,6 +322,41 @@ def interpolate(
     for lam, acc in zip(result["lambda"], result["accuracy"]):
         out.print(f"lambda {lam:.2f}: {acc:.2f}%")
     out.print(f"plot: {result['png']}")
+
+
+@app.command()
+def tta(
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to adapt (a soup, or any adaptsoup checkpoint)."),
+    target: Optional[Path] = typer.Option(None, "--target", "-t", help="Unlabeled image stream (folder, searched recursively)."),
+    eval_labels: Optional[Path] = typer.Option(None, help="A labeled class_name/<image> folder used as the stream; its labels only score the online predictions."),
+    method: str = typer.Option("sar", help="sar or tent."),
+    out_dir: Path = typer.Option(Path("tta_out"), "--out", "-o", help="Where predictions.csv, adapted.safetensors and manifest.json go."),
+    arch: Optional[str] = typer.Option(None, help="timm architecture, if the checkpoint carries no adaptsoup metadata."),
+    batch_size: int = typer.Option(64, help="Stream batch size."),
+    base_lr: Optional[float] = typer.Option(None, help="Learning rate per 64 images (lr = base_lr / 64 x batch); default SAR 1e-3, Tent 2.5e-4."),
+    rho: float = typer.Option(0.05, help="SAR: SAM radius."),
+    e0_factor: float = typer.Option(0.4, help="SAR: entropy filter E0 = factor x ln(classes)."),
+    reset_threshold: float = typer.Option(0.2, help="SAR: reset the model when the loss EMA falls below this."),
+    episodic: bool = typer.Option(False, help="Reset to the initial model after every batch."),
+    seed: int = typer.Option(0, help="Seed of the stream order."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Test-time adaptation (SAR or Tent) over a stream of images; writes online predictions and the adapted model."""
+    from adaptsoup.progress import progress_bars
+    from adaptsoup.tta import TTA_METHODS, TTAConfig, tta_run_dir
+
+    if method not in TTA_METHODS:
+        fail(f"--method must be one of {', '.join(TTA_METHODS)}, got {method!r}")
+    cfg = TTAConfig(method=method, batch_size=batch_size, base_lr=base_lr, rho=rho, e0_factor=e0_factor,
+                    reset_threshold=reset_threshold, episodic=episodic, seed=seed, device=device)
+    with progress_bars(progress) as bars:
+        summary = tta_run_dir(str(model), str(out_dir), cfg, target=str(target) if target else None,
+                              eval_labels=str(eval_labels) if eval_labels else None, arch=arch, progress=bars,
+                              log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+    out.print(f"wrote {out_dir / 'predictions.csv'}, {out_dir / 'adapted.safetensors'}, {out_dir / 'manifest.json'}")
+    if summary["online_accuracy"] is not None:
+        out.print(f"online accuracy: {summary['online_accuracy']:.2f}%")
 
 
 def print_metrics(metrics: dict) -> None:
