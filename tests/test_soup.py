@@ -18,7 +18,9 @@ def _save(tmp_path, name, model):
 def test_soup_of_identical_ingredients_is_the_ingredient(tmp_path):
     model = tiny_model(seed=1)
     paths = [_save(tmp_path, f"m{i}", model) for i in range(3)]
-    soup = get_mixer("uniform")(paths).state_dict
+    from adaptsoup.mixing import MixContext
+
+    soup = get_mixer("uniform")(MixContext(paths=paths, names=["a", "b", "c"])).state_dict
     for key, value in model.state_dict().items():
         assert torch.allclose(soup[key], value, atol=1e-7), key
 
