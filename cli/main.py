@@ -359,6 +359,48 @@ def tta(
         out.print(f"online accuracy: {summary['online_accuracy']:.2f}%")
 
 
+bench_app = typer.Typer(help="Benchmarks: accuracy under shift with the paper's protocol.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("c10c")
+def bench_c10c(
+    mode: str = typer.Option("quick", help="quick (under 15 min on 2 cores) or full (under 2 h on 2 cores)."),
+    severity: int = typer.Option(5, min=1, max=5, help="Corruption severity (5 is the headline, 3 the second)."),
+    stock: Optional[Path] = typer.Option(None, help="Deployed model (default: benchmarks/stock/vit_tiny_patch4_32_cifar10.safetensors)."),
+    decoder: Optional[Path] = typer.Option(None, help="Its MAE decoder (default: the file beside the stock)."),
+    data: Optional[Path] = typer.Option(None, help="CIFAR-10 folder or tarball (default: $ADAPTSOUP_DATA or ../shared)."),
+    out_dir: Path = typer.Option(Path("benchmarks/results"), "--out", help="Where the JSON, Markdown and PNGs go."),
+    work: Optional[Path] = typer.Option(None, help="Working folder for data and runs (default: the cache)."),
+    corruptions: Optional[str] = typer.Option(None, help="Comma-separated subset of the 15 corruptions."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """CIFAR-10 -> CIFAR-10-C: deployed, supervised soup, continued-SSL soup, Self-Soup (+ best, Self-Seasoned), + SAR."""
+    from adaptsoup.bench import C10CConfig, run_c10c
+    from adaptsoup.corruptions import CORRUPTIONS
+    from adaptsoup.progress import progress_bars
+
+    chosen = None
+    if corruptions:
+        chosen = [c.strip() for c in corruptions.split(",") if c.strip()]
+        unknown = [c for c in chosen if c not in CORRUPTIONS]
+        if unknown:
+            fail(f"unknown corruption(s) {', '.join(unknown)}; known: {', '.join(CORRUPTIONS)}")
+    cfg = C10CConfig.for_mode(mode, severity=severity, stock=str(stock) if stock else None, decoder=str(decoder) if decoder else None,
+                              data=str(data) if data else None, out=str(out_dir), work=str(work) if work else None,
+                              corruptions=chosen, device=device)
+    with progress_bars(progress) as bars:
+        result = run_c10c(cfg, command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
+                          log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+    table = Table(title=f"CIFAR-10-C severity {severity} ({mode})")
+    for col in ("row", "clean", "disjoint", "joint"):
+        table.add_column(col, justify="left" if col == "row" else "right")
+    for r in result["rows"]:
+        table.add_row(r["name"], *("-" if r[k] is None else f"{r[k]:.2f}" for k in ("clean", "disjoint", "joint")))
+    out.print(table)
+
+
 def print_metrics(metrics: dict) -> None:
     """One table per eval folder: top-1 of the deployed model, each soup and each ingredient."""
     for eval_name, scores in metrics.items():

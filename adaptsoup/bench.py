@@ -1,0 +1,323 @@
+"""The CIFAR-10 → CIFAR-10-C benchmark: the paper's Table 1 and Table 2 at CPU scale.
+
+Protocol (Self-Soupervision §4): the test images of each corruption are split by position — even-indexed
+images are the unlabeled target the ingredients are inter-trained on, odd-indexed images are the
+evaluation data ("disjoint"); "joint" evaluates on the even images themselves.  The target is the pool of
+all corruptions' even images.  Rows:
+
+* ``deployed`` — the stock as is;
+* ``supervised_soup`` — the stock fine-tuned N times on source (no inter-training), uniform soup;
+* ``cont_ssl_soup`` — MAE inter-training on the *source* images, then the same fine-tunings;
+* ``self_soup_target`` — MAE inter-training on the target, fine-tuned back, uniform soup;
+* ``self_soup_target_best_ingredient`` — its best ingredient, chosen on the evaluation images (an oracle
+  upper bound for picking one ingredient, not a method);
+* ``self_soup_target_self_seasoned`` — its ingredients mixed by Self-Seasoning on the target images;
+* ``supervised_soup+sar`` and ``self_soup_target+sar`` — SAR over each corruption's odd images, online,
+  reset between corruptions (Table 2).
+
+No choice (learning rates, steps, seeds) is made on the odd images: the recipe is fixed before the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .adapt import DEPLOYED, SOUP, SUPERVISED_SOUP, evaluate_checkpoints, run_adapt
+from .corruptions import CORRUPTIONS, corrupt_batch
+from .data import ImageSet, Preprocess, default_cache_dir, load_folder
+from .errors import AdaptsoupError
+from .io import atomic_path, write_json_atomic, write_text_atomic
+from .manifest import environment, git_commit
+from .mixing import MixOptions
+from .mixrun import MixRequest, mix_run
+from .models import class_names, default_stock_path, load_model
+from .progress import NullProgress
+from .recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
+from .tta import TTAConfig, run_tta
+
+ROW_NAMES = (
+    "deployed", "supervised_soup", "cont_ssl_soup", "self_soup_target", "self_soup_target_best_ingredient",
+    "self_soup_target_self_seasoned", "supervised_soup+sar", "self_soup_target+sar",
+)
+
+
+@dataclass
+class C10CConfig:
+    mode: str = "quick"
+    severity: int = 5
+    stock: str = ""
+    decoder: str | None = None
+    data: str | None = None
+    out: str = ""
+    work: str = ""
+    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
+    per_corruption: int = 400  # test images per corruption (half even, half odd)
+    clean_images: int = 1000
+    source_images: int = 5000
+    inter_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4])
+    inter_steps: int = 300
+    ft_lrs: list[float] = field(default_factory=lambda: [1e-4, 2e-4])
+    ft_steps: int = 100
+    vanilla: int = 2
+    batch_size: int = 64
+    self_season_epochs: int = 3
+    self_season_subset: int = 2048
+    sar_batch: int = 64
+    sar_base_lr: float | None = None
+    seed: int = 0
+    bf16: bool = True
+    device: str = "cpu"
+
+    @classmethod
+    def for_mode(cls, mode: str, **overrides) -> "C10CConfig":
+        if mode == "quick":
+            cfg = cls(mode="quick")
+        elif mode == "full":
+            cfg = cls(mode="full", per_corruption=2000, clean_images=10000, source_images=20000, inter_lrs=[1e-4, 2e-4, 3e-4, 4e-4],
+                      inter_steps=1000, ft_lrs=[1e-4, 2e-4], ft_steps=300, vanilla=4, self_season_epochs=5, self_season_subset=4096)
+        else:
+            raise AdaptsoupError(f"--mode must be quick or full, got {mode!r}")
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(cfg, key, value)
+        return cfg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def prepare_corrupted(test: ImageSet, names: list[str], cfg: C10CConfig, root: Path, progress=None) -> Path:
+    """Write each corruption's selected test images as PNGs: ``root/{even,odd}/<corruption>/<class>/<index>.png``.
+
+    The selection is a fixed seeded subset of ``per_corruption`` test images (all of them when it is 10,000),
+    in sorted order; position parity gives the even (target) / odd (evaluation) split.
+    """
+    from PIL import Image
+
+    progress = progress or NullProgress()
+    n = len(test)
+    count = min(cfg.per_corruption, n)
+    chosen = np.sort(np.random.default_rng(cfg.seed).permutation(n)[:count]) if count < n else np.arange(n)
+    task = progress.add_task(f"corrupt (severity {cfg.severity})", total=len(cfg.corruptions))
+    for corruption in cfg.corruptions:
+        marker = root / f".{corruption}.done"
+        if marker.is_file():
+            progress.advance(task)
+            continue
+        images = test.images[torch.as_tensor(chosen)].permute(0, 2, 3, 1).numpy()
+        corrupted = corrupt_batch(images, corruption, cfg.severity, indices=chosen)
+        for pos, (img, idx) in enumerate(zip(corrupted, chosen)):
+            split = "even" if pos % 2 == 0 else "odd"
+            label = names[int(test.labels[idx])]
+            path = root / split / corruption / label / f"{int(idx):05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(path, format="PNG")
+        marker.write_text(str(count))
+        progress.advance(task)
+    progress.remove_task(task)
+    return root
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def run_c10c(cfg: C10CConfig, *, command: str = "", progress=None, log: Callable[[str], None] = print) -> dict:
+    from .datasets import require_cifar10
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    progress = progress or NullProgress()
+    stock_path = Path(cfg.stock or default_stock_path())
+    if not stock_path.is_file():
+        raise AdaptsoupError(f"reference stock not found: {stock_path} (train it with `make stock`, or pass --stock)")
+    decoder = cfg.decoder
+    if decoder is None:
+        candidate = stock_path.with_name(stock_path.stem + "_mae_decoder.safetensors")
+        decoder = str(candidate) if candidate.is_file() else None
+    cifar = require_cifar10(cfg.data)
+    work = Path(cfg.work or default_cache_dir() / "bench" / f"c10c-{cfg.mode}-s{cfg.severity}")
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    stock = load_model(None, stock_path)
+    pre = Preprocess.for_model(stock)
+    names = class_names(stock)
+    t0 = time.perf_counter()
+    test = load_folder(cifar / "test", pre, labeled=True, class_names=names, progress=progress, description="decode test")
+    corrupted_root = prepare_corrupted(test, names, cfg, work / "data" / f"n{cfg.per_corruption}-seed{cfg.seed}", progress)
+    clean_dir = _clean_subset(test, names, cfg, work / "data" / f"clean-n{cfg.clean_images}-seed{cfg.seed}")
+    timings["prepare_data"] = time.perf_counter() - t0
+    log(f"data: {len(cfg.corruptions)} corruptions x {cfg.per_corruption} test images (severity {cfg.severity}) at {corrupted_root}")
+
+    common = dict(model=str(stock_path), source=str(cifar / "train"), stock=decoder, max_source_images=cfg.source_images,
+                  seed=cfg.seed, device=cfg.device, bf16=cfg.bf16)
+    inter = InterTrainConfig(lrs=list(cfg.inter_lrs), steps=[cfg.inter_steps], batch_size=cfg.batch_size)
+    ft = FineTuneConfig(lrs=list(cfg.ft_lrs), steps=cfg.ft_steps, batch_size=cfg.batch_size)
+
+    t0 = time.perf_counter()
+    self_run = run_adapt(AdaptConfig(target=str(corrupted_root / "even"), out=str(work / "runs" / "self"), vanilla=cfg.vanilla,
+                                     inter=inter, finetune=ft, **common), progress=progress, echo=log, command=command)
+    timings["adapt_self_and_supervised"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cont = run_adapt(AdaptConfig(target=str(corrupted_root / "even"), out=str(work / "runs" / "cont_ssl"), vanilla=0,
+                                 inter=dataclasses.replace(inter, data="source"), finetune=ft, **common),
+                     progress=progress, echo=log, command=command)
+    timings["adapt_cont_ssl"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mixes = mix_run(MixRequest(run_dir=self_run.run_dir, methods=["self-season"], evals=[],
+                               options=MixOptions(epochs=cfg.self_season_epochs, subset=cfg.self_season_subset, seed=cfg.seed, bf16=cfg.bf16)),
+                    progress=progress, log=log)
+    timings["self_season"] = time.perf_counter() - t0
+
+    # -- evaluation of every checkpoint on clean, odd (disjoint) and even (joint) images -------------------------
+    t0 = time.perf_counter()
+    evals = {"clean": load_folder(clean_dir, pre, labeled=True, class_names=names)}
+    for c in cfg.corruptions:
+        for split in ("odd", "even"):
+            evals[f"{split}/{c}"] = load_folder(corrupted_root / split / c, pre, labeled=True, class_names=names)
+    ingredients = {p.stem: p for p in self_run.ingredients if not p.stem.startswith("vanilla")}
+    candidates = {
+        "deployed": stock_path, "supervised_soup": self_run.supervised_soup_path, "cont_ssl_soup": cont.soup_path,
+        "self_soup_target": self_run.soup_path, "self_soup_target_self_seasoned": self_run.run_dir / mixes["self-season"]["path"],
+        **{f"ingredient:{k}": v for k, v in ingredients.items()},
+    }
+    metrics = evaluate_checkpoints(candidates, evals, pre, device=cfg.device, bf16=False, progress=progress)
+    timings["evaluate"] = time.perf_counter() - t0
+
+    def row(name: str, key: str) -> dict:
+        odd = {c: metrics[f"odd/{c}"][key] for c in cfg.corruptions}
+        even = {c: metrics[f"even/{c}"][key] for c in cfg.corruptions}
+        return {"name": name, "clean": metrics["clean"][key], "disjoint": _mean(odd.values()), "joint": _mean(even.values()),
+                "per_corruption": odd, "per_corruption_joint": even}
+
+    rows = [row(n, n) for n in ("deployed", "supervised_soup", "cont_ssl_soup", "self_soup_target")]
+    best = max(ingredients, key=lambda k: _mean(metrics[f"odd/{c}"][f"ingredient:{k}"] for c in cfg.corruptions))
+    rows.append({**row("self_soup_target_best_ingredient", f"ingredient:{best}"), "ingredient": best,
+                 "note": "chosen by its mean accuracy on the odd images: an oracle, not a method"})
+    rows.append({**row("self_soup_target_self_seasoned", "self_soup_target_self_seasoned"),
+                 "coefficients": mixes["self-season"]["coefficients"]})
+
+    # -- SAR on the soups (Table 2) -------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    for base in ("supervised_soup", "self_soup_target"):
+        per = {}
+        details = {}
+        for c in cfg.corruptions:
+            model = load_model(None, candidates[base])
+            res, _ = run_tta(model, evals[f"odd/{c}"], pre, TTAConfig(method="sar", batch_size=cfg.sar_batch, base_lr=cfg.sar_base_lr, seed=cfg.seed))
+            per[c] = res.accuracy
+            details[c] = {"resets": res.resets, "filtered_out": res.filtered_out, "final_ema": res.final_ema}
+        rows.append({"name": f"{base}+sar", "clean": None, "disjoint": _mean(per.values()), "joint": None,
+                     "per_corruption": per, "sar": details})
+    timings["sar"] = time.perf_counter() - t0
+
+    ingredient_scores = {k: {"clean": metrics["clean"][f"ingredient:{k}"],
+                             "disjoint": _mean(metrics[f"odd/{c}"][f"ingredient:{k}"] for c in cfg.corruptions)} for k in ingredients}
+    result = {
+        "benchmark": "c10c", "mode": cfg.mode, "severity": cfg.severity, "command": command, "commit": git_commit(),
+        "machine": {k: v for k, v in environment().items() if k != "packages"}, "packages": environment()["packages"],
+        "wall_time_s": round(time.perf_counter() - t_start, 1), "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "stock": {"path": str(stock_path), "clean_acc": metrics["clean"]["deployed"]},
+        "config": dataclasses.asdict(cfg), "data": {"per_corruption": cfg.per_corruption, "clean_images": len(evals["clean"]),
+                                                  "target_images": len(cfg.corruptions) * ((cfg.per_corruption + 1) // 2)},
+        "rows": rows, "ingredients": ingredient_scores,
+        "runs": {"self": str(self_run.run_dir), "cont_ssl": str(cont.run_dir)},
+    }
+    stem = f"c10c_{cfg.mode}_s{cfg.severity}"
+    write_json_atomic(out / f"{stem}.json", result)
+    write_text_atomic(out / f"{stem}.md", markdown_table(result))
+    plot_results(result, out / f"{stem}_per_corruption.png", out / f"{stem}_soups_vs_ingredients.png")
+    log(f"wrote {out / stem}.json, .md and plots in {result['wall_time_s']:.0f}s")
+    return result
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def _clean_subset(test: ImageSet, names: list[str], cfg: C10CConfig, root: Path) -> Path:
+    from PIL import Image
+
+    marker = root / ".done"
+    if marker.is_file():
+        return root
+    n = min(cfg.clean_images, len(test))
+    chosen = np.sort(np.random.default_rng(cfg.seed + 1).permutation(len(test))[:n])
+    for idx in chosen:
+        path = root / names[int(test.labels[idx])] / f"{int(idx):05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(test.images[int(idx)].permute(1, 2, 0).numpy()).save(path, format="PNG")
+    marker.write_text(str(n))
+    return root
+
+
+def markdown_table(result: dict) -> str:
+    def fmt(v):
+        return "—" if v is None or (isinstance(v, float) and v != v) else f"{v:.2f}"
+
+    lines = [
+        f"# CIFAR-10 → CIFAR-10-C, severity {result['severity']} ({result['mode']} mode)",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Commit {result['commit']}, {result['machine'].get('cpu')} ({result['machine'].get('cpu_count')} cores), wall time {result['wall_time_s'] / 60:.1f} min.",
+        "",
+        "| row | clean | CIFAR-10-C disjoint (odd) | joint (even) |",
+        "|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['name']} | {fmt(r['clean'])} | {fmt(r['disjoint'])} | {fmt(r['joint'])} |")
+    lines += ["", "Per corruption (disjoint, odd images):", "",
+              "| row | " + " | ".join(result["rows"][0]["per_corruption"]) + " |",
+              "|---|" + "---|" * len(result["rows"][0]["per_corruption"])]
+    for r in result["rows"]:
+        lines.append(f"| {r['name']} | " + " | ".join(fmt(v) for v in r["per_corruption"].values()) + " |")
+    lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in result["timings_s"].items()), ""]
+    return "\n".join(lines)
+
+
+def plot_results(result: dict, per_corruption_png: Path, soups_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"]]
+    corruptions = list(rows[0]["per_corruption"])
+    fig, ax = plt.subplots(figsize=(max(8, len(corruptions) * 0.9), 4))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        ax.bar(np.arange(len(corruptions)) + i * width, [r["per_corruption"][c] for c in corruptions], width, label=r["name"])
+    ax.set_xticks(np.arange(len(corruptions)) + 0.4 - width / 2, corruptions, rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("top-1 (%) on odd images")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"CIFAR-10-C severity {result['severity']} ({result['mode']})")
+    fig.tight_layout()
+    with atomic_path(per_corruption_png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ing = result["ingredients"]
+    ax.scatter([v["clean"] for v in ing.values()], [v["disjoint"] for v in ing.values()], label="self-soup ingredients", color="gray")
+    for r in rows:
+        if r["clean"] is not None and not r["name"].endswith("best_ingredient"):
+            ax.scatter([r["clean"]], [r["disjoint"]], label=r["name"], marker="*", s=120)
+    ax.set_xlabel("clean top-1 (%)")
+    ax.set_ylabel("CIFAR-10-C disjoint top-1 (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(soups_png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
