@@ -133,8 +133,8 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     for key, value in override.items():
         if value is None:
             continue
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+        if isinstance(value, dict):
+            out[key] = merge(out.get(key) if isinstance(out.get(key), dict) else {}, value)
         else:
             out[key] = value
     return out
