@@ -246,8 +246,12 @@ def write_soup(out: Path, paths: list[Path], stock: nn.Module, method: str = "un
 
 
 def evaluate_checkpoints(candidates: dict[str, Path], evals: dict[str, ImageSet], pre: Preprocess, *, arch: str | None = None,
-                         device: str = "cpu", bf16: bool = False, progress=None, known: dict | None = None) -> dict[str, dict[str, float]]:
-    """Top-1 of each checkpoint on each labeled set: ``{eval_name: {model_name: accuracy}}``, one model in memory."""
+                         device: str = "cpu", bf16: bool = False, progress=None, known: dict | None = None,
+                         score=top1) -> dict[str, dict[str, float]]:
+    """Top-1 of each checkpoint on each labeled set: ``{eval_name: {model_name: accuracy}}``, one model in memory.
+
+    ``score(logits, labels)`` turns logits into a percentage (default: top-1 over the model's classes).
+    """
     progress = progress or NullProgress()
     metrics: dict[str, dict[str, float]] = {k: dict(v) for k, v in (known or {}).items()}
     todo = [(n, p) for n, p in candidates.items() if any(n not in metrics.get(e, {}) for e in evals)]
@@ -256,7 +260,7 @@ def evaluate_checkpoints(candidates: dict[str, Path], evals: dict[str, ImageSet]
         model = load_model(arch if name == DEPLOYED else None, path)
         for eval_name, images in evals.items():
             logits = run_model(model, images, pre, device=device, bf16=bf16).logits
-            metrics.setdefault(eval_name, {})[name] = top1(logits, images.labels)
+            metrics.setdefault(eval_name, {})[name] = score(logits, images.labels)
             progress.advance(task)
         del model
     progress.remove_task(task)

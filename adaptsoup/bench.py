@@ -39,10 +39,12 @@ from .manifest import environment, git_commit
 from .mixing import MixOptions
 from .mixrun import MixRequest, mix_run
 from .models import class_names, default_stock_path, load_model
+from .evaluation import top1
 from .progress import NullProgress
 from .recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
 from .tta import TTAConfig, run_tta
 
+TITLES = {"c10c": "CIFAR-10 → CIFAR-10-C", "imagenet-c": "ImageNet → ImageNet-C", "laion-c": "ImageNet → LAION-C"}
 ROW_NAMES = (
     "deployed", "supervised_soup", "cont_ssl_soup", "self_soup_target", "self_soup_target_best_ingredient",
     "self_soup_target_self_seasoned", "supervised_soup+sar", "self_soup_target+sar",
@@ -50,7 +52,7 @@ ROW_NAMES = (
 
 
 @dataclass
-class C10CConfig:
+class BenchConfig:
     mode: str = "quick"
     severity: int = 5
     stock: str = ""
@@ -77,7 +79,7 @@ class C10CConfig:
     device: str = "cpu"
 
     @classmethod
-    def for_mode(cls, mode: str, **overrides) -> "C10CConfig":
+    def for_mode(cls, mode: str, **overrides) -> "BenchConfig":
         if mode == "quick":
             cfg = cls(mode="quick")
         elif mode == "full":
@@ -95,7 +97,7 @@ class C10CConfig:
 # Data
 
 
-def prepare_corrupted(test: ImageSet, names: list[str], cfg: C10CConfig, root: Path, progress=None) -> Path:
+def prepare_corrupted(test: ImageSet, names: list[str], cfg: BenchConfig, root: Path, progress=None) -> Path:
     """Write each corruption's selected test images as PNGs: ``root/{even,odd}/<corruption>/<class>/<index>.png``.
 
     The selection is a fixed seeded subset of ``per_corruption`` test images (all of them when it is 10,000),
@@ -131,25 +133,30 @@ def prepare_corrupted(test: ImageSet, names: list[str], cfg: C10CConfig, root: P
 # The benchmark
 
 
-def run_c10c(cfg: C10CConfig, *, command: str = "", progress=None, log: Callable[[str], None] = print) -> dict:
+@dataclass
+class ShiftData:
+    """A prepared shift benchmark: where the target is, what to evaluate on, and how to score."""
+
+    benchmark: str
+    stock: Path
+    decoder: str | None
+    source: str
+    target: Path  # the pooled even (unlabeled) images
+    corruptions: list[str]
+    evals: dict[str, ImageSet]  # "clean" (optional), "odd/<corruption>", "even/<corruption>"
+    preprocess: Preprocess
+    score: Callable[[torch.Tensor, torch.Tensor], float] = top1
+    notes: dict = field(default_factory=dict)
+
+
+def run_c10c(cfg: BenchConfig, *, command: str = "", progress=None, log: Callable[[str], None] = print) -> dict:
+    """CIFAR-10 → CIFAR-10-C: generate the corrupted test images, then :func:`run_shift_benchmark`."""
     from .datasets import require_cifar10
 
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     progress = progress or NullProgress()
-    stock_path = Path(cfg.stock or default_stock_path())
-    if not stock_path.is_file():
-        raise AdaptsoupError(f"reference stock not found: {stock_path} (train it with `make stock`, or pass --stock)")
-    decoder = cfg.decoder
-    if decoder is None:
-        candidate = stock_path.with_name(stock_path.stem + "_mae_decoder.safetensors")
-        decoder = str(candidate) if candidate.is_file() else None
+    stock_path, decoder = _stock_and_decoder(cfg)
     cifar = require_cifar10(cfg.data)
-    work = Path(cfg.work or default_cache_dir() / "bench" / f"c10c-{cfg.mode}-s{cfg.severity}")
-    work.mkdir(parents=True, exist_ok=True)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-
+    work = _work_dir(cfg, "c10c")
     stock = load_model(None, stock_path)
     pre = Preprocess.for_model(stock)
     names = class_names(stock)
@@ -157,20 +164,53 @@ def run_c10c(cfg: C10CConfig, *, command: str = "", progress=None, log: Callable
     test = load_folder(cifar / "test", pre, labeled=True, class_names=names, progress=progress, description="decode test")
     corrupted_root = prepare_corrupted(test, names, cfg, work / "data" / f"n{cfg.per_corruption}-seed{cfg.seed}", progress)
     clean_dir = _clean_subset(test, names, cfg, work / "data" / f"clean-n{cfg.clean_images}-seed{cfg.seed}")
-    timings["prepare_data"] = time.perf_counter() - t0
+    evals = {"clean": load_folder(clean_dir, pre, labeled=True, class_names=names)}
+    for c in cfg.corruptions:
+        for split in ("odd", "even"):
+            evals[f"{split}/{c}"] = load_folder(corrupted_root / split / c, pre, labeled=True, class_names=names)
     log(f"data: {len(cfg.corruptions)} corruptions x {cfg.per_corruption} test images (severity {cfg.severity}) at {corrupted_root}")
+    data = ShiftData("c10c", stock_path, decoder, str(cifar / "train"), corrupted_root / "even", list(cfg.corruptions), evals, pre,
+                     notes={"prepare_data_s": round(time.perf_counter() - t0, 1)})
+    return run_shift_benchmark(data, cfg, command=command, progress=progress, log=log)
 
-    common = dict(model=str(stock_path), source=str(cifar / "train"), stock=decoder, max_source_images=cfg.source_images,
+
+def _stock_and_decoder(cfg: BenchConfig) -> tuple[Path, str | None]:
+    stock_path = Path(cfg.stock or default_stock_path())
+    if not stock_path.is_file():
+        raise AdaptsoupError(f"reference stock not found: {stock_path} (train it with `make stock`, or pass --stock)")
+    decoder = cfg.decoder
+    if decoder is None:
+        candidate = stock_path.with_name(stock_path.stem + "_mae_decoder.safetensors")
+        decoder = str(candidate) if candidate.is_file() else None
+    return stock_path, decoder
+
+
+def _work_dir(cfg: BenchConfig, benchmark: str) -> Path:
+    work = Path(cfg.work or default_cache_dir() / "bench" / f"{benchmark}-{cfg.mode}-s{cfg.severity}")
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "", progress=None,
+                        log: Callable[[str], None] = print) -> dict:
+    """The paper's rows on a prepared shift: adapt runs, Self-Seasoning, evaluation, SAR, tables and plots."""
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {k: v for k, v in data.notes.items() if k.endswith("_s")}
+    progress = progress or NullProgress()
+    work = _work_dir(cfg, data.benchmark)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(model=str(data.stock), source=data.source, stock=data.decoder, max_source_images=cfg.source_images,
                   seed=cfg.seed, device=cfg.device, bf16=cfg.bf16)
     inter = InterTrainConfig(lrs=list(cfg.inter_lrs), steps=[cfg.inter_steps], batch_size=cfg.batch_size)
     ft = FineTuneConfig(lrs=list(cfg.ft_lrs), steps=cfg.ft_steps, batch_size=cfg.batch_size)
 
     t0 = time.perf_counter()
-    self_run = run_adapt(AdaptConfig(target=str(corrupted_root / "even"), out=str(work / "runs" / "self"), vanilla=cfg.vanilla,
+    self_run = run_adapt(AdaptConfig(target=str(data.target), out=str(work / "runs" / "self"), vanilla=cfg.vanilla,
                                      inter=inter, finetune=ft, **common), progress=progress, echo=log, command=command)
     timings["adapt_self_and_supervised"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cont = run_adapt(AdaptConfig(target=str(corrupted_root / "even"), out=str(work / "runs" / "cont_ssl"), vanilla=0,
+    cont = run_adapt(AdaptConfig(target=str(data.target), out=str(work / "runs" / "cont_ssl"), vanilla=0,
                                  inter=dataclasses.replace(inter, data="source"), finetune=ft, **common),
                      progress=progress, echo=log, command=command)
     timings["adapt_cont_ssl"] = time.perf_counter() - t0
@@ -182,59 +222,61 @@ def run_c10c(cfg: C10CConfig, *, command: str = "", progress=None, log: Callable
 
     # -- evaluation of every checkpoint on clean, odd (disjoint) and even (joint) images -------------------------
     t0 = time.perf_counter()
-    evals = {"clean": load_folder(clean_dir, pre, labeled=True, class_names=names)}
-    for c in cfg.corruptions:
-        for split in ("odd", "even"):
-            evals[f"{split}/{c}"] = load_folder(corrupted_root / split / c, pre, labeled=True, class_names=names)
+    evals = data.evals
     ingredients = {p.stem: p for p in self_run.ingredients if not p.stem.startswith("vanilla")}
     candidates = {
-        "deployed": stock_path, "supervised_soup": self_run.supervised_soup_path, "cont_ssl_soup": cont.soup_path,
+        "deployed": data.stock, "supervised_soup": self_run.supervised_soup_path, "cont_ssl_soup": cont.soup_path,
         "self_soup_target": self_run.soup_path, "self_soup_target_self_seasoned": self_run.run_dir / mixes["self-season"]["path"],
         **{f"ingredient:{k}": v for k, v in ingredients.items()},
     }
-    metrics = evaluate_checkpoints(candidates, evals, pre, device=cfg.device, bf16=False, progress=progress)
+    metrics = evaluate_checkpoints(candidates, evals, data.preprocess, device=cfg.device, bf16=False, progress=progress, score=data.score)
     timings["evaluate"] = time.perf_counter() - t0
+    corruptions = data.corruptions
+    has_clean = "clean" in evals
 
     def row(name: str, key: str) -> dict:
-        odd = {c: metrics[f"odd/{c}"][key] for c in cfg.corruptions}
-        even = {c: metrics[f"even/{c}"][key] for c in cfg.corruptions}
-        return {"name": name, "clean": metrics["clean"][key], "disjoint": _mean(odd.values()), "joint": _mean(even.values()),
-                "per_corruption": odd, "per_corruption_joint": even}
+        odd = {c: metrics[f"odd/{c}"][key] for c in corruptions}
+        even = {c: metrics[f"even/{c}"][key] for c in corruptions}
+        return {"name": name, "clean": metrics["clean"][key] if has_clean else None, "disjoint": _mean(odd.values()),
+                "joint": _mean(even.values()), "per_corruption": odd, "per_corruption_joint": even}
 
     rows = [row(n, n) for n in ("deployed", "supervised_soup", "cont_ssl_soup", "self_soup_target")]
-    best = max(ingredients, key=lambda k: _mean(metrics[f"odd/{c}"][f"ingredient:{k}"] for c in cfg.corruptions))
+    best = max(ingredients, key=lambda k: _mean(metrics[f"odd/{c}"][f"ingredient:{k}"] for c in corruptions))
     rows.append({**row("self_soup_target_best_ingredient", f"ingredient:{best}"), "ingredient": best,
                  "note": "chosen by its mean accuracy on the odd images: an oracle, not a method"})
     rows.append({**row("self_soup_target_self_seasoned", "self_soup_target_self_seasoned"),
                  "coefficients": mixes["self-season"]["coefficients"]})
 
-    # -- SAR on the soups (Table 2) -------------------------------------------------------------------------------
+    # -- SAR on the soups (Table 2): online over each corruption's odd images, reset between corruptions ---------
     t0 = time.perf_counter()
     for base in ("supervised_soup", "self_soup_target"):
-        per = {}
-        details = {}
-        for c in cfg.corruptions:
+        per, details = {}, {}
+        for c in corruptions:
             model = load_model(None, candidates[base])
-            res, _ = run_tta(model, evals[f"odd/{c}"], pre, TTAConfig(method="sar", batch_size=cfg.sar_batch, base_lr=cfg.sar_base_lr, seed=cfg.seed))
-            per[c] = res.accuracy
+            images = evals[f"odd/{c}"]
+            res, _ = run_tta(model, images, data.preprocess, TTAConfig(method="sar", batch_size=cfg.sar_batch, base_lr=cfg.sar_base_lr, seed=cfg.seed, device=cfg.device))
+            per[c] = data.score(res.logits, images.labels)
             details[c] = {"resets": res.resets, "filtered_out": res.filtered_out, "final_ema": res.final_ema}
         rows.append({"name": f"{base}+sar", "clean": None, "disjoint": _mean(per.values()), "joint": None,
                      "per_corruption": per, "sar": details})
     timings["sar"] = time.perf_counter() - t0
 
-    ingredient_scores = {k: {"clean": metrics["clean"][f"ingredient:{k}"],
-                             "disjoint": _mean(metrics[f"odd/{c}"][f"ingredient:{k}"] for c in cfg.corruptions)} for k in ingredients}
+    ingredient_scores = {k: {"clean": metrics["clean"][f"ingredient:{k}"] if has_clean else None,
+                             "disjoint": _mean(metrics[f"odd/{c}"][f"ingredient:{k}"] for c in corruptions)} for k in ingredients}
+    env = environment()
     result = {
-        "benchmark": "c10c", "mode": cfg.mode, "severity": cfg.severity, "command": command, "commit": git_commit(),
-        "machine": {k: v for k, v in environment().items() if k != "packages"}, "packages": environment()["packages"],
-        "wall_time_s": round(time.perf_counter() - t_start, 1), "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "stock": {"path": str(stock_path), "clean_acc": metrics["clean"]["deployed"]},
-        "config": dataclasses.asdict(cfg), "data": {"per_corruption": cfg.per_corruption, "clean_images": len(evals["clean"]),
-                                                  "target_images": len(cfg.corruptions) * ((cfg.per_corruption + 1) // 2)},
+        "benchmark": data.benchmark, "mode": cfg.mode, "severity": cfg.severity, "command": command, "commit": git_commit(),
+        "machine": {k: v for k, v in env.items() if k != "packages"}, "packages": env["packages"],
+        "wall_time_s": round(time.perf_counter() - t_start + data.notes.get("prepare_data_s", 0.0), 1),
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "stock": {"path": str(data.stock), "clean_acc": metrics["clean"]["deployed"] if has_clean else None},
+        "config": dataclasses.asdict(cfg),
+        "data": {"corruptions": corruptions, "eval_images": {k: len(v) for k, v in evals.items()},
+                 "target_images": sum(len(evals[f"even/{c}"]) for c in corruptions), **{k: v for k, v in data.notes.items() if not k.endswith("_s")}},
         "rows": rows, "ingredients": ingredient_scores,
         "runs": {"self": str(self_run.run_dir), "cont_ssl": str(cont.run_dir)},
     }
-    stem = f"c10c_{cfg.mode}_s{cfg.severity}"
+    stem = f"{data.benchmark}_{cfg.mode}_s{cfg.severity}"
     write_json_atomic(out / f"{stem}.json", result)
     write_text_atomic(out / f"{stem}.md", markdown_table(result))
     plot_results(result, out / f"{stem}_per_corruption.png", out / f"{stem}_soups_vs_ingredients.png")
@@ -247,7 +289,7 @@ def _mean(values) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
 
-def _clean_subset(test: ImageSet, names: list[str], cfg: C10CConfig, root: Path) -> Path:
+def _clean_subset(test: ImageSet, names: list[str], cfg: BenchConfig, root: Path) -> Path:
     from PIL import Image
 
     marker = root / ".done"
@@ -268,7 +310,7 @@ def markdown_table(result: dict) -> str:
         return "—" if v is None or (isinstance(v, float) and v != v) else f"{v:.2f}"
 
     lines = [
-        f"# CIFAR-10 → CIFAR-10-C, severity {result['severity']} ({result['mode']} mode)",
+        f"# {TITLES.get(result['benchmark'], result['benchmark'])}, severity {result['severity']} ({result['mode']} mode)",
         "",
         f"Command: `{result['command']}`  ",
         f"Commit {result['commit']}, {result['machine'].get('cpu')} ({result['machine'].get('cpu_count')} cores), wall time {result['wall_time_s'] / 60:.1f} min.",
@@ -302,7 +344,7 @@ def plot_results(result: dict, per_corruption_png: Path, soups_png: Path) -> Non
     ax.set_xticks(np.arange(len(corruptions)) + 0.4 - width / 2, corruptions, rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("top-1 (%) on odd images")
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"CIFAR-10-C severity {result['severity']} ({result['mode']})")
+    ax.set_title(f"{TITLES.get(result['benchmark'], result['benchmark'])}, severity {result['severity']} ({result['mode']})")
     fig.tight_layout()
     with atomic_path(per_corruption_png) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -310,14 +352,45 @@ def plot_results(result: dict, per_corruption_png: Path, soups_png: Path) -> Non
 
     fig, ax = plt.subplots(figsize=(5, 4))
     ing = result["ingredients"]
-    ax.scatter([v["clean"] for v in ing.values()], [v["disjoint"] for v in ing.values()], label="self-soup ingredients", color="gray")
+    def x_of(v):  # without a clean set, soups and ingredients are drawn in one column
+        return 0.0 if v is None else v
+
+    ax.scatter([x_of(v["clean"]) for v in ing.values()], [v["disjoint"] for v in ing.values()], label="self-soup ingredients", color="gray")
     for r in rows:
-        if r["clean"] is not None and not r["name"].endswith("best_ingredient"):
-            ax.scatter([r["clean"]], [r["disjoint"]], label=r["name"], marker="*", s=120)
-    ax.set_xlabel("clean top-1 (%)")
+        if not r["name"].endswith(("best_ingredient", "+sar")):
+            ax.scatter([x_of(r["clean"])], [r["disjoint"]], label=r["name"], marker="*", s=120)
+    ax.set_xlabel("clean top-1 (%)" if result["stock"]["clean_acc"] is not None else "(no clean set)")
     ax.set_ylabel("CIFAR-10-C disjoint top-1 (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(soups_png) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+C10CConfig = BenchConfig  # the CIFAR-10-C name of the same settings
+
+
+def run_imagenet_c(cfg: BenchConfig, root: str, source: str, *, layout: str = "auto", mapping_dir: str | None = None,
+                   command: str = "", progress=None, log: Callable[[str], None] = print) -> dict:
+    """ImageNet-C or LAION-C (released layouts) with the same protocol and rows as CIFAR-10-C."""
+    from .shiftsets import default_mapping_dir, detect_layout, prepare_shift_benchmark
+
+    progress = progress or NullProgress()
+    stock_path, decoder = _stock_and_decoder(cfg)
+    mapping = Path(mapping_dir) if mapping_dir else default_mapping_dir()
+    if not (mapping / "imagenet_class_index.json").is_file():
+        raise AdaptsoupError(f"ImageNet class index not found in {mapping} (pass --mapping-dir with imagenet_class_index.json"
+                             " and, for LAION-C, category_mapping.json)")
+    root_path = Path(root)
+    layout = detect_layout(root_path) if layout == "auto" else layout
+    work = _work_dir(cfg, layout)
+    pre = Preprocess.for_model(load_model(None, stock_path))
+    t0 = time.perf_counter()
+    target, corruptions, evals, score, stock_for_run = prepare_shift_benchmark(
+        root_path, layout, cfg.severity, cfg.corruptions or None, stock_path, mapping, work, pre, progress)
+    log(f"data: {layout} at {root_path}, severity {cfg.severity}: {len(corruptions)} corruptions, "
+        f"{sum(len(v) for v in evals.values())} images")
+    data = ShiftData(layout, stock_for_run, decoder, source, target, corruptions, evals, pre, score,
+                     notes={"prepare_data_s": round(time.perf_counter() - t0, 1), "root": str(root_path), "layout": layout})
+    return run_shift_benchmark(data, cfg, command=command, progress=progress, log=log)

@@ -401,6 +401,45 @@ def bench_c10c(
     out.print(table)
 
 
+@bench_app.command("imagenet-c")
+def bench_imagenet_c(
+    root: Path = typer.Option(..., help="ImageNet-C (<corruption>/<severity>/<wnid>/<image>) or LAION-C (<distortion>/intensity_level_<k>/<superclass>/<image>) root."),
+    model: Path = typer.Option(..., "--model", "-m", help="A 1000-way ImageNet ViT checkpoint (the deployed model)."),
+    source: Path = typer.Option(..., help="Labeled ImageNet source images in <wnid>/<image> folders (a subset of train is fine)."),
+    decoder: Optional[Path] = typer.Option(None, help="MAE decoder checkpoint (original MAE key names)."),
+    layout: str = typer.Option("auto", help="auto, imagenet-c or laion-c."),
+    mapping_dir: Optional[Path] = typer.Option(None, help="Folder with imagenet_class_index.json and category_mapping.json (default: ../shared/reference/laion-c)."),
+    mode: str = typer.Option("quick", help="quick or full (sizes of the recipe, as for c10c)."),
+    severity: int = typer.Option(5, min=1, max=5, help="Severity / intensity level."),
+    corruptions: Optional[str] = typer.Option(None, help="Comma-separated subset of corruption folders."),
+    out_dir: Path = typer.Option(Path("benchmarks/results"), "--out"),
+    work: Optional[Path] = typer.Option(None),
+    device: str = typer.Option("cpu"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """ImageNet-C / LAION-C: the same rows and tables as c10c on the released layouts."""
+    from adaptsoup.bench import BenchConfig, run_imagenet_c
+    from adaptsoup.progress import progress_bars
+
+    if layout not in ("auto", "imagenet-c", "laion-c"):
+        fail(f"--layout must be auto, imagenet-c or laion-c, got {layout!r}")
+    chosen = [c.strip() for c in corruptions.split(",") if c.strip()] if corruptions else None
+    cfg = BenchConfig.for_mode(mode, severity=severity, stock=str(model), decoder=str(decoder) if decoder else None, out=str(out_dir),
+                               work=str(work) if work else None, corruptions=chosen, device=device)
+    if chosen is None:
+        cfg.corruptions = []
+    with progress_bars(progress) as bars:
+        result = run_imagenet_c(cfg, str(root), str(source), layout=layout, mapping_dir=str(mapping_dir) if mapping_dir else None,
+                                command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
+                                log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+    table = Table(title=f"{result['benchmark']} severity {severity} ({mode})")
+    for col in ("row", "disjoint", "joint"):
+        table.add_column(col, justify="left" if col == "row" else "right")
+    for r in result["rows"]:
+        table.add_row(r["name"], *("-" if r[k] is None else f"{r[k]:.2f}" for k in ("disjoint", "joint")))
+    out.print(table)
+
+
 def print_metrics(metrics: dict) -> None:
     """One table per eval folder: top-1 of the deployed model, each soup and each ingredient."""
     for eval_name, scores in metrics.items():

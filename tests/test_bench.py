@@ -47,3 +47,72 @@ def test_c10c_harness_writes_the_tables(tmp_path):
 def test_missing_stock_is_a_clear_error(tmp_path):
     with pytest.raises(AdaptsoupError, match="make stock"):
         run_c10c(C10CConfig(stock=str(tmp_path / "none.safetensors"), out=str(tmp_path)), log=lambda m: None)
+
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from adaptsoup.bench import BenchConfig, run_imagenet_c  # noqa: E402
+from adaptsoup.models import create_model, set_class_names  # noqa: E402
+from adaptsoup.shiftsets import (  # noqa: E402
+    default_mapping_dir, detect_layout, imagenet_wnids, scan_shift_tree, superclass_membership, superclass_scorer,
+)
+
+needs_mapping = pytest.mark.skipif(not (default_mapping_dir() / "category_mapping.json").is_file(),
+                                   reason="../shared/reference/laion-c (ImageNet class index, LAION-C mapping) is not on this machine")
+
+
+def _imagenet_stock(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("vit_pico_patch4_32", num_classes=1000)
+    return save_checkpoint(tmp_path / "in1k.safetensors", model.state_dict(), model_meta(model))
+
+
+@needs_mapping
+def test_superclass_scoring_averages_member_probabilities():
+    names, member = superclass_membership(default_mapping_dir())
+    assert len(names) == 16 and int(member.sum()) == 285
+    wnids = imagenet_wnids(default_mapping_dir())
+    fish = names.index("fish")
+    logits = torch.full((2, 1000), -10.0)
+    logits[0, wnids.index("n01440764")] = 10.0  # tench: a fish
+    logits[1, wnids.index("n01440764")] = 10.0
+    score = superclass_scorer(member)
+    assert score(logits, torch.tensor([fish, fish])) == 100.0
+    assert score(logits, torch.tensor([fish, (fish + 1) % 16])) == 50.0
+
+
+def test_layouts_are_detected_and_split_by_sorted_position(tmp_path):
+    for c in ("fog", "snow"):
+        for w in ("n01440764", "n01443537"):
+            write_noise_images(tmp_path / "inc" / c / "5" / w, 3, seed=1)
+    write_noise_images(tmp_path / "lc" / "mosaic" / "intensity_level_5" / "fish", 2, seed=2)
+    assert detect_layout(tmp_path / "inc") == "imagenet-c" and detect_layout(tmp_path / "lc") == "laion-c"
+    files = scan_shift_tree(tmp_path / "inc", "imagenet-c", 5)
+    assert list(files) == ["fog", "snow"] and len(files["fog"]) == 6
+    assert [label for _, label in files["fog"]] == ["n01440764"] * 3 + ["n01443537"] * 3
+    with pytest.raises(AdaptsoupError, match="severity 3"):
+        scan_shift_tree(tmp_path / "inc", "imagenet-c", 3)
+
+
+@needs_mapping
+@pytest.mark.parametrize("layout", ["imagenet-c", "laion-c"])
+def test_imagenet_c_and_laion_c_harness_end_to_end(tmp_path, layout):
+    stock = _imagenet_stock(tmp_path)
+    labels = ["n01440764", "n01443537"] if layout == "imagenet-c" else ["fish", "fruit"]
+    level = "5" if layout == "imagenet-c" else "intensity_level_5"
+    for c in ("fog", "mosaic"):
+        for i, label in enumerate(labels):
+            write_noise_images(tmp_path / "root" / c / level / label / "sub", 4, seed=i)
+    for i, w in enumerate(["n01440764", "n01443537", "n07742313"]):
+        write_noise_images(tmp_path / "source" / w, 4, seed=10 + i)
+    cfg = BenchConfig(mode="quick", stock=str(stock), out=str(tmp_path / "results"), work=str(tmp_path / "work"), corruptions=[],
+                      source_images=0, inter_lrs=[1e-3], inter_steps=2, ft_lrs=[1e-3], ft_steps=2, vanilla=1, batch_size=4,
+                      self_season_epochs=1, self_season_subset=0, sar_batch=4, bf16=False)
+    result = run_imagenet_c(cfg, str(tmp_path / "root"), str(tmp_path / "source"), log=lambda m: None)
+    assert result["benchmark"] == layout
+    assert [r["name"] for r in result["rows"]] == list(ROW_NAMES)
+    assert all(r["clean"] is None for r in result["rows"])
+    assert set(result["rows"][0]["per_corruption"]) == {"fog", "mosaic"}
+    assert result["data"]["target_images"] == 8  # half of each corruption's 8 files
+    assert (tmp_path / "results" / f"{layout}_quick_s5.md").is_file()
