@@ -32,6 +32,7 @@ from .errors import AdaptsoupError
 from .evaluation import run_model, top1
 from .io import write_text_atomic
 from .mae import DecoderConfig, MaskedAutoencoder
+from .ssl import MMCR, MoCoV3, multiview_loss
 from .manifest import Manifest, environment
 from .mixing import stream_weighted_average
 from .models import class_names, load_model, load_state_dict_strict, model_meta, require_vit
@@ -150,20 +151,30 @@ def run_adapt(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | 
         if out.is_file() or not needed:
             continue
         encoder = load_model(cfg.arch, cfg.model)
-        with torch.random.fork_rng():  # a fresh decoder's initialisation depends on the seed alone
-            torch.manual_seed(cfg.seed)
-            mae = MaskedAutoencoder(encoder, _decoder_config(encoder, run.decoder_depth), mask_ratio=run.mask_ratio, norm_pix_loss=cfg.inter.norm_pix_loss)
-        _prepare_decoder(mae, run, cfg, decoder_source, inter_data, pre, run_dir, progress, log)
+        if run.ssl == "mae":
+            with torch.random.fork_rng():  # a fresh decoder's initialisation depends on the seed alone
+                torch.manual_seed(cfg.seed)
+                mae = MaskedAutoencoder(encoder, _decoder_config(encoder, run.decoder_depth), mask_ratio=run.mask_ratio, norm_pix_loss=cfg.inter.norm_pix_loss)
+            _prepare_decoder(mae, run, cfg, decoder_source, inter_data, pre, run_dir, progress, log)
+            loss_fn, views, augment, what = mae_loss, 1, cfg.inter.augment, f"MAE, mask {run.mask_ratio}"
+        else:
+            with torch.random.fork_rng():
+                torch.manual_seed(run.seed)
+                mae = MoCoV3(encoder, temperature=run.temperature) if run.ssl == "mocov3" else MMCR(encoder, lam=run.lam)
+            views = 2 if run.ssl == "mocov3" else cfg.inter.mmcr.views
+            loss_fn, augment = multiview_loss, cfg.inter.contrastive_augment
+            what = f"MoCo v3, tau {run.temperature}" if run.ssl == "mocov3" else f"MMCR, lambda {run.lam}, {views} views"
+            _warm_up_heads(mae, run, cfg, views, inter_data, pre, run_dir, progress, log)
         tcfg = TrainConfig(
-            steps=run.steps, lr=run.lr, batch_size=cfg.inter.batch_size, weight_decay=cfg.inter.weight_decay,
-            warmup_frac=cfg.inter.warmup_frac, augment=cfg.inter.augment, seed=run.seed, bf16=cfg.bf16, device=device,
-            checkpoint_every_s=cfg.checkpoint_every_s,
+            steps=run.steps, lr=run.lr, batch_size=run.batch_size or cfg.inter.batch_size, weight_decay=cfg.inter.weight_decay,
+            warmup_frac=cfg.inter.warmup_frac, augment=augment, seed=run.seed, bf16=cfg.bf16, device=device,
+            checkpoint_every_s=cfg.checkpoint_every_s, views=views,
         )
-        log(f"inter-train {run.name}: MAE on {cfg.inter.data} ({len(inter_data)} images), lr {run.lr:g}, mask {run.mask_ratio}, {run.steps} steps")
-        res = train(mae, mae_loss, inter_data, pre, tcfg, state_path=run_dir / "state" / f"{run.name}.pt", progress=progress,
+        log(f"inter-train {run.name}: {what} on {cfg.inter.data} ({len(inter_data)} images), lr {run.lr:g}, {run.steps} steps")
+        res = train(mae, loss_fn, inter_data, pre, tcfg, state_path=run_dir / "state" / f"{run.name}.pt", progress=progress,
                     description=f"inter-train {run.name}", on_step=_step_hook(on_step, run.name))
         encoder = mae.encoder.cpu()
-        meta = model_meta(encoder, made_by="adaptsoup adapt", stage="inter-train", ssl="mae", parents=[str(cfg.model)], run=dataclasses.asdict(run))
+        meta = model_meta(encoder, made_by="adaptsoup adapt", stage="inter-train", ssl=run.ssl, parents=[str(cfg.model)], run=dataclasses.asdict(run))
         save_checkpoint(out, encoder.state_dict(), meta)
         manifest.update("inter", run.name, {**dataclasses.asdict(run), "train": _train_record(res, tcfg), "path": str(out.relative_to(run_dir))})
         del mae, encoder
@@ -312,6 +323,29 @@ def _prepare_decoder(mae: MaskedAutoencoder, run: InterRun, cfg: AdaptConfig, de
     for p in mae.encoder.parameters():
         p.requires_grad_(True)
     save_checkpoint(warm, mae.decoder_state_dict(), None)
+
+
+def _warm_up_heads(module: nn.Module, run: InterRun, cfg: AdaptConfig, views: int, data: ImageSet, pre: Preprocess,
+                   run_dir: Path, progress, log: RunLog) -> None:
+    """MoCo v3 / MMCR: train the fresh projection heads alone (encoder frozen) for ``head_warmup_frac`` of the steps."""
+    steps = int(round(cfg.inter.head_warmup_frac * run.steps))
+    if steps <= 0:
+        return
+    warm = run_dir / "inter" / f"{run.name}.heads.safetensors"
+    if warm.is_file():
+        state, _ = read_checkpoint(warm)
+        module.load_state_dict({**module.state_dict(), **state})
+        return
+    for p in module.encoder.parameters():
+        p.requires_grad_(False)
+    tcfg = TrainConfig(steps=steps, lr=run.lr, batch_size=run.batch_size or cfg.inter.batch_size, weight_decay=cfg.inter.weight_decay,
+                       warmup_frac=0.0, augment=cfg.inter.contrastive_augment, seed=run.seed + 7, bf16=cfg.bf16, device=cfg.device,
+                       checkpoint_every_s=cfg.checkpoint_every_s, views=views)
+    log(f"{run.name}: head warm-up, {steps} steps with the encoder frozen")
+    train(module, multiview_loss, data, pre, tcfg, state_path=run_dir / "state" / f"{warm.stem}.pt", progress=progress, description="head warm-up")
+    for p in module.encoder.parameters():
+        p.requires_grad_(True)
+    save_checkpoint(warm, {k: v for k, v in module.state_dict().items() if not k.startswith("encoder.")}, None)
 
 
 def _linear_probe(model: nn.Module, source: ImageSet, pre: Preprocess, cfg: AdaptConfig, run_dir: Path, ing: Ingredient, log: RunLog) -> dict:

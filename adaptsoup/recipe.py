@@ -18,10 +18,27 @@ from .errors import AdaptsoupError
 
 
 @dataclass
-class InterTrainConfig:
-    """Self-supervised inter-training (no labels).  List-valued fields are grid axes: M = their product."""
+class MoCoV3Grid:
+    """MoCo v3 grid axes (besides the shared learning rates, steps and seeds)."""
 
-    ssl: str = "mae"
+    temperatures: list[float] = field(default_factory=lambda: [0.2])
+    batch_sizes: list[int] = field(default_factory=lambda: [0])  # 0: the inter-training batch size
+
+
+@dataclass
+class MMCRGrid:
+    """MMCR grid axes: λ = 0 is global-only, λ > 0 global+local; ``views`` augmentations per image."""
+
+    lambdas: list[float] = field(default_factory=lambda: [0.0])
+    views: int = 4
+
+
+@dataclass
+class InterTrainConfig:
+    """Self-supervised inter-training (no labels).  List-valued fields are grid axes: M = their product,
+    summed over the algorithms in ``ssl``."""
+
+    ssl: list[str] = field(default_factory=lambda: ["mae"])
     lrs: list[float] = field(default_factory=lambda: [1e-5, 2e-5, 3e-5, 4e-5])
     mask_ratios: list[float] = field(default_factory=lambda: [0.75])
     decoder_depths: list[int] = field(default_factory=lambda: [0])  # 0: sized for the encoder
@@ -36,6 +53,10 @@ class InterTrainConfig:
     decoder_warmup_steps: int = 200
     decoder_warmup_lr: float = 1e-3
     data: str = "target"  # "target" (Self-Soupervision) or "source" (continued SSL baseline)
+    contrastive_augment: str = "3a"  # views of MoCo v3 and MMCR
+    head_warmup_frac: float = 0.01  # MoCo v3 / MMCR: heads alone first, for this fraction of the steps
+    mocov3: MoCoV3Grid = field(default_factory=MoCoV3Grid)
+    mmcr: MMCRGrid = field(default_factory=MMCRGrid)
 
 
 @dataclass
@@ -101,8 +122,10 @@ def _build(cls, raw: dict[str, Any], section: str):
         if key in ("inter", "finetune"):
             continue
         default = getattr(obj, key)
-        if isinstance(default, list) and not isinstance(value, list):
-            value = [value]
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            value = _build(type(default), value, f"{section}.{key}" if section else key)
+        elif isinstance(default, list) and not isinstance(value, list):
+            value = [v.strip() for v in value.split(",")] if isinstance(value, str) else [value]
         setattr(obj, key, value)
     return obj
 
@@ -154,6 +177,10 @@ class InterRun:
     decoder_depth: int
     steps: int
     seed: int
+    ssl: str = "mae"
+    temperature: float | None = None  # MoCo v3
+    lam: float | None = None  # MMCR
+    batch_size: int = 0  # 0: the config's batch size
 
 
 @dataclass(frozen=True)
@@ -166,12 +193,27 @@ class FineTuneRun:
 def inter_runs(cfg: InterTrainConfig, num_images: int) -> list[InterRun]:
     from .training import steps_for_epochs
 
-    default_steps = steps_for_epochs(cfg.epochs, num_images, cfg.batch_size)
-    runs = []
-    for i, (lr, ratio, depth, steps, seed) in enumerate(
-        itertools.product(cfg.lrs, cfg.mask_ratios, cfg.decoder_depths, cfg.steps, cfg.seeds)
-    ):
-        runs.append(InterRun(f"{cfg.ssl}{i:02d}", float(lr), float(ratio), int(depth), int(steps) or default_steps, int(seed)))
+    runs: list[InterRun] = []
+    for ssl in cfg.ssl:
+        if ssl == "mae":
+            grid = [dict(lr=lr, mask_ratio=r, decoder_depth=d, steps=st, seed=se)
+                    for lr, r, d, st, se in itertools.product(cfg.lrs, cfg.mask_ratios, cfg.decoder_depths, cfg.steps, cfg.seeds)]
+        elif ssl == "mocov3":
+            grid = [dict(lr=lr, temperature=t, batch_size=b, steps=st, seed=se)
+                    for lr, t, b, st, se in itertools.product(cfg.lrs, cfg.mocov3.temperatures, cfg.mocov3.batch_sizes, cfg.steps, cfg.seeds)]
+        elif ssl == "mmcr":
+            grid = [dict(lr=lr, lam=lam, steps=st, seed=se)
+                    for lr, lam, st, se in itertools.product(cfg.lrs, cfg.mmcr.lambdas, cfg.steps, cfg.seeds)]
+        else:
+            raise AdaptsoupError(f"unknown self-supervised loss {ssl!r}; available: mae, mocov3, mmcr")
+        for i, params in enumerate(grid):
+            batch = int(params.pop("batch_size", 0) or 0)
+            steps = int(params.pop("steps")) or steps_for_epochs(cfg.epochs, num_images, batch or cfg.batch_size)
+            runs.append(InterRun(
+                name=f"{ssl}{i:02d}", lr=float(params.pop("lr")), mask_ratio=float(params.pop("mask_ratio", 0.0)),
+                decoder_depth=int(params.pop("decoder_depth", 0)), steps=steps, seed=int(params.pop("seed")), ssl=ssl,
+                temperature=params.get("temperature"), lam=params.get("lam"), batch_size=batch,
+            ))
     return runs
 
 
@@ -182,8 +224,11 @@ def finetune_runs(cfg: FineTuneConfig) -> list[FineTuneRun]:
 def validate(cfg: AdaptConfig) -> None:
     from .data import AUGMENTATIONS
 
-    if cfg.inter.ssl != "mae":
-        raise AdaptsoupError(f"unknown self-supervised loss {cfg.inter.ssl!r}; available: mae")
+    unknown = [a for a in cfg.inter.ssl if a not in ("mae", "mocov3", "mmcr")]
+    if unknown or not cfg.inter.ssl:
+        raise AdaptsoupError(f"unknown self-supervised loss {', '.join(unknown) or '(none)'}; available: mae, mocov3, mmcr")
+    if cfg.inter.mmcr.views < 2:
+        raise AdaptsoupError("MMCR needs at least 2 views per image")
     if cfg.inter.data not in ("target", "source"):
         raise AdaptsoupError(f"inter.data must be 'target' or 'source', got {cfg.inter.data!r}")
     for name, values in (("inter.lrs", cfg.inter.lrs), ("finetune.lrs", cfg.finetune.lrs)):
@@ -191,7 +236,7 @@ def validate(cfg: AdaptConfig) -> None:
             raise AdaptsoupError(f"{name} must be a non-empty list of positive learning rates, got {values}")
     if any(not 0 <= float(r) < 1 for r in cfg.inter.mask_ratios):
         raise AdaptsoupError(f"mask ratios must be in [0, 1), got {cfg.inter.mask_ratios}")
-    for aug in (cfg.inter.augment, cfg.finetune.augment):
+    for aug in (cfg.inter.augment, cfg.finetune.augment, cfg.inter.contrastive_augment):
         if aug not in AUGMENTATIONS:
             raise AdaptsoupError(f"unknown augmentation {aug!r}; choose one of {', '.join(AUGMENTATIONS)}")
     if cfg.vanilla < 0:

@@ -44,6 +44,7 @@ class TrainConfig:
     bf16: bool = False
     device: str = "cpu"
     checkpoint_every_s: float = 120.0
+    views: int = 1  # > 1: each batch is augmented this many times, stacked as [views, B, C, H, W]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,7 +134,10 @@ def train(
     for step in range(start_step, cfg.steps):
         idx = next(batches)
         scheduler.step_update(step)
-        x = augment_batch(data.images[idx], preprocess, transform).to(device, non_blocking=True)
+        if cfg.views > 1:
+            x = torch.stack([augment_batch(data.images[idx], preprocess, transform) for _ in range(cfg.views)]).to(device)
+        else:
+            x = augment_batch(data.images[idx], preprocess, transform).to(device, non_blocking=True)
         y = labels[idx].to(device) if labels is not None else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = loss_fn(module, x, y)
@@ -144,7 +148,7 @@ def train(
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
         optimizer.step()
-        seen += x.shape[0]
+        seen += len(idx)
         window.append(float(loss.item()))
         if on_step is not None:
             on_step(step, window[-1])

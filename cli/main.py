@@ -146,7 +146,8 @@ def adapt(
     vanilla: Optional[int] = typer.Option(None, help="Also fine-tune the stock this many times without inter-training (supervised soup)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Recipe file (.toml or .yaml); flags override it."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory with its recorded recipe."),
-    inter_lrs: Optional[str] = typer.Option(None, help="MAE inter-training learning rates, comma-separated (grid axis)."),
+    ssl: Optional[str] = typer.Option(None, "--ssl", help="Self-supervised losses, comma-separated: mae, mocov3, mmcr (per-algorithm grids in --config)."),
+    inter_lrs: Optional[str] = typer.Option(None, help="Inter-training learning rates, comma-separated (grid axis)."),
     mask_ratios: Optional[str] = typer.Option(None, help="MAE mask ratios (grid axis)."),
     decoder_depths: Optional[str] = typer.Option(None, help="MAE decoder depths, 0 = sized for the encoder (grid axis)."),
     inter_steps: Optional[str] = typer.Option(None, help="Inter-training steps (grid axis); default from --inter-epochs."),
@@ -198,6 +199,7 @@ def adapt(
             "max_source_images": max_source_images, "max_target_images": max_target_images, "seed": seed,
             "device": device, "bf16": bf16,
             "inter": {
+                "ssl": [a.strip() for a in ssl.split(",") if a.strip()] if ssl else None,
                 "lrs": _floats(inter_lrs, "--inter-lrs"), "mask_ratios": _floats(mask_ratios, "--mask-ratios"),
                 "decoder_depths": _ints(decoder_depths, "--decoder-depths"), "steps": _ints(inter_steps, "--inter-steps"),
                 "seeds": _ints(inter_seeds, "--inter-seeds"), "epochs": inter_epochs, "augment": inter_augment,
