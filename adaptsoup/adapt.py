@@ -32,6 +32,7 @@ from .errors import AdaptsoupError
 from .evaluation import run_model, top1
 from .io import write_text_atomic
 from .mae import DecoderConfig, MaskedAutoencoder
+from .noise import add_parameter_noise, class_partitions, indices_of_classes, name_seed, tensor_stds
 from .ssl import MMCR, MoCoV3, multiview_loss
 from .manifest import Manifest, environment
 from .mixing import stream_weighted_average
@@ -141,6 +142,16 @@ def run_adapt(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | 
     log(f"plan: {len(inters)} inter-training run(s) x {len(finetune_runs(cfg.finetune))} fine-tuning(s)"
         + (f" + {cfg.vanilla} vanilla" if cfg.vanilla else "") + f" = {len(ingredients)} ingredients")
     overall = progress.add_task("ingredients", total=len(ingredients))
+    stock_stds = tensor_stds(stock.state_dict())
+    partitions = class_partitions(stock.num_classes, cfg.inter.partitions, cfg.inter.partition_mode, cfg.seed) if cfg.inter.partitions else []
+    if partitions:
+        manifest.data["partitions"] = {"mode": cfg.inter.partition_mode, "loss": cfg.inter.partition_loss, "classes": partitions}
+        log(f"partitions: {len(partitions)} groups of source classes ({cfg.inter.partition_mode}), inter-training loss {cfg.inter.partition_loss}")
+    noise_stage = cfg.inter.noise_stage
+
+    def noisy(model: nn.Module, multiplier: float, name: str) -> None:
+        if multiplier:
+            model.load_state_dict(add_parameter_noise(model.state_dict(), multiplier, stock_stds, name_seed(name, cfg.seed)))
 
     # -- 1. inter-training ------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -151,11 +162,20 @@ def run_adapt(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | 
         if out.is_file() or not needed:
             continue
         encoder = load_model(cfg.arch, cfg.model)
-        if run.ssl == "mae":
+        if noise_stage == "before_inter":
+            noisy(encoder, run.noise, run.name)
+        run_data = inter_data
+        if run.partition is not None:
+            subset = source.subset(indices_of_classes(source.labels, partitions[run.partition]))
+            run_data = subset if cfg.inter.partition_loss == "supervised" else _strip_labels(subset)
+        if run.partition is not None and cfg.inter.partition_loss == "supervised":
+            mae = _SupervisedInter(encoder)
+            loss_fn, views, augment, what = _supervised_inter_loss(cfg.finetune.label_smoothing), 1, cfg.finetune.augment, f"supervised on partition {run.partition}"
+        elif run.ssl == "mae":
             with torch.random.fork_rng():  # a fresh decoder's initialisation depends on the seed alone
                 torch.manual_seed(cfg.seed)
                 mae = MaskedAutoencoder(encoder, _decoder_config(encoder, run.decoder_depth), mask_ratio=run.mask_ratio, norm_pix_loss=cfg.inter.norm_pix_loss)
-            _prepare_decoder(mae, run, cfg, decoder_source, inter_data, pre, run_dir, progress, log)
+            _prepare_decoder(mae, run, cfg, decoder_source, run_data, pre, run_dir, progress, log)
             loss_fn, views, augment, what = mae_loss, 1, cfg.inter.augment, f"MAE, mask {run.mask_ratio}"
         else:
             with torch.random.fork_rng():
@@ -164,14 +184,16 @@ def run_adapt(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | 
             views = 2 if run.ssl == "mocov3" else cfg.inter.mmcr.views
             loss_fn, augment = multiview_loss, cfg.inter.contrastive_augment
             what = f"MoCo v3, tau {run.temperature}" if run.ssl == "mocov3" else f"MMCR, lambda {run.lam}, {views} views"
-            _warm_up_heads(mae, run, cfg, views, inter_data, pre, run_dir, progress, log)
+            _warm_up_heads(mae, run, cfg, views, run_data, pre, run_dir, progress, log)
         tcfg = TrainConfig(
             steps=run.steps, lr=run.lr, batch_size=run.batch_size or cfg.inter.batch_size, weight_decay=cfg.inter.weight_decay,
             warmup_frac=cfg.inter.warmup_frac, augment=augment, seed=run.seed, bf16=cfg.bf16, device=device,
             checkpoint_every_s=cfg.checkpoint_every_s, views=views,
         )
-        log(f"inter-train {run.name}: {what} on {cfg.inter.data} ({len(inter_data)} images), lr {run.lr:g}, {run.steps} steps")
-        res = train(mae, loss_fn, inter_data, pre, tcfg, state_path=run_dir / "state" / f"{run.name}.pt", progress=progress,
+        where = f"source partition {run.partition}" if run.partition is not None else cfg.inter.data
+        log(f"inter-train {run.name}: {what} on {where} ({len(run_data)} images), lr {run.lr:g}, {run.steps} steps"
+            + (f", noise x{run.noise:g} {noise_stage}" if run.noise else ""))
+        res = train(mae, loss_fn, run_data, pre, tcfg, state_path=run_dir / "state" / f"{run.name}.pt", progress=progress,
                     description=f"inter-train {run.name}", on_step=_step_hook(on_step, run.name))
         encoder = mae.encoder.cpu()
         meta = model_meta(encoder, made_by="adaptsoup adapt", stage="inter-train", ssl=run.ssl, parents=[str(cfg.model)], run=dataclasses.asdict(run))
@@ -191,6 +213,8 @@ def run_adapt(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | 
             continue
         parent = run_dir / "inter" / f"{ing.inter.name}.safetensors" if ing.inter else Path(cfg.model)
         model = load_model(cfg.arch if ing.inter is None else None, parent)
+        if noise_stage == "before_finetune" and ing.inter is not None:
+            noisy(model, ing.inter.noise, ing.inter.name)  # one seed per parent: its N fine-tunings share the noisy encoder
         probe = _linear_probe(model, source, pre, cfg, run_dir, ing, log)
         ft = cfg.finetune
         steps = ft.steps or steps_for_epochs(ft.epochs, len(source), ft.batch_size)
@@ -203,12 +227,15 @@ def run_adapt(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | 
         res = train(model, classification_loss(ft.label_smoothing), source, pre, tcfg, state_path=run_dir / "state" / f"{ing.name}.pt",
                     progress=progress, description=f"fine-tune {ing.name}", on_step=_step_hook(on_step, ing.name))
         model.cpu()
+        if noise_stage == "before_mix" and ing.inter is not None:
+            noisy(model, ing.inter.noise, ing.name)
         meta = model_meta(model, made_by="adaptsoup adapt", stage="fine-tune", kind=ing.kind, parents=[str(parent)],
                           finetune=dataclasses.asdict(ing.finetune), inter=dataclasses.asdict(ing.inter) if ing.inter else None)
         save_checkpoint(out, model.state_dict(), meta)
         manifest.update("ingredients", ing.name, {
             "kind": ing.kind, "inter": ing.inter.name if ing.inter else None, "finetune": dataclasses.asdict(ing.finetune),
             "linear_probe": probe, "train": _train_record(res, tcfg), "path": str(out.relative_to(run_dir)), "status": "done",
+            "noise": {"stage": noise_stage, "multiplier": ing.inter.noise} if (noise_stage and ing.inter) else None,
         })
         done += 1
         progress.update(overall, completed=done)
@@ -323,6 +350,22 @@ def _prepare_decoder(mae: MaskedAutoencoder, run: InterRun, cfg: AdaptConfig, de
     for p in mae.encoder.parameters():
         p.requires_grad_(True)
     save_checkpoint(warm, mae.decoder_state_dict(), None)
+
+
+class _SupervisedInter(nn.Module):
+    """Inter-training with labels (partition soups): the classifier itself, under its own name ``encoder``."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+
+def _supervised_inter_loss(label_smoothing: float):
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    return lambda module, x, y: criterion(module(x).float(), y)
 
 
 def _warm_up_heads(module: nn.Module, run: InterRun, cfg: AdaptConfig, views: int, data: ImageSet, pre: Preprocess,

@@ -57,6 +57,11 @@ class InterTrainConfig:
     head_warmup_frac: float = 0.01  # MoCo v3 / MMCR: heads alone first, for this fraction of the steps
     mocov3: MoCoV3Grid = field(default_factory=MoCoV3Grid)
     mmcr: MMCRGrid = field(default_factory=MMCRGrid)
+    noise_stage: str | None = None  # before_inter, before_finetune or before_mix
+    noise_multipliers: list[float] = field(default_factory=lambda: [0.0])  # grid axis: x the stock's per-tensor std
+    partitions: int = 0  # > 0: inter-train one ingredient per partition of the labeled source classes
+    partition_mode: str = "range"  # range (class-index ranges) or random
+    partition_loss: str = "mae"  # mae (no labels) or supervised
 
 
 @dataclass
@@ -181,6 +186,8 @@ class InterRun:
     temperature: float | None = None  # MoCo v3
     lam: float | None = None  # MMCR
     batch_size: int = 0  # 0: the config's batch size
+    noise: float = 0.0  # parameter-noise multiplier (at ``noise_stage``)
+    partition: int | None = None  # index of the source-class partition it is inter-trained on
 
 
 @dataclass(frozen=True)
@@ -214,6 +221,12 @@ def inter_runs(cfg: InterTrainConfig, num_images: int) -> list[InterRun]:
                 decoder_depth=int(params.pop("decoder_depth", 0)), steps=steps, seed=int(params.pop("seed")), ssl=ssl,
                 temperature=params.get("temperature"), lam=params.get("lam"), batch_size=batch,
             ))
+    if cfg.partitions:
+        runs = [dataclasses.replace(r, name=f"{r.name}-p{p}", partition=p) for r in runs for p in range(cfg.partitions)]
+    if cfg.noise_stage and len(cfg.noise_multipliers) > 1:
+        runs = [dataclasses.replace(r, name=f"{r.name}-n{k}", noise=float(m)) for r in runs for k, m in enumerate(cfg.noise_multipliers)]
+    elif cfg.noise_stage:
+        runs = [dataclasses.replace(r, noise=float(cfg.noise_multipliers[0])) for r in runs]
     return runs
 
 
@@ -227,6 +240,16 @@ def validate(cfg: AdaptConfig) -> None:
     unknown = [a for a in cfg.inter.ssl if a not in ("mae", "mocov3", "mmcr")]
     if unknown or not cfg.inter.ssl:
         raise AdaptsoupError(f"unknown self-supervised loss {', '.join(unknown) or '(none)'}; available: mae, mocov3, mmcr")
+    from .noise import NOISE_STAGES, PARTITION_MODES
+
+    if cfg.inter.noise_stage is not None and cfg.inter.noise_stage not in NOISE_STAGES:
+        raise AdaptsoupError(f"noise_stage must be one of {', '.join(NOISE_STAGES)}, got {cfg.inter.noise_stage!r}")
+    if any(float(m) < 0 for m in cfg.inter.noise_multipliers):
+        raise AdaptsoupError(f"noise multipliers must be >= 0, got {cfg.inter.noise_multipliers}")
+    if cfg.inter.partitions < 0 or cfg.inter.partition_mode not in PARTITION_MODES or cfg.inter.partition_loss not in ("mae", "supervised"):
+        raise AdaptsoupError("partitions must be >= 0, partition_mode range or random, partition_loss mae or supervised")
+    if cfg.inter.partitions and cfg.inter.partition_loss == "supervised" and cfg.inter.ssl != ["mae"]:
+        raise AdaptsoupError("supervised partition inter-training replaces the SSL loss: use it with ssl = ['mae'] (the default)")
     if cfg.inter.mmcr.views < 2:
         raise AdaptsoupError("MMCR needs at least 2 views per image")
     if cfg.inter.data not in ("target", "source"):
