@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from adaptsoup.errors import AdaptsoupError
+from adaptsoup.progress import console as progress_console
 
 app = typer.Typer(
     name="adaptsoup",
@@ -24,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console(soft_wrap=True, markup=False, highlight=False)
-err = Console(stderr=True, soft_wrap=True)
+err = progress_console  # the progress bars draw on this console too, so log lines and bars do not collide
 
 
 def fail(message: str, code: int = 2) -> None:
