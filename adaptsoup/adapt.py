@@ -64,9 +64,9 @@ class RunLog:
 @dataclass
 class Ingredient:
     name: str
-    kind: str  # "self" (inter-trained then fine-tuned) or "vanilla" (fine-tuned only)
+    kind: str  # "self" (inter-trained then fine-tuned, or inter-trained only) or "vanilla" (fine-tuned only)
     inter: InterRun | None
-    finetune: FineTuneRun
+    finetune: FineTuneRun | None  # None: an inter-trained encoder used as it is (label-free soups)
 
     @property
     def path_name(self) -> str:
@@ -88,6 +88,8 @@ class AdaptResult:
 
 def plan_ingredients(cfg: AdaptConfig, num_inter_images: int) -> tuple[list[InterRun], list[Ingredient]]:
     inters = inter_runs(cfg.inter, num_inter_images)
+    if not cfg.finetune_back:
+        return inters, [Ingredient(i.name, "self", i, None) for i in inters]
     fts = finetune_runs(cfg.finetune)
     ingredients = [Ingredient(f"{i.name}-{f.name}", "self", i, f) for i in inters for f in fts]
     for v in range(cfg.vanilla):
@@ -121,25 +123,30 @@ def run_adapt(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | 
     device = cfg.device
     t0 = time.perf_counter()
     target = load_folder(cfg.target, pre, progress=progress, description="decode target")
-    source = load_folder(cfg.source, pre, labeled=True, class_names=names, progress=progress, description="decode source")
-    source = _subset(source, cfg.max_source_images, cfg.seed)
+    source = None
+    if cfg.source:
+        source = load_folder(cfg.source, pre, labeled=True, class_names=names, progress=progress, description="decode source")
+        source = _subset(source, cfg.max_source_images, cfg.seed)
     target = _subset(target, cfg.max_target_images, cfg.seed)
     _check_unique_eval_names(cfg.evals)
     evals = {Path(e).name or str(e): load_folder(e, pre, labeled=True, class_names=names, progress=progress, description=f"decode {Path(e).name}") for e in cfg.evals}
     manifest.data["data"] = {
-        "target": _data_record(target), "source": _data_record(source),
+        "target": _data_record(target), "source": _data_record(source) if source is not None else None,
         "evals": {k: _data_record(v) for k, v in evals.items()},
     }
     manifest.data["timings_s"]["load_data"] = time.perf_counter() - t0
     manifest.save()
     for label, images in (("target", target), ("source", source), *evals.items()):
+        if images is None:
+            continue
         if images.skipped:
             log(f"{label}: skipped {len(images.skipped)} unreadable file(s): " + ", ".join(f"{p} ({r})" for p, r in images.skipped[:5]) + (" ..." if len(images.skipped) > 5 else ""))
-    log(f"stock {cfg.model}: {model_meta(stock).arch}, {stock.num_classes} classes; target {len(target)} images, source {len(source)} labeled")
+    log(f"stock {cfg.model}: {model_meta(stock).arch}, {stock.num_classes} classes; target {len(target)} images"
+        + (f", source {len(source)} labeled" if source is not None else ", no source (label-free ingredients)"))
 
     inter_data = target if cfg.inter.data == "target" else _strip_labels(source)
     inters, ingredients = plan_ingredients(cfg, len(inter_data))
-    log(f"plan: {len(inters)} inter-training run(s) x {len(finetune_runs(cfg.finetune))} fine-tuning(s)"
+    log(f"plan: {len(inters)} inter-training run(s) x {len(finetune_runs(cfg.finetune)) if cfg.finetune_back else 'no'} fine-tuning(s)"
         + (f" + {cfg.vanilla} vanilla" if cfg.vanilla else "") + f" = {len(ingredients)} ingredients")
     overall = progress.add_task("ingredients", total=len(ingredients))
     stock_stds = tensor_stds(stock.state_dict())
@@ -213,6 +220,16 @@ def run_adapt(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | 
             continue
         parent = run_dir / "inter" / f"{ing.inter.name}.safetensors" if ing.inter else Path(cfg.model)
         model = load_model(cfg.arch if ing.inter is None else None, parent)
+        if ing.finetune is None:  # label-free: the inter-trained encoder is the ingredient
+            if noise_stage in ("before_finetune", "before_mix"):
+                noisy(model, ing.inter.noise, ing.name)
+            save_checkpoint(out, model.state_dict(), model_meta(model, made_by="adaptsoup adapt", stage="inter-train only",
+                                                                  kind="ssl-only", parents=[str(parent)], inter=dataclasses.asdict(ing.inter)))
+            manifest.update("ingredients", ing.name, {"kind": "ssl-only", "inter": ing.inter.name, "finetune": None,
+                                                      "path": str(out.relative_to(run_dir)), "status": "done"})
+            done += 1
+            progress.update(overall, completed=done)
+            continue
         if noise_stage == "before_finetune" and ing.inter is not None:
             noisy(model, ing.inter.noise, ing.inter.name)  # one seed per parent: its N fine-tunings share the noisy encoder
         probe = _linear_probe(model, source, pre, cfg, run_dir, ing, log)

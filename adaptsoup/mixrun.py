@@ -51,7 +51,8 @@ def load_run(run_dir: Path) -> Manifest:
 def run_ingredients(manifest: Manifest, run_dir: Path, which: str) -> tuple[list[str], list[Path]]:
     if which not in ("self", "vanilla", "all"):
         raise AdaptsoupError(f"--ingredients must be self, vanilla or all, got {which!r}")
-    items = sorted((name, rec) for name, rec in manifest.data["ingredients"].items() if which == "all" or rec["kind"] == which)
+    items = sorted((name, rec) for name, rec in manifest.data["ingredients"].items() if which == "all" or rec["kind"] == which
+                   or (which == "self" and rec["kind"] == "ssl-only"))
     if not items:
         raise AdaptsoupError(f"the run has no {which} ingredients")
     missing = [name for name, rec in items if not (run_dir / rec["path"]).is_file()]

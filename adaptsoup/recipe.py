@@ -100,6 +100,7 @@ class AdaptConfig:
     device: str = "cpu"
     bf16: bool = False
     checkpoint_every_s: float = 120.0
+    finetune_back: bool = True  # False: the inter-trained encoders are the ingredients (label-free soups)
     inter: InterTrainConfig = field(default_factory=InterTrainConfig)
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
 
@@ -264,6 +265,11 @@ def validate(cfg: AdaptConfig) -> None:
             raise AdaptsoupError(f"unknown augmentation {aug!r}; choose one of {', '.join(AUGMENTATIONS)}")
     if cfg.vanilla < 0:
         raise AdaptsoupError("--vanilla must be >= 0")
+    if not cfg.finetune_back and (cfg.vanilla or cfg.inter.partition_loss == "supervised" and cfg.inter.partitions):
+        raise AdaptsoupError("without fine-tuning back there are no vanilla or supervised-partition ingredients")
+    needs_source = cfg.finetune_back or cfg.inter.data == "source" or cfg.inter.partitions
+    if needs_source and not cfg.source:
+        raise AdaptsoupError("a labeled --source folder is needed (for fine-tuning back, or as inter-training data)")
     if cfg.device not in ("cpu",) and not cfg.device.startswith("cuda"):
         raise AdaptsoupError(f"unknown device {cfg.device!r}; use cpu or cuda")
     if cfg.device.startswith("cuda"):

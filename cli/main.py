@@ -170,6 +170,7 @@ def adapt(
     tta_method: Optional[str] = typer.Option(None, "--tta", help="Stack test-time adaptation (sar or tent) on the soup over the target."),
     mix_methods: Optional[List[str]] = typer.Option(None, "--mix", help="Also mix with this method at the end (repeatable)."),
     mix_labeled: Optional[Path] = typer.Option(None, help="Few-label folder for --mix season/greedy/best."),
+    finetune_back: Optional[bool] = typer.Option(None, "--finetune/--no-finetune", help="Fine-tune back on --source (default), or keep the inter-trained encoders as label-free ingredients."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Inter-train the stock with MAE on unlabeled target images, fine-tune back on source, and mix a soup."""
@@ -198,7 +199,7 @@ def adapt(
             "stock": str(stock) if stock else None, "arch": arch,
             "evals": [str(e) for e in eval_dirs] if eval_dirs else None, "vanilla": vanilla,
             "max_source_images": max_source_images, "max_target_images": max_target_images, "seed": seed,
-            "device": device, "bf16": bf16,
+            "device": device, "bf16": bf16, "finetune_back": finetune_back,
             "inter": {
                 "ssl": [a.strip() for a in ssl.split(",") if a.strip()] if ssl else None,
                 "lrs": _floats(inter_lrs, "--inter-lrs"), "mask_ratios": _floats(mask_ratios, "--mask-ratios"),
@@ -212,7 +213,7 @@ def adapt(
             },
         }
         cfg = AdaptConfig.from_dict(merge(raw, flags))
-        missing = [f"--{n}" for n in ("model", "target", "source") if not getattr(cfg, n)]
+        missing = [f"--{n}" for n in ("model", "target", "source") if not getattr(cfg, n) and (n != "source" or cfg.finetune_back)]
         if missing:
             fail(f"missing {', '.join(missing)} (or give them in --config)")
         if not cfg.out:
@@ -440,6 +441,49 @@ def bench_imagenet_c(
         table.add_column(col, justify="left" if col == "row" else "right")
     for r in result["rows"]:
         table.add_row(r["name"], *("-" if r[k] is None else f"{r[k]:.2f}" for k in ("disjoint", "joint")))
+    out.print(table)
+
+
+@bench_app.command("label-free")
+def bench_label_free(
+    tasks: List[str] = typer.Option(..., "--task", help="NAME=TRAIN_DIR:TEST_DIR (labeled class_name/<image> folders), repeatable."),
+    stock: Optional[Path] = typer.Option(None, help="Stock checkpoint (default: the CIFAR-10 reference stock)."),
+    decoder: Optional[Path] = typer.Option(None, help="Its MAE decoder (default: the file beside the stock)."),
+    steps: int = typer.Option(200, help="Inter-training steps per SSL ingredient."),
+    lr: float = typer.Option(1e-4, help="Inter-training learning rate."),
+    out_dir: Path = typer.Option(Path("benchmarks/results"), "--out"),
+    work: Optional[Path] = typer.Option(None),
+    device: str = typer.Option("cpu"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Label-free soups for new tasks (Table 3): SSL-only ingredients + the stock, mixed four ways, scored by k-NN."""
+    from adaptsoup.models import default_stock_path
+    from adaptsoup.progress import progress_bars
+    from adaptsoup.transfer import LabelFreeConfig, run_label_free
+
+    parsed = {}
+    for spec in tasks:
+        name, sep, dirs = spec.partition("=")
+        train_dir, sep2, test_dir = dirs.partition(":")
+        if not (sep and sep2 and name and train_dir and test_dir):
+            fail(f"--task takes NAME=TRAIN_DIR:TEST_DIR, got {spec!r}")
+        parsed[name] = (train_dir, test_dir)
+    stock_path = stock or default_stock_path()
+    if not Path(stock_path).is_file():
+        fail(f"stock not found: {stock_path} (train it with `make stock`, or pass --stock)")
+    dec = decoder or Path(stock_path).with_name(Path(stock_path).stem + "_mae_decoder.safetensors")
+    with progress_bars(progress) as bars:
+        result = run_label_free(str(stock_path), str(dec) if Path(dec).is_file() else None, parsed,
+                                LabelFreeConfig(steps=steps, lr=lr, device=device), str(out_dir), str(work) if work else None,
+                                command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
+                                log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+    table = Table(title="label-free soups: k-NN top-1")
+    cols = ["stock", "uniform", "best", "season", "self-season"]
+    table.add_column("task")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for name, r in result["tasks"].items():
+        table.add_row(name, *(f"{r['top1_knn'][c]:.2f}" for c in cols))
     out.print(table)
 
 
