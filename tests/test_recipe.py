@@ -56,4 +56,12 @@ def test_grid_sizes_are_products_of_the_axes():
 ])
 def test_bad_values_are_refused(raw, match):
     with pytest.raises(AdaptsoupError, match=match):
-        validate(AdaptConfig.from_dict(raw))
+        validate(AdaptConfig.from_dict({"source": "src", **raw}))
+
+
+def test_source_is_needed_unless_label_free():
+    with pytest.raises(AdaptsoupError, match="--source"):
+        validate(AdaptConfig.from_dict({}))
+    validate(AdaptConfig.from_dict({"finetune_back": False}))
+    with pytest.raises(AdaptsoupError, match="vanilla"):
+        validate(AdaptConfig.from_dict({"finetune_back": False, "vanilla": 2}))
