@@ -93,6 +93,12 @@ def main() -> None:
     # Phase 1: MAE pre-training without labels (gives the decoder too).
     mae_ckpt = work / "mae.safetensors"
     mae = MaskedAutoencoder(encoder, mask_ratio=0.75, norm_pix_loss=True)
+    committed = OUT / "wip" / "mae.safetensors"  # a finished MAE phase committed by an earlier session
+    if not mae_ckpt.is_file() and committed.is_file():
+        import shutil
+
+        shutil.copy2(committed, mae_ckpt)
+        log(f"MAE phase taken from {committed}")
     if not mae_ckpt.is_file():
         cfg = TrainConfig(
             steps=steps_for_epochs(args.mae_epochs, len(train_set), args.mae_batch), lr=args.mae_lr,
