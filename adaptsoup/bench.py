@@ -65,9 +65,9 @@ class BenchConfig:
     clean_images: int = 1000
     source_images: int = 5000
     inter_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4])
-    inter_steps: int = 300
+    inter_steps: int = 250
     ft_lrs: list[float] = field(default_factory=lambda: [1e-4, 2e-4])
-    ft_steps: int = 100
+    ft_steps: int = 80
     vanilla: int = 2
     batch_size: int = 64
     self_season_epochs: int = 3
