@@ -209,9 +209,12 @@ def quantize_int8(path: str | os.PathLike) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    import tempfile
+
     path = Path(path)
     out = path.with_name(path.stem + ".int8.onnx")
-    with atomic_path(out) as tmp, atomic_path(path.with_name(path.stem + ".pre.onnx")) as pre:
+    with atomic_path(out) as tmp, tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        pre = Path(scratch) / "pre.onnx"
         with _quiet():
             try:
                 quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
@@ -219,9 +222,6 @@ def quantize_int8(path: str | os.PathLike) -> Path:
             except Exception:  # noqa: BLE001 - pre-processing is an optimisation only
                 source = path
             quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-    pre_file = path.with_name(path.stem + ".pre.onnx")
-    if pre_file.exists():
-        pre_file.unlink()
     return out
 
 
