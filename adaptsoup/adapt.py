@@ -16,7 +16,6 @@ so ``resume`` skips what is finished and continues what was cut off.
 from __future__ import annotations
 
 import dataclasses
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,17 +25,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointMeta, read_checkpoint, save_checkpoint
+from .checkpoint import read_checkpoint, save_checkpoint
 from .data import ImageSet, Preprocess, load_folder
 from .errors import AdaptsoupError
 from .evaluation import run_model, top1
-from .io import write_text_atomic
 from .mae import DecoderConfig, MaskedAutoencoder
 from .noise import add_parameter_noise, class_partitions, indices_of_classes, name_seed, tensor_stds
 from .ssl import MMCR, MoCoV3, multiview_loss
 from .manifest import Manifest, environment
 from .mixing import stream_weighted_average
-from .models import class_names, load_model, load_state_dict_strict, model_meta, require_vit
+from .models import class_names, load_model, model_meta, require_vit
 from .progress import NullProgress
 from .recipe import AdaptConfig, FineTuneRun, InterRun, finetune_runs, inter_runs, validate
 from .training import LinearProbeConfig, TrainConfig, classification_loss, fit_linear_probe, mae_loss, steps_for_epochs, train

@@ -21,7 +21,6 @@ No choice (learning rates, steps, seeds) is made on the odd images: the recipe i
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .adapt import DEPLOYED, SOUP, SUPERVISED_SOUP, evaluate_checkpoints, run_adapt
+from .adapt import evaluate_checkpoints, run_adapt
 from .corruptions import CORRUPTIONS, corrupt_batch
 from .data import ImageSet, Preprocess, default_cache_dir, load_folder
 from .errors import AdaptsoupError

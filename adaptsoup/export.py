@@ -19,7 +19,7 @@ from torch import nn
 from .data import ImageSet, Preprocess, load_folder
 from .errors import AdaptsoupError
 from .io import atomic_path, write_atomic
-from .models import class_names, model_arch, model_meta
+from .models import model_meta
 
 DEFAULT_OPSET = 18
 PARITY_TOLERANCE = 1e-3

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from .adapt import DEPLOYED, SOUP, evaluate_checkpoints
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .data import Preprocess, load_folder
 from .errors import AdaptsoupError
 from .manifest import Manifest

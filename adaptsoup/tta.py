@@ -254,7 +254,6 @@ def tta_run_dir(model_path: str, out_dir: str, cfg: TTAConfig, *, target: str | 
     """
     import csv
     import dataclasses
-    import time
     from pathlib import Path
 
     from .checkpoint import save_checkpoint

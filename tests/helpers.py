@@ -108,3 +108,16 @@ def build_labeled_folder(root: Path) -> Path:
     write_noise_images(root / ".hidden", 1, seed=4)  # hidden folder: not a class
     (root / "README.txt").write_text("a stray file at the top level\n")
     return root
+
+
+def build_adapt_inputs(root: Path, per_class: int = 6, target: int = 12) -> Path:
+    """A saved tiny stock plus ``root/source/<class>`` (labeled) and ``root/target`` (unlabeled); returns the stock."""
+    from adaptsoup.checkpoint import save_checkpoint
+    from adaptsoup.models import model_meta
+
+    model = tiny_model()
+    stock = save_checkpoint(root / "stock.safetensors", model.state_dict(), model_meta(model))
+    for i, name in enumerate(CLASS_NAMES):
+        write_noise_images(root / "source" / name, per_class, seed=10 + i)
+    write_noise_images(root / "target", target, seed=30)
+    return stock

@@ -111,7 +111,6 @@ def test_greedy_keeps_only_ingredients_that_help():
             return 65.0
         return 50.0 if 2 in used else 75.0
 
-    scorer = types.SimpleNamespace(__call__=score)
     stack = types.SimpleNamespace(count=3)
     coefficients, chosen, individual, trail = greedy(stack, score)
     assert chosen == [0, 1]

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from adaptsoup.adapt import run_adapt
-from adaptsoup.checkpoint import read_checkpoint, save_checkpoint
-from adaptsoup.models import model_meta
+from adaptsoup.checkpoint import read_checkpoint
 from adaptsoup.noise import add_parameter_noise, class_partitions, indices_of_classes, tensor_stds
 from adaptsoup.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, inter_runs
-from helpers import CLASS_NAMES, tiny_model, write_noise_images
+from helpers import build_adapt_inputs, tiny_model
 
 
 def test_noise_of_multiplier_zero_changes_nothing():
@@ -60,12 +59,7 @@ def test_grid_axes_for_noise_and_partitions():
 
 @pytest.fixture
 def small(tmp_path):
-    model = tiny_model()
-    stock = save_checkpoint(tmp_path / "stock.safetensors", model.state_dict(), model_meta(model))
-    for i, name in enumerate(CLASS_NAMES):
-        write_noise_images(tmp_path / "source" / name, 6, seed=10 + i)
-    write_noise_images(tmp_path / "target", 12, seed=30)
-    return tmp_path, stock
+    return tmp_path, build_adapt_inputs(tmp_path)
 
 
 def _cfg(tmp_path, stock, out, **inter):

@@ -11,11 +11,10 @@ import torch.nn.functional as F
 
 import adaptsoup  # noqa: F401
 from adaptsoup.adapt import run_adapt
-from adaptsoup.checkpoint import read_checkpoint, save_checkpoint
-from adaptsoup.models import model_meta
+from adaptsoup.checkpoint import read_checkpoint
 from adaptsoup.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid, inter_runs
 from adaptsoup.ssl import MMCR, MoCoV3, mmcr_loss, mocov3_loss
-from helpers import CLASS_NAMES, tiny_model, write_noise_images
+from helpers import build_adapt_inputs
 
 
 def direct_ctr(q, k, t):
@@ -71,11 +70,7 @@ def test_grids_per_algorithm():
 
 
 def test_adapt_mixes_ingredients_of_three_ssl_algorithms(tmp_path):
-    model = tiny_model()
-    stock = save_checkpoint(tmp_path / "stock.safetensors", model.state_dict(), model_meta(model))
-    for i, name in enumerate(CLASS_NAMES):
-        write_noise_images(tmp_path / "source" / name, 6, seed=10 + i)
-    write_noise_images(tmp_path / "target", 16, seed=30)
+    stock = build_adapt_inputs(tmp_path, target=16)
     cfg = AdaptConfig(model=str(stock), target=str(tmp_path / "target"), source=str(tmp_path / "source"), out=str(tmp_path / "run"),
                       checkpoint_every_s=1e9,
                       inter=InterTrainConfig(ssl=["mae", "mocov3", "mmcr"], lrs=[1e-3], steps=[3], batch_size=8, decoder_warmup_steps=1,

@@ -154,6 +154,7 @@ def test_tta_run_dir_writes_predictions_checkpoint_and_manifest(tmp_path):
     for i, name in enumerate(CLASS_NAMES):
         write_noise_images(tmp_path / "stream" / name, 5, seed=i)
     summary = tta_run_dir(str(path), str(tmp_path / "out"), TTAConfig(method="sar", batch_size=4), eval_labels=str(tmp_path / "stream"), log=lambda m: None)
+    assert summary["batches"] == 4 and summary["method"] == "sar"
     out = tmp_path / "out"
     rows = (out / "predictions.csv").read_text().splitlines()
     assert rows[0] == "path,class,probability,stream_position,label" and len(rows) == 16
