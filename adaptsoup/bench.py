@@ -250,8 +250,10 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     t0 = time.perf_counter()
     for base in ("supervised_soup", "self_soup_target"):
         per, details = {}, {}
+        model = load_model(None, candidates[base])
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
         for c in corruptions:
-            model = load_model(None, candidates[base])
+            model.load_state_dict(initial)  # SAR restarts from the soup for every corruption
             images = evals[f"odd/{c}"]
             res, _ = run_tta(model, images, data.preprocess, TTAConfig(method="sar", batch_size=cfg.sar_batch, base_lr=cfg.sar_base_lr, seed=cfg.seed, device=cfg.device))
             per[c] = data.score(res.logits, images.labels)

@@ -41,7 +41,7 @@ def run_model(
             if want_features:
                 feats.append(pre.float().cpu())
             if want_logits:
-                logits.append(model.get_classifier()(pre).float().cpu() if hasattr(model, "get_classifier") else model.forward_head(tokens).float().cpu())
+                logits.append(model.get_classifier()(pre).float().cpu())
     model.train(was_training)
     return Outputs(
         logits=torch.cat(logits) if want_logits else None,

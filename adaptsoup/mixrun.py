@@ -16,11 +16,11 @@ from typing import Callable
 import torch
 
 from .adapt import DEPLOYED, SOUP, evaluate_checkpoints
-from .checkpoint import save_checkpoint
+from .checkpoint import read_checkpoint, save_checkpoint
 from .data import Preprocess, load_folder
 from .errors import AdaptsoupError
 from .manifest import Manifest
-from .mixing import NEEDS, MixContext, MixOptions, get_mixer, stream_weighted_average
+from .mixing import NEEDS, MixContext, MixOptions, get_mixer, weighted_average
 from .models import class_names, load_model, model_meta
 from .progress import NullProgress
 
@@ -180,8 +180,9 @@ def interpolate(run_dir: Path, a: str, b: str, steps: int, eval_dir: str, *, pro
 
     lambdas = [i / (steps - 1) for i in range(steps)]
     accs = []
+    ends = [read_checkpoint(lookup[a])[0], read_checkpoint(lookup[b])[0]]  # two models: mixing in memory is cheap
     for lam in lambdas:
-        state, _ = stream_weighted_average([lookup[a], lookup[b]], [1 - lam, lam] if 0 < lam < 1 else ([1, 0] if lam == 0 else [0, 1]))
+        state = weighted_average(ends, [1 - lam, lam])
         model.load_state_dict(state)
         accs.append(top1(run_model(model, images, pre).logits, images.labels))
     result = {"a": a, "b": b, "eval": str(eval_dir), "lambda": lambdas, "accuracy": accs}

@@ -203,12 +203,12 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
 
 
 def _drop_mismatched_head(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    expected = model.state_dict()
-    return {
-        k: v
-        for k, v in state_dict.items()
-        if not (k.startswith("head.") and k in expected and expected[k].shape != v.shape)
-    } | {k: v for k, v in expected.items() if k.startswith("head.") and (k not in state_dict or state_dict[k].shape != v.shape)}
+    """Keep the model's own (fresh) head wherever the checkpoint's head is missing or of another shape."""
+    out = dict(state_dict)
+    for key, value in model.state_dict().items():
+        if key.startswith("head.") and (key not in out or out[key].shape != value.shape):
+            out[key] = value
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -17,14 +17,15 @@ def _model_and_stack(ctx: MixContext):
     return model, StackedIngredients(ctx.paths), Preprocess.for_model(model)
 
 
-def _scorer(ctx: MixContext, model, pre) -> Scorer:
+def _scorer(ctx: MixContext, model, pre, default: str = "auto") -> Scorer:
     if ctx.labeled is None:
         raise AdaptsoupError("this method needs a few labels: pass --labeled DIR (a class_name/<image> folder)")
     opts = ctx.options
     matches = list(ctx.labeled.class_names) == class_names(model)
     if opts.score == "classifier" and not matches:
         raise AdaptsoupError("--score classifier needs the labeled folder's classes to be the model's classes")
-    use_classifier = matches if opts.score == "auto" else opts.score == "classifier"
+    score = default if opts.score == "auto" else opts.score
+    use_classifier = matches if score == "auto" else score == "classifier"
     return Scorer(model, ctx.labeled, pre, use_classifier, k=opts.k, split=opts.split, seed=opts.seed)
 
 
@@ -57,19 +58,13 @@ def mix_season(ctx: MixContext) -> MixResult:
     """Seasoning: the best of Dirichlet(1) samples (+ uniform, one-hots) by held-out k-NN accuracy."""
     model, stack, pre = _model_and_stack(ctx)
     o = ctx.options
-    scorer = _scorer(ctx, model, pre) if o.score != "auto" else _scorer_knn(ctx, model, pre)
+    scorer = _scorer(ctx, model, pre, default="knn")  # k-NN unless asked otherwise: works without a task classifier
     progress = ctx.progress or NullProgress()
     task = progress.add_task("season", total=o.samples + 1 + stack.count)
     coefficients, score, tried = season(stack, scorer, o.samples, o.seed, on_step=lambda i, n: progress.update(task, completed=i))
     progress.remove_task(task)
     ctx.log(f"season: best held-out {scorer.kind} accuracy {score:.2f}% among {tried} coefficient vectors")
     return MixResult(stack.state_dict(torch.tensor(coefficients)), coefficients, {"heldout_score": score, "scorer": scorer.kind, "candidates": tried})
-
-
-def _scorer_knn(ctx: MixContext, model, pre) -> Scorer:
-    scorer = _scorer(ctx, model, pre)
-    scorer.use_classifier = False  # seasoning scores by k-NN so that it works without a task classifier
-    return scorer
 
 
 @register_mixer("greedy", needs="labels")
@@ -81,7 +76,7 @@ def mix_greedy(ctx: MixContext) -> MixResult:
     ctx.log(f"greedy: kept {len(chosen)} of {stack.count} ingredients ({', '.join(ctx.names[i] for i in chosen)})")
     return MixResult(stack.state_dict(torch.tensor(coefficients)), coefficients, {
         "scorer": scorer.kind, "chosen": [ctx.names[i] for i in chosen], "individual_scores": individual,
-        "trail": [{**t, "ingredient": ctx.names[t["ingredient"]]} for t in trail], "heldout_score": trail and max(t["score"] for t in trail if t["kept"]),
+        "trail": [{**t, "ingredient": ctx.names[t["ingredient"]]} for t in trail], "heldout_score": [t["score"] for t in trail if t["kept"]][-1],
     })
 
 

@@ -65,10 +65,6 @@ def mmcr_loss(z: torch.Tensor, lam: float = 0.0) -> torch.Tensor:
     return loss
 
 
-def _features(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return encoder.forward_head(encoder.forward_features(x), pre_logits=True)
-
-
 @dataclass(frozen=True)
 class HeadConfig:
     hidden: int
@@ -80,49 +76,53 @@ class HeadConfig:
         return cls(hidden=min(4096, max(256, 4 * dim)), out=min(256, max(64, dim)))
 
 
-class MoCoV3(nn.Module):
+class ProjectedViews(nn.Module):
+    """A ViT ``encoder`` and an MLP ``projector`` on its pre-logits features, shared by MoCo v3 and MMCR."""
+
+    def __init__(self, encoder: nn.Module, purpose: str, head: HeadConfig | None, projector_last_bn: bool) -> None:
+        super().__init__()
+        self.encoder = require_vit(encoder, purpose)
+        self.head = head or HeadConfig.for_encoder(encoder.num_features)
+        self.projector = mlp(encoder.num_features, self.head.hidden, self.head.out, last_bn=projector_last_bn)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Everything but the encoder: what is warmed up first and discarded after inter-training."""
+        return [p for name, p in self.named_parameters() if not name.startswith("encoder.")]
+
+    def project(self, views: torch.Tensor) -> torch.Tensor:
+        """``[V, B, C, H, W]`` -> projections ``[V*B, D]`` (view-major)."""
+        x = views.flatten(0, 1)
+        return self.projector(self.encoder.forward_head(self.encoder.forward_features(x), pre_logits=True))
+
+
+class MoCoV3(ProjectedViews):
     """Encoder + projector + predictor; ``forward(views [2, B, C, H, W])`` returns the loss."""
 
     def __init__(self, encoder: nn.Module, temperature: float = 0.2, head: HeadConfig | None = None) -> None:
-        super().__init__()
-        self.encoder = require_vit(encoder, "MoCo v3 inter-training")
-        dim = encoder.num_features
-        head = head or HeadConfig.for_encoder(dim)
-        self.projector = mlp(dim, head.hidden, head.out)
-        self.predictor = mlp(head.out, head.hidden, head.out, last_bn=False)
+        super().__init__(encoder, "MoCo v3 inter-training", head, projector_last_bn=True)
+        self.predictor = mlp(self.head.out, self.head.hidden, self.head.out, last_bn=False)
         self.temperature = temperature
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        return list(self.projector.parameters()) + list(self.predictor.parameters())
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         if views.ndim != 5 or views.shape[0] != 2:
             raise ValueError("MoCo v3 needs two views: [2, B, C, H, W]")
         b = views.shape[1]
-        z = self.projector(_features(self.encoder, views.flatten(0, 1)))
+        z = self.project(views)
         q = self.predictor(z)
         k = z.detach()
         return mocov3_loss(q[:b], q[b:], k[:b], k[b:], self.temperature)
 
 
-class MMCR(nn.Module):
+class MMCR(ProjectedViews):
     """Encoder + projector; ``forward(views [V, B, C, H, W])`` returns the MMCR loss."""
 
     def __init__(self, encoder: nn.Module, lam: float = 0.0, head: HeadConfig | None = None) -> None:
-        super().__init__()
-        self.encoder = require_vit(encoder, "MMCR inter-training")
-        dim = encoder.num_features
-        head = head or HeadConfig.for_encoder(dim)
-        self.projector = mlp(dim, head.hidden, head.out, last_bn=False)
+        super().__init__(encoder, "MMCR inter-training", head, projector_last_bn=False)
         self.lam = lam
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        return list(self.projector.parameters())
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         v, b = views.shape[:2]
-        z = self.projector(_features(self.encoder, views.flatten(0, 1)))  # [V*B, D], view-major
-        return mmcr_loss(z.view(v, b, -1).transpose(0, 1), self.lam)
+        return mmcr_loss(self.project(views).view(v, b, -1).transpose(0, 1), self.lam)
 
 
 def multiview_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
