@@ -146,6 +146,7 @@ class ShiftData:
     preprocess: Preprocess
     score: Callable[[torch.Tensor, torch.Tensor], float] = top1
     notes: dict = field(default_factory=dict)
+    chance: float | None = None  # accuracy (%) of guessing, for the sanity check; None where not defined
 
 
 def run_c10c(cfg: BenchConfig, *, command: str = "", progress=None, log: Callable[[str], None] = print) -> dict:
@@ -169,7 +170,7 @@ def run_c10c(cfg: BenchConfig, *, command: str = "", progress=None, log: Callabl
             evals[f"{split}/{c}"] = load_folder(corrupted_root / split / c, pre, labeled=True, class_names=names)
     log(f"data: {len(cfg.corruptions)} corruptions x {cfg.per_corruption} test images (severity {cfg.severity}) at {corrupted_root}")
     data = ShiftData("c10c", stock_path, decoder, str(cifar / "train"), corrupted_root / "even", list(cfg.corruptions), evals, pre,
-                     notes={"prepare_data_s": round(time.perf_counter() - t0, 1)})
+                     notes={"prepare_data_s": round(time.perf_counter() - t0, 1)}, chance=100.0 / len(names))
     return run_shift_benchmark(data, cfg, command=command, progress=progress, log=log)
 
 
@@ -262,6 +263,10 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
                      "per_corruption": per, "sar": details})
     timings["sar"] = time.perf_counter() - t0
 
+    season = mixes["self-season"]
+    self_season_cost = {"wall_s": season["wall_s"], "ingredients": len(season["ingredients"]),
+                        "stacked_mb": round(season["info"]["stacked_bytes"] / 2**20, 1), **season["memory"],
+                        "epochs": cfg.self_season_epochs, "subset": cfg.self_season_subset}
     ingredient_scores = {k: {"clean": metrics["clean"][f"ingredient:{k}"] if has_clean else None,
                              "disjoint": _mean(metrics[f"odd/{c}"][f"ingredient:{k}"] for c in corruptions)} for k in ingredients}
     env = environment()
@@ -274,7 +279,8 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
         "config": dataclasses.asdict(cfg),
         "data": {"corruptions": corruptions, "eval_images": {k: len(v) for k, v in evals.items()},
                  "target_images": sum(len(evals[f"even/{c}"]) for c in corruptions), **{k: v for k, v in data.notes.items() if not k.endswith("_s")}},
-        "rows": rows, "ingredients": ingredient_scores,
+        "rows": rows, "ingredients": ingredient_scores, "self_season_cost": self_season_cost,
+        "checks": sanity_checks(rows, chance=data.chance),
         "runs": {"self": str(self_run.run_dir), "cont_ssl": str(cont.run_dir)},
     }
     stem = f"{data.benchmark}_{cfg.mode}_s{cfg.severity}"
@@ -283,6 +289,30 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     plot_results(result, out / f"{stem}_per_corruption.png", out / f"{stem}_soups_vs_ingredients.png")
     log(f"wrote {out / stem}.json, .md and plots in {result['wall_time_s']:.0f}s")
     return result
+
+
+def sanity_checks(rows: list[dict], chance: float | None, sar_tolerance: float = 1.0, chance_margin: float = 5.0) -> dict:
+    """What the issue asks the numbers to show, computed rather than eyeballed.
+
+    * ``deployed_near_chance``: corruptions on which the deployed model is within ``chance_margin`` points of
+      chance (in %) — a sign the corruption parameters are wrong for the image size;
+    * ``sar_drops``: per soup, the corruptions on which SAR lowers accuracy by more than ``sar_tolerance`` points
+      relative to the same soup without adaptation, with the worst change.
+    """
+    by_name = {r["name"]: r for r in rows}
+    out: dict = {}
+    if chance is not None and "deployed" in by_name:
+        out["chance"] = chance
+        out["deployed_near_chance"] = [c for c, v in by_name["deployed"]["per_corruption"].items() if v < chance + chance_margin]
+    for name, r in by_name.items():
+        if name.endswith("+sar") and name[: -len("+sar")] in by_name:
+            base = by_name[name[: -len("+sar")]]["per_corruption"]
+            delta = {c: r["per_corruption"][c] - base[c] for c in r["per_corruption"]}
+            out[f"{name}_change"] = {"mean": _mean(delta.values()), "worst": min(delta.values()),
+                                     "worst_corruption": min(delta, key=delta.get),
+                                     "below_tolerance": [c for c, d in delta.items() if d < -sar_tolerance],
+                                     "tolerance": sar_tolerance}
+    return out
 
 
 def _mean(values) -> float:
@@ -326,6 +356,26 @@ def markdown_table(result: dict) -> str:
               "|---|" + "---|" * len(result["rows"][0]["per_corruption"])]
     for r in result["rows"]:
         lines.append(f"| {r['name']} | " + " | ".join(fmt(v) for v in r["per_corruption"].values()) + " |")
+    by_name = {r["name"]: r for r in result["rows"]}
+    sar_rows = [(n, by_name[n], by_name.get(f"{n}+sar")) for n in ("supervised_soup", "self_soup_target") if n in by_name]
+    if any(with_sar for _, _, with_sar in sar_rows):
+        lines += ["", "Table 2 — test-time adaptation (SAR, online over each corruption's odd images):", "",
+                  "| soup | without SAR | with SAR | change | worst corruption change |", "|---|---|---|---|---|"]
+        for n, r, with_sar in sar_rows:
+            if with_sar is None:
+                continue
+            change = result.get("checks", {}).get(f"{n}+sar_change", {})
+            worst = f"{change['worst']:+.2f} ({change['worst_corruption']})" if change else "—"
+            lines.append(f"| {n} | {fmt(r['disjoint'])} | {fmt(with_sar['disjoint'])} | {with_sar['disjoint'] - r['disjoint']:+.2f} | {worst} |")
+    checks = result.get("checks", {})
+    if "deployed_near_chance" in checks:
+        near = checks["deployed_near_chance"]
+        lines += ["", f"Deployed model within 5 points of chance ({checks['chance']:.0f}%) on: {', '.join(near) if near else 'no corruption'}."]
+    cost = result.get("self_season_cost")
+    if cost:
+        lines += ["", f"Self-Seasoning: {cost['ingredients']} ingredients stacked once ({cost['stacked_mb']} MB), "
+                      f"{cost['epochs']} epochs over {cost['subset']} target images in {cost['wall_s']:.0f} s; "
+                      f"process RSS peak {cost.get('rss_peak_mb')} MB (+{cost.get('rss_rise_mb')} MB during the stage)."]
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in result["timings_s"].items()), ""]
     return "\n".join(lines)
 
@@ -393,5 +443,6 @@ def run_imagenet_c(cfg: BenchConfig, root: str, source: str, *, layout: str = "a
     log(f"data: {layout} at {root_path}, severity {cfg.severity}: {len(corruptions)} corruptions, "
         f"{sum(len(v) for v in evals.values())} images")
     data = ShiftData(layout, stock_for_run, decoder, source, target, corruptions, evals, pre, score,
-                     notes={"prepare_data_s": round(time.perf_counter() - t0, 1), "root": str(root_path), "layout": layout})
+                     notes={"prepare_data_s": round(time.perf_counter() - t0, 1), "root": str(root_path), "layout": layout},
+                     chance=0.1 if layout == "imagenet-c" else None)
     return run_shift_benchmark(data, cfg, command=command, progress=progress, log=log)

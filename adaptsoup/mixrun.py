@@ -23,6 +23,7 @@ from .manifest import Manifest
 from .mixing import NEEDS, MixContext, MixOptions, get_mixer, weighted_average
 from .models import class_names, load_model, model_meta
 from .progress import NullProgress
+from .resources import PeakMemory
 
 MIX_PLOT = "mix_coefficients.png"
 
@@ -91,7 +92,8 @@ def mix_run(req: MixRequest, *, progress=None, log: Callable[[str], None] = prin
         ctx = MixContext(paths=paths, names=names, stock_path=stock_path, target=target, labeled=labeled,
                          options=req.options, progress=progress, log=log)
         t0 = time.perf_counter()
-        result = get_mixer(method)(ctx)
+        with PeakMemory() as memory:
+            result = get_mixer(method)(ctx)
         wall = time.perf_counter() - t0
         out = run_dir / "soups" / f"{method}.safetensors"
         meta = dataclasses.replace(model_meta(first), provenance={
@@ -100,7 +102,7 @@ def mix_run(req: MixRequest, *, progress=None, log: Callable[[str], None] = prin
         })
         save_checkpoint(out, result.state_dict, meta)
         record = {
-            "path": str(out.relative_to(run_dir)), "wall_s": round(wall, 2), "ingredients": names,
+            "path": str(out.relative_to(run_dir)), "wall_s": round(wall, 2), "memory": memory.to_dict(), "ingredients": names,
             "coefficients": dict(zip(names, result.coefficients)) if result.coefficients is not None else None,
             "options": dataclasses.asdict(req.options), "info": _jsonable(result.info),
         }

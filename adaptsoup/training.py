@@ -115,10 +115,10 @@ def train(
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    start_step, losses = 0, []
+    start_step, losses, wall_before = 0, [], 0.0
     state_path = Path(state_path) if state_path else None
     if state_path is not None and state_path.is_file():
-        start_step, losses = _load_state(state_path, module, optimizer)
+        start_step, losses, wall_before = _load_state(state_path, module, optimizer)
     result = TrainResult(steps=cfg.steps, losses=losses, resumed_from=start_step)
     if start_step >= cfg.steps:
         return result
@@ -158,10 +158,11 @@ def train(
         elapsed = time.perf_counter() - t0
         progress.update(task, advance=1, info=f"loss {losses[-1] if losses else loss.item():.4f}  {seen / max(elapsed, 1e-9):.0f} img/s")
         if state_path is not None and time.monotonic() - last_save > cfg.checkpoint_every_s and step + 1 < cfg.steps:
-            _save_state(state_path, step + 1, module, optimizer, losses)
+            _save_state(state_path, step + 1, module, optimizer, losses, wall_before + time.perf_counter() - t0)
             last_save = time.monotonic()
-    result.wall_s = time.perf_counter() - t0
-    result.images_per_s = seen / max(result.wall_s, 1e-9)
+    elapsed = time.perf_counter() - t0
+    result.images_per_s = seen / max(elapsed, 1e-9)
+    result.wall_s = wall_before + elapsed  # over all sittings of a resumed run
     result.losses = losses
     progress.remove_task(task)
     module.eval()
@@ -170,8 +171,10 @@ def train(
     return result
 
 
-def _save_state(path: Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, losses: list[float]) -> None:
+def _save_state(path: Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, losses: list[float],
+                wall_s: float) -> None:
     state = {
+        "wall_s": wall_s,
         "step": step,
         "module": module.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -183,14 +186,14 @@ def _save_state(path: Path, step: int, module: nn.Module, optimizer: torch.optim
         torch.save(state, tmp)
 
 
-def _load_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
+def _load_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[float], float]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     module.load_state_dict(state["module"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_torch"])
     version, internal, gauss = state["rng_python"]
     random.setstate((version, tuple(internal), gauss))
-    return int(state["step"]), list(state["losses"])
+    return int(state["step"]), list(state["losses"]), float(state.get("wall_s", 0.0))
 
 
 def _python_rng_state():

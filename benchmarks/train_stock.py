@@ -4,6 +4,12 @@
 
 Phases are resumable: the training state is checkpointed every few minutes under ``--work`` (default
 ``~/.cache/adaptsoup/stock_run``) and a rerun of the same command continues where it stopped.
+A run that cannot finish in one sitting (a CPU session that ends) is carried to another machine with
+
+    python benchmarks/train_stock.py --save-wip
+
+which copies the newest fine-tuning state into ``benchmarks/stock/wip/`` as safetensors + JSON (each file
+under 25 MB, so it can be committed); the next run on a machine without a work folder resumes from it.
 Outputs (committed): ``benchmarks/stock/vit_tiny_patch4_32_cifar10.safetensors`` (encoder + head),
 ``benchmarks/stock/vit_tiny_patch4_32_cifar10_mae_decoder.safetensors`` and ``benchmarks/stock/MODEL_CARD.md``.
 """
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,7 +32,7 @@ from adaptsoup.checkpoint import CheckpointMeta, read_checkpoint, save_checkpoin
 from adaptsoup.data import Preprocess, default_cache_dir, load_folder  # noqa: E402
 from adaptsoup.datasets import CIFAR10_CLASSES, require_cifar10  # noqa: E402
 from adaptsoup.evaluation import accuracy  # noqa: E402
-from adaptsoup.io import write_json_atomic, write_text_atomic  # noqa: E402
+from adaptsoup.io import write_atomic, write_json_atomic, write_text_atomic  # noqa: E402
 from adaptsoup.mae import MaskedAutoencoder  # noqa: E402
 from adaptsoup.manifest import environment  # noqa: E402
 from adaptsoup.models import create_model, load_state_dict_strict, model_meta, set_class_names  # noqa: E402
@@ -43,6 +50,7 @@ ARCH = "vit_tiny_patch4_32"
 OUT = ROOT / "benchmarks" / "stock"
 STOCK = OUT / f"{ARCH}_cifar10.safetensors"
 DECODER = OUT / f"{ARCH}_cifar10_mae_decoder.safetensors"
+WIP = OUT / "wip"  # unfinished phases committed by an earlier session, so another machine can resume them
 
 
 def log(msg: str) -> None:
@@ -59,6 +67,61 @@ def step_logger(name: str, every: int = 100):
     return on_step
 
 
+def save_wip_ft_state(work: Path) -> None:
+    """Copy ``work/ft_state.pt`` (fine-tuning mid-run) into ``WIP`` as committable safetensors + JSON."""
+    from safetensors.torch import save_file
+
+    src = work / "ft_state.pt"
+    if not src.is_file():
+        raise SystemExit(f"no fine-tuning state at {src}: nothing to save")
+    state = torch.load(src, map_location="cpu", weights_only=True)
+    opt = state["optimizer"]
+    model = {f"module/{k}": v.contiguous() for k, v in state["module"].items()}
+    model["rng_torch"] = state["rng_torch"]
+    moments = {f"{name}/{i}": t.contiguous() for i, st in opt["state"].items() for name, t in st.items()}
+    progress = {"step": state["step"], "wall_s": state.get("wall_s", 0.0), "losses": state["losses"], "rng_python": state["rng_python"],
+                "param_groups": opt["param_groups"], "manifest": _read_json(work / "manifest.json")}
+    WIP.mkdir(parents=True, exist_ok=True)
+    write_atomic(WIP / "ft_state_model.safetensors", lambda tmp: save_file(model, str(tmp)))
+    write_atomic(WIP / "ft_state_adam.safetensors", lambda tmp: save_file(moments, str(tmp)))
+    write_json_atomic(WIP / "ft_state.json", progress)
+    log(f"saved fine-tuning state at step {state['step']} to {WIP}")
+
+
+def restore_wip_ft_state(work: Path) -> bool:
+    """Rebuild ``work/ft_state.pt`` from ``WIP`` (the inverse of :func:`save_wip_ft_state`)."""
+    from safetensors.torch import load_file
+
+    if not (WIP / "ft_state.json").is_file():
+        return False
+    progress = json.loads((WIP / "ft_state.json").read_text())
+    model = load_file(str(WIP / "ft_state_model.safetensors"))
+    moments = load_file(str(WIP / "ft_state_adam.safetensors"))
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in moments.items():
+        name, i = key.rsplit("/", 1)
+        opt_state.setdefault(int(i), {})[name] = t
+    state = {
+        "step": progress["step"],
+        "module": {k.removeprefix("module/"): v for k, v in model.items() if k.startswith("module/")},
+        "optimizer": {"state": opt_state, "param_groups": [{k: tuple(v) if k == "betas" else v for k, v in g.items()}
+                                                            for g in progress["param_groups"]]},
+        "wall_s": progress["wall_s"],
+        "rng_torch": model["rng_torch"],
+        "rng_python": progress["rng_python"],
+        "losses": progress["losses"],
+    }
+    write_atomic(work / "ft_state.pt", lambda tmp: torch.save(state, tmp))
+    if progress.get("manifest"):
+        write_json_atomic(work / "manifest.json", progress["manifest"])
+    log(f"fine-tuning state at step {progress['step']} taken from {WIP}")
+    return True
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="CIFAR-10 folder or tarball (default: $ADAPTSOUP_DATA or ../shared)")
@@ -72,10 +135,14 @@ def main() -> None:
     ap.add_argument("--ft-epochs", type=float, default=30)
     ap.add_argument("--ft-lr", type=float, default=5e-4)
     ap.add_argument("--ft-batch", type=int, default=128)
+    ap.add_argument("--save-wip", action="store_true", help="copy the fine-tuning state into benchmarks/stock/wip and exit")
     args = ap.parse_args()
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.save_wip:
+        save_wip_ft_state(work)
+        return
     cifar = require_cifar10(args.data)
     log(f"CIFAR-10 at {cifar}; work dir {work}")
     torch.manual_seed(args.seed)
@@ -86,18 +153,20 @@ def main() -> None:
     test_set = load_folder(cifar / "test", pre, labeled=True, class_names=CIFAR10_CLASSES)
     log(f"train {len(train_set)} images ({len(train_set.skipped)} skipped), test {len(test_set)}")
     manifest_path = work / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"phases": {}}
+    if not (work / "ft_state.pt").is_file() and not (work / "ft.safetensors").is_file():
+        restore_wip_ft_state(work)
+    manifest = _read_json(manifest_path) or {"phases": {}}
     manifest.update(command=" ".join(sys.argv), args=vars(args), environment=environment())
 
     # Phase 1: MAE pre-training without labels (gives the decoder too).
     mae_ckpt = work / "mae.safetensors"
     mae = MaskedAutoencoder(encoder, mask_ratio=0.75, norm_pix_loss=True)
-    committed = OUT / "wip" / "mae.safetensors"  # a finished MAE phase committed by an earlier session
+    committed = WIP / "mae.safetensors"  # a finished MAE phase committed by an earlier session
     if not mae_ckpt.is_file() and committed.is_file():
-        import shutil
-
         shutil.copy2(committed, mae_ckpt)
         log(f"MAE phase taken from {committed}")
+    if "mae" not in manifest["phases"] and (WIP / "manifest.json").is_file():
+        manifest["phases"]["mae"] = json.loads((WIP / "manifest.json").read_text())["phases"]["mae"]
     if not mae_ckpt.is_file():
         cfg = TrainConfig(
             steps=steps_for_epochs(args.mae_epochs, len(train_set), args.mae_batch), lr=args.mae_lr,
@@ -118,11 +187,14 @@ def main() -> None:
     # Phase 2: LP-FT with labels.
     ft_ckpt = work / "ft.safetensors"
     if not ft_ckpt.is_file():
-        t0 = time.perf_counter()
-        lp = fit_linear_probe(encoder, train_set, pre, LinearProbeConfig(device=args.device, bf16=args.bf16))
-        lp["test_acc"] = accuracy(encoder, test_set, pre, device=args.device)
-        lp["wall_s"] = time.perf_counter() - t0
-        log(f"linear probe: {lp}")
+        if "linear_probe" not in manifest["phases"]:  # a resumed fine-tuning state already holds the LP head
+            t0 = time.perf_counter()
+            lp = fit_linear_probe(encoder, train_set, pre, LinearProbeConfig(device=args.device, bf16=args.bf16))
+            lp["test_acc"] = accuracy(encoder, test_set, pre, device=args.device)
+            lp["wall_s"] = time.perf_counter() - t0
+            log(f"linear probe: {lp}")
+            manifest["phases"]["linear_probe"] = lp
+            write_json_atomic(manifest_path, manifest)
         cfg = TrainConfig(
             steps=steps_for_epochs(args.ft_epochs, len(train_set), args.ft_batch), lr=args.ft_lr,
             batch_size=args.ft_batch, weight_decay=0.05, warmup_frac=0.05, augment="3a", crop_scale=(0.35, 1.0),
@@ -132,7 +204,6 @@ def main() -> None:
         res = train(encoder, classification_loss(0.1), train_set, pre, cfg, state_path=work / "ft_state.pt",
                     description="fine-tune", on_step=step_logger("ft"))
         save_checkpoint(ft_ckpt, encoder.state_dict(), None)
-        manifest["phases"]["linear_probe"] = lp
         manifest["phases"]["finetune"] = {"config": cfg.to_dict(), "wall_s": res.wall_s, "images_per_s": res.images_per_s,
                                           "final_loss": res.losses[-1] if res.losses else None, "resumed_from": res.resumed_from}
         write_json_atomic(manifest_path, manifest)

@@ -299,6 +299,7 @@ def print_mixes(mixes: dict) -> None:
     table.add_column("method")
     table.add_column("coefficients")
     table.add_column("time s", justify="right")
+    table.add_column("peak RSS MB (+rise)", justify="right")
     table.add_column("accuracy: soup / uniform / best ingredient")
     for method, rec in mixes.items():
         coeffs = rec.get("coefficients")
@@ -307,7 +308,9 @@ def print_mixes(mixes: dict) -> None:
             f"{e}: {m['soup']:.2f} / {m['uniform']:.2f} / {m['best_ingredient']:.2f}"
             for e, m in (rec.get("metrics") or {}).items() if m.get("soup") is not None and m.get("uniform") is not None and m.get("best_ingredient") is not None
         )
-        table.add_row(method, shown, f"{rec['wall_s']:.1f}", accs)
+        mem = rec.get("memory") or {}
+        shown_mem = f"{mem['rss_peak_mb']:.0f} (+{mem['rss_rise_mb']:.0f})" if mem.get("rss_peak_mb") is not None else "—"
+        table.add_row(method, shown, f"{rec['wall_s']:.1f}", shown_mem, accs)
     out.print(table)
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from adaptsoup.bench import ROW_NAMES, C10CConfig, run_c10c
+from adaptsoup.bench import ROW_NAMES, C10CConfig, run_c10c, sanity_checks
 from adaptsoup.checkpoint import save_checkpoint
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.mae import MaskedAutoencoder
@@ -36,12 +36,32 @@ def test_c10c_harness_writes_the_tables(tmp_path):
         assert set(r["per_corruption"]) == {"gaussian_noise", "contrast"}
         assert 0 <= r["disjoint"] <= 100
     assert saved["data"]["target_images"] == 12  # 2 corruptions x 6 even images
+    cost = saved["self_season_cost"]
+    assert cost["ingredients"] == 2 and cost["stacked_mb"] > 0 and cost["wall_s"] >= 0
+    assert saved["checks"]["chance"] == pytest.approx(100 / len(CLASS_NAMES))
+    assert set(saved["checks"]) >= {"deployed_near_chance", "supervised_soup+sar_change", "self_soup_target+sar_change"}
+    table = (tmp_path / "results" / "c10c_quick_s5.md").read_text()
+    assert "Table 2" in table and "Self-Seasoning: 2 ingredients" in table
     assert (tmp_path / "results" / "c10c_quick_s5.md").read_text().startswith("# CIFAR-10")
     assert (tmp_path / "results" / "c10c_quick_s5_per_corruption.png").is_file()
     # the even/odd split is disjoint and covers the selection
     even = {p.name for p in (tmp_path / "work").rglob("even/gaussian_noise/*/*.png")}
     odd = {p.name for p in (tmp_path / "work").rglob("odd/gaussian_noise/*/*.png")}
     assert len(even) == len(odd) == 6 and not even & odd
+
+
+def test_sanity_checks_flag_chance_and_sar_drops():
+    rows = [
+        {"name": "deployed", "per_corruption": {"fog": 80.0, "contrast": 12.0}},
+        {"name": "soup", "per_corruption": {"fog": 70.0, "contrast": 50.0}},
+        {"name": "soup+sar", "per_corruption": {"fog": 68.5, "contrast": 50.5}},
+    ]
+    checks = sanity_checks(rows, chance=10.0)
+    assert checks["deployed_near_chance"] == ["contrast"]
+    change = checks["soup+sar_change"]
+    assert change["worst"] == pytest.approx(-1.5) and change["worst_corruption"] == "fog"
+    assert change["below_tolerance"] == ["fog"] and change["mean"] == pytest.approx(-0.5)
+    assert "deployed_near_chance" not in sanity_checks(rows, chance=None)
 
 
 def test_missing_stock_is_a_clear_error(tmp_path):
