@@ -5,6 +5,11 @@ labels (MAE; MMCR global-only and global+local; MoCo v3 with τ = 0.1 and τ = 1
 stock* by: uniform, the best ingredient (by labeled k-NN accuracy), seasoning (labels) and Self-Seasoning
 (no labels).  No classifier is trained: every soup is scored by k-NN accuracy (k = 16), retrieving among
 the task's labeled training images for each test image.
+
+:func:`prepare_cifar_tasks` builds the tasks this machine can make without downloads: CIFAR-10 itself, the
+embedded handwritten digits, and the four CIFAR-10-C corruption families (noise, blur, weather, digital) as
+separate tasks, each a labeled ``train`` / ``test`` pair of ImageFolder trees and a few-label subset of
+``train`` (``labeled``) for the methods that need labels.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .adapt import run_adapt
 from .data import Preprocess, default_cache_dir, load_folder
 from .evaluation import run_model
-from .io import write_json_atomic, write_text_atomic
+from .errors import AdaptsoupError
+from .io import atomic_path, write_json_atomic, write_text_atomic
 from .manifest import environment, git_commit
 from .mixing import MixOptions
 from .mixrun import MixRequest, mix_run
@@ -30,6 +37,15 @@ from .recipe import AdaptConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid
 from .seasoning import knn_predict
 
 METHODS = ("uniform", "best", "season", "self-season")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A new task: labeled ``train`` (SSL images and the k-NN bank), ``test``, and the few labels for seasoning."""
+
+    train: str
+    test: str
+    labeled: str | None = None  # default: ``train``
 
 
 @dataclass
@@ -60,15 +76,17 @@ def knn_transfer_accuracy(checkpoint: Path, train, test, pre: Preprocess, k: int
     return float((pred == test.labels).float().mean() * 100)
 
 
-def run_label_free(stock: str, decoder: str | None, tasks: dict[str, tuple[str, str]], cfg: LabelFreeConfig, out: str,
+def run_label_free(stock: str, decoder: str | None, tasks: dict[str, Task | tuple[str, str]], cfg: LabelFreeConfig, out: str,
                    work: str | None = None, *, command: str = "", progress=None, log: Callable[[str], None] = print) -> dict:
-    """Inter-train, mix and score label-free soups on each ``name -> (train_dir, test_dir)`` task."""
+    """Inter-train, mix and score label-free soups on each ``name -> Task`` (or ``(train_dir, test_dir)``)."""
     progress = progress or NullProgress()
     t_start = time.perf_counter()
     work_dir = Path(work or default_cache_dir() / "bench" / "label-free")
     results: dict[str, dict] = {}
     pre = Preprocess.for_model(load_model(None, stock))
-    for name, (train_dir, test_dir) in tasks.items():
+    for name, task in tasks.items():
+        task = task if isinstance(task, Task) else Task(*task)
+        train_dir, test_dir = task.train, task.test
         t0 = time.perf_counter()
         inter = InterTrainConfig(ssl=["mae", "mmcr", "mocov3"], lrs=[cfg.lr], steps=[cfg.steps], batch_size=cfg.batch_size,
                                  mmcr=MMCRGrid(lambdas=list(cfg.mmcr_lambdas)), mocov3=MoCoV3Grid(temperatures=list(cfg.mocov3_temperatures)))
@@ -77,7 +95,7 @@ def run_label_free(stock: str, decoder: str | None, tasks: dict[str, tuple[str, 
                         progress=progress, echo=log, command=command)
         options = MixOptions(epochs=cfg.self_season_epochs, subset=cfg.self_season_subset, k=cfg.k, samples=cfg.samples, score="knn",
                              include_stock=True, seed=cfg.seed, bf16=cfg.bf16)
-        mixes = mix_run(MixRequest(run_dir=run.run_dir, methods=list(METHODS), labeled=train_dir, evals=[], options=options),
+        mixes = mix_run(MixRequest(run_dir=run.run_dir, methods=list(METHODS), labeled=task.labeled or train_dir, evals=[], options=options),
                         progress=progress, log=log)
         train = load_folder(train_dir, pre, labeled=True)
         test = load_folder(test_dir, pre, labeled=True, class_names=train.class_names)
@@ -85,7 +103,9 @@ def run_label_free(stock: str, decoder: str | None, tasks: dict[str, tuple[str, 
         for method in METHODS:
             scores[method] = knn_transfer_accuracy(run.run_dir / mixes[method]["path"], train, test, pre, cfg.k, cfg.device)
         results[name] = {
+            "train": train_dir, "test": test_dir, "labeled": task.labeled or train_dir,
             "train_images": len(train), "test_images": len(test), "top1_knn": scores,
+            "mix_wall_s": {m: mixes[m]["wall_s"] for m in METHODS},
             "coefficients": {m: mixes[m]["coefficients"] for m in METHODS}, "wall_s": round(time.perf_counter() - t0, 1),
         }
         log(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
@@ -97,6 +117,91 @@ def run_label_free(stock: str, decoder: str | None, tasks: dict[str, tuple[str, 
     write_json_atomic(out_dir / "label_free.json", result)
     write_text_atomic(out_dir / "label_free.md", markdown(result))
     return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The tasks this machine can build: CIFAR-10, the digits, and CIFAR-10-C corruption families
+
+
+def prepare_cifar_tasks(root: str | Path, cifar: str | Path | None = None, *, train_images: int = 2000, test_images: int = 1000,
+                        labeled_images: int = 500, severity: int = 5, families: tuple[str, ...] | None = None, seed: int = 0,
+                        progress=None) -> dict[str, Task]:
+    """Write the label-free tasks under ``root`` (idempotent) and return them by name.
+
+    * ``cifar10``: ``train_images`` CIFAR-10 train images and ``test_images`` test images (seeded subsets);
+    * ``digits``: the embedded handwritten digits (its fixed source / held-out split, clean);
+    * ``c10c-<family>``: ``train_images + test_images`` CIFAR-10 *test* images, image k corrupted by the
+      family's k-th corruption (cycling) at ``severity`` with a per-image seed; even positions train, odd test.
+
+    ``labeled`` is the first ``labeled_images`` of each task's train set in a seeded order (the few labels).
+    """
+    from PIL import Image
+
+    from .corruptions import FAMILIES, corrupt_batch
+    from .datasets import CIFAR10_CLASSES, require_cifar10
+    from .digits import DIGIT_CLASSES, digits_arrays, split_indices
+
+    root = Path(root)
+    progress = progress or NullProgress()
+    families = tuple(FAMILIES) if families is None else families
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise AdaptsoupError(f"unknown corruption famil(ies) {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
+    tasks: dict[str, Task] = {}
+
+    def write(task_root: Path, images: np.ndarray, labels: np.ndarray, ids: np.ndarray, classes: list[str], split: str) -> None:
+        for img, label, i in zip(images, labels, ids):
+            path = task_root / split / classes[int(label)] / f"{int(i):05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                Image.fromarray(img).save(tmp, format="PNG")
+
+    def finish(name: str, images_train, labels_train, ids_train, images_test, labels_test, ids_test, classes) -> None:
+        task_root = root / name
+        spec = f"train={len(ids_train)} test={len(ids_test)} labeled={labeled_images} seed={seed} severity={severity}"
+        marker = task_root / ".adaptsoup-task"
+        if not (marker.is_file() and marker.read_text() == spec):
+            write(task_root, images_train, labels_train, ids_train, classes, "train")
+            write(task_root, images_test, labels_test, ids_test, classes, "test")
+            few = np.sort(np.random.default_rng(seed + 2).permutation(len(ids_train))[:labeled_images])
+            write(task_root, images_train[few], labels_train[few], ids_train[few], classes, "labeled")
+            marker.write_text(spec)
+        tasks[name] = Task(str(task_root / "train"), str(task_root / "test"), str(task_root / "labeled"))
+
+    steps = 2 + len(families)
+    bar = progress.add_task("prepare label-free tasks", total=steps)
+    cifar_root = require_cifar10(cifar)
+    rng = np.random.default_rng(seed)
+    train_set, test_set = _uint8_folder(cifar_root / "train", CIFAR10_CLASSES), _uint8_folder(cifar_root / "test", CIFAR10_CLASSES)
+    tr = np.sort(rng.permutation(len(train_set[1]))[:train_images])
+    te = np.sort(rng.permutation(len(test_set[1]))[:test_images])
+    finish("cifar10", train_set[0][tr], train_set[1][tr], tr, test_set[0][te], test_set[1][te], te, CIFAR10_CLASSES)
+    progress.advance(bar)
+
+    digits, digit_labels = digits_arrays()
+    src, held = split_indices(len(digit_labels))
+    finish("digits", digits[src], digit_labels[src], src, digits[held], digit_labels[held], held, DIGIT_CLASSES)
+    progress.advance(bar)
+
+    pool = np.sort(np.random.default_rng(seed + 1).permutation(len(test_set[1]))[: train_images + test_images])
+    for family in families:
+        members = FAMILIES[family]
+        corrupted = np.empty_like(test_set[0][pool])
+        for j, corruption in enumerate(members):
+            at = np.arange(j, len(pool), len(members))
+            corrupted[at] = corrupt_batch(test_set[0][pool[at]], corruption, severity, indices=pool[at])
+        even, odd = np.arange(0, len(pool), 2), np.arange(1, len(pool), 2)
+        labels = test_set[1][pool]
+        finish(f"c10c-{family}", corrupted[even], labels[even], pool[even], corrupted[odd], labels[odd], pool[odd], CIFAR10_CLASSES)
+        progress.advance(bar)
+    progress.remove_task(bar)
+    return tasks
+
+
+def _uint8_folder(folder: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A labeled folder as uint8 ``[N, H, W, 3]`` images and int labels (through the decode cache)."""
+    images = load_folder(folder, Preprocess(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3), labeled=True, class_names=classes)
+    return images.images.permute(0, 2, 3, 1).numpy(), images.labels.numpy()
 
 
 def markdown(result: dict) -> str:

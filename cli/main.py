@@ -449,36 +449,55 @@ def bench_imagenet_c(
 
 @bench_app.command("label-free")
 def bench_label_free(
-    tasks: List[str] = typer.Option(..., "--task", help="NAME=TRAIN_DIR:TEST_DIR (labeled class_name/<image> folders), repeatable."),
+    tasks: Optional[List[str]] = typer.Option(None, "--task", help="NAME=TRAIN_DIR:TEST_DIR[:LABELED_DIR] (labeled class_name/<image> folders), repeatable."),
+    preset: Optional[str] = typer.Option(None, help="'cifar': build CIFAR-10, digits and the four CIFAR-10-C corruption-family tasks."),
+    families: Optional[str] = typer.Option(None, help="With --preset cifar: comma-separated corruption families (default: noise,blur,weather,digital)."),
+    train_images: int = typer.Option(2000, help="With --preset: training images per task (SSL data and k-NN bank)."),
+    test_images: int = typer.Option(1000, help="With --preset: test images per task."),
+    labeled_images: int = typer.Option(500, help="With --preset: the few labels per task for best/season."),
+    data: Optional[Path] = typer.Option(None, help="CIFAR-10 folder or tarball for --preset (default: $ADAPTSOUP_DATA or ../shared)."),
     stock: Optional[Path] = typer.Option(None, help="Stock checkpoint (default: the CIFAR-10 reference stock)."),
     decoder: Optional[Path] = typer.Option(None, help="Its MAE decoder (default: the file beside the stock)."),
     steps: int = typer.Option(200, help="Inter-training steps per SSL ingredient."),
     lr: float = typer.Option(1e-4, help="Inter-training learning rate."),
+    samples: int = typer.Option(100, help="Seasoning: Dirichlet samples scored by k-NN on the few labels."),
+    self_season_epochs: int = typer.Option(5, help="Self-Seasoning epochs over the task's training images."),
     out_dir: Path = typer.Option(Path("benchmarks/results"), "--out"),
     work: Optional[Path] = typer.Option(None),
     device: str = typer.Option("cpu"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Label-free soups for new tasks (Table 3): SSL-only ingredients + the stock, mixed four ways, scored by k-NN."""
+    from adaptsoup.data import default_cache_dir
     from adaptsoup.models import default_stock_path
     from adaptsoup.progress import progress_bars
-    from adaptsoup.transfer import LabelFreeConfig, run_label_free
+    from adaptsoup.transfer import LabelFreeConfig, Task, prepare_cifar_tasks, run_label_free
 
-    parsed = {}
-    for spec in tasks:
+    parsed: dict = {}
+    for spec in tasks or []:
         name, sep, dirs = spec.partition("=")
-        train_dir, sep2, test_dir = dirs.partition(":")
-        if not (sep and sep2 and name and train_dir and test_dir):
-            fail(f"--task takes NAME=TRAIN_DIR:TEST_DIR, got {spec!r}")
-        parsed[name] = (train_dir, test_dir)
+        parts = dirs.split(":")
+        if not (sep and name and len(parts) in (2, 3) and all(parts)):
+            fail(f"--task takes NAME=TRAIN_DIR:TEST_DIR[:LABELED_DIR], got {spec!r}")
+        parsed[name] = Task(*parts)
+    if preset not in (None, "cifar"):
+        fail(f"--preset must be 'cifar', got {preset!r}")
+    if not parsed and preset is None:
+        fail("give --task NAME=TRAIN_DIR:TEST_DIR (repeatable) or --preset cifar")
     stock_path = stock or default_stock_path()
     if not Path(stock_path).is_file():
         fail(f"stock not found: {stock_path} (train it with `make stock`, or pass --stock)")
     dec = decoder or Path(stock_path).with_name(Path(stock_path).stem + "_mae_decoder.safetensors")
+    work_dir = work or default_cache_dir() / "bench" / "label-free"
     with progress_bars(progress) as bars:
+        if preset == "cifar":
+            fams = tuple(f.strip() for f in families.split(",")) if families else None
+            built = prepare_cifar_tasks(work_dir / "tasks", data, train_images=train_images, test_images=test_images,
+                                        labeled_images=labeled_images, families=fams, progress=bars)
+            parsed = {**built, **parsed}
         result = run_label_free(str(stock_path), str(dec) if Path(dec).is_file() else None, parsed,
-                                LabelFreeConfig(steps=steps, lr=lr, device=device), str(out_dir), str(work) if work else None,
-                                command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
+                                LabelFreeConfig(steps=steps, lr=lr, samples=samples, self_season_epochs=self_season_epochs, device=device),
+                                str(out_dir), str(work_dir), command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
                                 log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
     table = Table(title="label-free soups: k-NN top-1")
     cols = ["stock", "uniform", "best", "season", "self-season"]
