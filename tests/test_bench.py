@@ -69,11 +69,10 @@ def test_missing_stock_is_a_clear_error(tmp_path):
         run_c10c(C10CConfig(stock=str(tmp_path / "none.safetensors"), out=str(tmp_path)), log=lambda m: None)
 
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from adaptsoup.bench import BenchConfig, run_imagenet_c  # noqa: E402
-from adaptsoup.models import create_model, set_class_names  # noqa: E402
+from adaptsoup.models import create_model  # noqa: E402
 from adaptsoup.shiftsets import (  # noqa: E402
     default_mapping_dir, detect_layout, imagenet_wnids, scan_shift_tree, superclass_membership, superclass_scorer,
 )
