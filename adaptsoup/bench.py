@@ -151,6 +151,12 @@ class ShiftData:
 
 def run_c10c(cfg: BenchConfig, *, command: str = "", progress=None, log: Callable[[str], None] = print) -> dict:
     """CIFAR-10 → CIFAR-10-C: generate the corrupted test images, then :func:`run_shift_benchmark`."""
+    data = prepare_c10c(cfg, progress=progress, log=log)
+    return run_shift_benchmark(data, cfg, command=command, progress=progress, log=log)
+
+
+def prepare_c10c(cfg: BenchConfig, *, progress=None, log: Callable[[str], None] = print) -> ShiftData:
+    """The CIFAR-10-C shift of ``cfg`` (corrupted test subsets, even/odd split, clean subset) on disk and decoded."""
     from .datasets import require_cifar10
 
     progress = progress or NullProgress()
@@ -169,9 +175,8 @@ def run_c10c(cfg: BenchConfig, *, command: str = "", progress=None, log: Callabl
         for split in ("odd", "even"):
             evals[f"{split}/{c}"] = load_folder(corrupted_root / split / c, pre, labeled=True, class_names=names)
     log(f"data: {len(cfg.corruptions)} corruptions x {cfg.per_corruption} test images (severity {cfg.severity}) at {corrupted_root}")
-    data = ShiftData("c10c", stock_path, decoder, str(cifar / "train"), corrupted_root / "even", list(cfg.corruptions), evals, pre,
+    return ShiftData("c10c", stock_path, decoder, str(cifar / "train"), corrupted_root / "even", list(cfg.corruptions), evals, pre,
                      notes={"prepare_data_s": round(time.perf_counter() - t0, 1)}, chance=100.0 / len(names))
-    return run_shift_benchmark(data, cfg, command=command, progress=progress, log=log)
 
 
 def _stock_and_decoder(cfg: BenchConfig) -> tuple[Path, str | None]:
@@ -235,10 +240,7 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     has_clean = "clean" in evals
 
     def row(name: str, key: str) -> dict:
-        odd = {c: metrics[f"odd/{c}"][key] for c in corruptions}
-        even = {c: metrics[f"even/{c}"][key] for c in corruptions}
-        return {"name": name, "clean": metrics["clean"][key] if has_clean else None, "disjoint": _mean(odd.values()),
-                "joint": _mean(even.values()), "per_corruption": odd, "per_corruption_joint": even}
+        return score_row(name, key, metrics, corruptions)
 
     rows = [row(n, n) for n in ("deployed", "supervised_soup", "cont_ssl_soup", "self_soup_target")]
     best = max(ingredients, key=lambda k: _mean(metrics[f"odd/{c}"][f"ingredient:{k}"] for c in corruptions))
@@ -289,6 +291,14 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     plot_results(result, out / f"{stem}_per_corruption.png", out / f"{stem}_soups_vs_ingredients.png")
     log(f"wrote {out / stem}.json, .md and plots in {result['wall_time_s']:.0f}s")
     return result
+
+
+def score_row(name: str, key: str, metrics: dict[str, dict[str, float]], corruptions: list[str]) -> dict:
+    """One table row from :func:`evaluate_checkpoints` metrics: clean, disjoint (odd) and joint (even) means."""
+    odd = {c: metrics[f"odd/{c}"][key] for c in corruptions}
+    even = {c: metrics[f"even/{c}"][key] for c in corruptions if f"even/{c}" in metrics}
+    return {"name": name, "clean": metrics["clean"][key] if "clean" in metrics else None, "disjoint": _mean(odd.values()),
+            "joint": _mean(even.values()) if even else None, "per_corruption": odd, "per_corruption_joint": even}
 
 
 def sanity_checks(rows: list[dict], chance: float | None, sar_tolerance: float = 1.0, chance_margin: float = 5.0) -> dict:

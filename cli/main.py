@@ -408,6 +408,38 @@ def bench_c10c(
     out.print(table)
 
 
+@bench_app.command("families")
+def bench_families(
+    mode: str = typer.Option("quick", help="quick (about 30 min on 2 cores) or full (the c10c full data, longer runs)."),
+    severity: int = typer.Option(5, min=1, max=5, help="Corruption severity."),
+    families: Optional[str] = typer.Option(None, help="Comma-separated subset of mae,mocov3,mmcr,noisy,partition."),
+    stock: Optional[Path] = typer.Option(None, help="Deployed model (default: the CIFAR-10 reference stock)."),
+    decoder: Optional[Path] = typer.Option(None, help="Its MAE decoder (default: the file beside the stock)."),
+    data: Optional[Path] = typer.Option(None, help="CIFAR-10 folder or tarball (default: $ADAPTSOUP_DATA or ../shared)."),
+    out_dir: Path = typer.Option(Path("benchmarks/results"), "--out"),
+    work: Optional[Path] = typer.Option(None, help="Working folder for data and runs (default: the cache)."),
+    device: str = typer.Option("cpu"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Do MAE, MoCo v3, MMCR, noisy and partition ingredients mix? Family soups, all-family soups, on CIFAR-10-C."""
+    from adaptsoup.families import FamiliesConfig, run_families
+    from adaptsoup.progress import progress_bars
+
+    chosen = [f.strip() for f in families.split(",") if f.strip()] if families else None
+    cfg = FamiliesConfig.for_mode(mode, severity=severity, stock=str(stock) if stock else None, decoder=str(decoder) if decoder else None,
+                                  data=str(data) if data else None, out=str(out_dir), work=str(work) if work else None,
+                                  device=device, families=chosen)
+    with progress_bars(progress) as bars:
+        result = run_families(cfg, command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
+                              log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+    table = Table(title=f"ingredient families, CIFAR-10-C severity {severity} ({mode})")
+    for col in ("row", "clean", "disjoint"):
+        table.add_column(col, justify="left" if col == "row" else "right")
+    for r in result["rows"]:
+        table.add_row(r["name"], *("-" if r[k] is None else f"{r[k]:.2f}" for k in ("clean", "disjoint")))
+    out.print(table)
+
+
 @bench_app.command("imagenet-c")
 def bench_imagenet_c(
     root: Path = typer.Option(..., help="ImageNet-C (<corruption>/<severity>/<wnid>/<image>) or LAION-C (<distortion>/intensity_level_<k>/<superclass>/<image>) root."),

@@ -135,3 +135,38 @@ def test_imagenet_c_and_laion_c_harness_end_to_end(tmp_path, layout):
     assert set(result["rows"][0]["per_corruption"]) == {"fog", "mosaic"}
     assert result["data"]["target_images"] == 8  # half of each corruption's 8 files
     assert (tmp_path / "results" / f"{layout}_quick_s5.md").is_file()
+
+
+def test_ingredient_families_mix_across_losses(tmp_path):
+    from adaptsoup.families import FAMILIES, FamiliesConfig, run_families
+
+    model = tiny_model()
+    stock = save_checkpoint(tmp_path / "stock.safetensors", model.state_dict(), model_meta(model))
+    save_checkpoint(tmp_path / "stock_mae_decoder.safetensors", MaskedAutoencoder(model).decoder_state_dict(), None)
+    for i, name in enumerate(CLASS_NAMES):
+        write_noise_images(tmp_path / "cifar" / "train" / name, 6, seed=i)
+        write_noise_images(tmp_path / "cifar" / "test" / name, 6, seed=10 + i)
+    cfg = FamiliesConfig.for_mode(
+        "quick", stock=str(stock), data=str(tmp_path / "cifar"), out=str(tmp_path / "results"), work=str(tmp_path / "work"),
+        corruptions=["gaussian_noise", "fog"], per_corruption=12, clean_images=9, source_images=12, batch_size=6,
+        self_season_epochs=1, self_season_subset=0, bf16=False, inter_steps=2, ft_steps=2, partitions=2)
+    result = run_families(cfg, command="test", log=lambda m: None)
+    saved = json.loads((tmp_path / "results" / "families_quick_s5.json").read_text())
+    names = [r["name"] for r in saved["rows"]]
+    assert names == ["deployed", *(f"{f}_soup" for f in FAMILIES), "all_families_uniform", "all_families_self_seasoned", "best_ingredient"]
+    # two ingredients per family, each fine-tuned back once
+    families = [v["family"] for v in saved["ingredients"].values()]
+    assert sorted(families) == sorted(f for f in FAMILIES for _ in range(2))
+    coeffs = result["rows"][-2]["coefficients"]
+    assert len(coeffs) == 10 and abs(sum(coeffs.values()) - 1) < 1e-5
+    assert all(0 <= r["disjoint"] <= 100 and 0 <= r["clean"] <= 100 for r in saved["rows"])
+    assert saved["self_season"]["stacked_mb"] > 0
+    assert (tmp_path / "results" / "families_quick_s5.png").is_file()
+    assert "Ingredient families" in (tmp_path / "results" / "families_quick_s5.md").read_text()
+
+
+def test_unknown_family_is_a_clear_error():
+    from adaptsoup.families import FamiliesConfig, family_recipes
+
+    with pytest.raises(AdaptsoupError, match="unknown ingredient famil"):
+        family_recipes(FamiliesConfig(families=["mae", "simclr"]))

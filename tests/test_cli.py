@@ -220,3 +220,21 @@ def test_relative_checkpoint_path(capsys, tmp_path, checkpoint, monkeypatch):
     code, out, err = run_cli(capsys, "info", "ck.safetensors")
     assert code == 0, err
     assert ARCH in out
+
+
+def test_bench_label_free_needs_tasks(capsys):
+    code, _, err = run_cli(capsys, "bench", "label-free")
+    assert code == 2
+    assert_one_line_error(err, "--preset cifar")
+
+
+def test_bench_label_free_rejects_a_malformed_task(capsys):
+    code, _, err = run_cli(capsys, "bench", "label-free", "--task", "digits=only_one_dir")
+    assert code == 2
+    assert_one_line_error(err, "NAME=TRAIN_DIR:TEST_DIR")
+
+
+def test_bench_families_rejects_an_unknown_family(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "bench", "families", "--families", "mae,simclr", "--work", str(tmp_path), "--no-progress")
+    assert code == 2
+    assert_one_line_error(err, "simclr")
