@@ -12,6 +12,8 @@ all corruptions' even images.  Rows:
 * ``self_soup_target_best_ingredient`` — its best ingredient, chosen on the evaluation images (an oracle
   upper bound for picking one ingredient, not a method);
 * ``self_soup_target_self_seasoned`` — its ingredients mixed by Self-Seasoning on the target images;
+* ``self_soup_target_self_seasoned_centered`` — the same with the embeddings centred per batch before the
+  cosines (``mix --center``; not in the paper — see :func:`adaptsoup.seasoning.knn_entropy`);
 * ``supervised_soup+sar`` and ``self_soup_target+sar`` — SAR over each corruption's odd images, online,
   reset between corruptions (Table 2).
 
@@ -46,8 +48,9 @@ from .tta import TTAConfig, run_tta
 TITLES = {"c10c": "CIFAR-10 → CIFAR-10-C", "imagenet-c": "ImageNet → ImageNet-C", "laion-c": "ImageNet → LAION-C"}
 ROW_NAMES = (
     "deployed", "supervised_soup", "cont_ssl_soup", "self_soup_target", "self_soup_target_best_ingredient",
-    "self_soup_target_self_seasoned", "supervised_soup+sar", "self_soup_target+sar",
+    "self_soup_target_self_seasoned", "self_soup_target_self_seasoned_centered", "supervised_soup+sar", "self_soup_target+sar",
 )
+CENTERED = "self-season-centered"  # Self-Seasoning on batch-centred embeddings (``--center``), beside the paper's
 
 
 @dataclass
@@ -60,13 +63,13 @@ class BenchConfig:
     out: str = ""
     work: str = ""
     corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
-    per_corruption: int = 400  # test images per corruption (half even, half odd)
+    per_corruption: int = 300  # test images per corruption (half even, half odd)
     clean_images: int = 1000
     source_images: int = 5000
     inter_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4])
-    inter_steps: int = 250
+    inter_steps: int = 200
     ft_lrs: list[float] = field(default_factory=lambda: [1e-4, 2e-4])
-    ft_steps: int = 80
+    ft_steps: int = 60
     vanilla: int = 2
     batch_size: int = 64
     self_season_epochs: int = 3
@@ -220,10 +223,13 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
                      progress=progress, echo=log, command=command)
     timings["adapt_cont_ssl"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    mixes = mix_run(MixRequest(run_dir=self_run.run_dir, methods=["self-season"], evals=[],
-                               options=MixOptions(epochs=cfg.self_season_epochs, subset=cfg.self_season_subset, seed=cfg.seed, bf16=cfg.bf16)),
-                    progress=progress, log=log)
+    season_options = MixOptions(epochs=cfg.self_season_epochs, subset=cfg.self_season_subset, seed=cfg.seed, bf16=cfg.bf16)
+    mix_run(MixRequest(run_dir=self_run.run_dir, methods=["self-season"], evals=[], options=season_options), progress=progress, log=log)
     timings["self_season"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mixes = mix_run(MixRequest(run_dir=self_run.run_dir, methods=["self-season"], evals=[], save_as=CENTERED,
+                               options=dataclasses.replace(season_options, center=True)), progress=progress, log=log)
+    timings["self_season_centered"] = time.perf_counter() - t0
 
     # -- evaluation of every checkpoint on clean, odd (disjoint) and even (joint) images -------------------------
     t0 = time.perf_counter()
@@ -232,6 +238,7 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     candidates = {
         "deployed": data.stock, "supervised_soup": self_run.supervised_soup_path, "cont_ssl_soup": cont.soup_path,
         "self_soup_target": self_run.soup_path, "self_soup_target_self_seasoned": self_run.run_dir / mixes["self-season"]["path"],
+        "self_soup_target_self_seasoned_centered": self_run.run_dir / mixes[CENTERED]["path"],
         **{f"ingredient:{k}": v for k, v in ingredients.items()},
     }
     metrics = evaluate_checkpoints(candidates, evals, data.preprocess, device=cfg.device, bf16=False, progress=progress, score=data.score)
@@ -246,8 +253,12 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     best = max(ingredients, key=lambda k: _mean(metrics[f"odd/{c}"][f"ingredient:{k}"] for c in corruptions))
     rows.append({**row("self_soup_target_best_ingredient", f"ingredient:{best}"), "ingredient": best,
                  "note": "chosen by its mean accuracy on the odd images: an oracle, not a method"})
-    rows.append({**row("self_soup_target_self_seasoned", "self_soup_target_self_seasoned"),
-                 "coefficients": mixes["self-season"]["coefficients"]})
+    for name, key in (("self_soup_target_self_seasoned", "self-season"), ("self_soup_target_self_seasoned_centered", CENTERED)):
+        info = mixes[key]["info"]
+        rows.append({**row(name, name), "coefficients": mixes[key]["coefficients"],
+                     "self_season": {"initial_loss": info["initial_loss"], "final_loss": info["epoch_losses"][-1],
+                                     "loss_ceiling": info["loss_ceiling"], "flat_at_start": info["flat_at_start"],
+                                     **info["initial_geometry"]}})
 
     # -- SAR on the soups (Table 2): online over each corruption's odd images, reset between corruptions ---------
     t0 = time.perf_counter()

@@ -211,6 +211,7 @@ class MixOptions:
     min_lr: float = 0.01
     k: int = 16
     temperature: float = 0.07
+    center: bool = False  # self-season: centre the embeddings before the cosines (not in the paper)
     samples: int = 1000  # season
     split: float = 0.5  # season / knn scoring: retrieval fraction
     seed: int = 0

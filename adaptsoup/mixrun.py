@@ -37,6 +37,11 @@ class MixRequest:
     evals: list[str] | None = None  # default: the run's --eval folders
     ingredients: str = "self"  # "self", "vanilla" or "all"
     options: MixOptions = field(default_factory=MixOptions)
+    save_as: str | None = None  # one method only: write soups/<save_as>.safetensors and record it under that name
+
+    def keys(self) -> list[tuple[str, str]]:
+        """(method, name it is saved and recorded under) for each requested method."""
+        return [(self.methods[0], self.save_as)] if self.save_as else [(m, m) for m in self.methods]
 
 
 def load_run(run_dir: Path) -> Manifest:
@@ -74,6 +79,8 @@ def mix_run(req: MixRequest, *, progress=None, log: Callable[[str], None] = prin
         names, paths = names + ["stock"], paths + [stock_path]
     for method in req.methods:
         get_mixer(method)  # unknown names fail before any work
+    if req.save_as is not None and (len(req.methods) != 1 or not req.save_as.replace("-", "").replace("_", "").isalnum()):
+        raise AdaptsoupError("--as names one method's soup: give a single --method and a name of letters, digits, - and _")
     first = load_model(None, paths[0])
     pre = Preprocess.for_model(first)
     classes = class_names(first)
@@ -88,35 +95,37 @@ def mix_run(req: MixRequest, *, progress=None, log: Callable[[str], None] = prin
     evals = {Path(e).name: load_folder(e, pre, labeled=True, class_names=classes, progress=progress, description=f"decode {Path(e).name}") for e in eval_dirs}
 
     mixes = manifest.data.setdefault("mixes", {})
-    for method in req.methods:
+    for method, key in req.keys():
         ctx = MixContext(paths=paths, names=names, stock_path=stock_path, target=target, labeled=labeled,
                          options=req.options, progress=progress, log=log)
         t0 = time.perf_counter()
         with PeakMemory() as memory:
             result = get_mixer(method)(ctx)
         wall = time.perf_counter() - t0
-        out = run_dir / "soups" / f"{method}.safetensors"
+        out = run_dir / "soups" / f"{key}.safetensors"
         meta = dataclasses.replace(model_meta(first), provenance={
-            "made_by": "adaptsoup mix", "stage": "soup", "method": method, "parents": names,
+            "made_by": "adaptsoup mix", "stage": "soup", "method": method, "saved_as": key, "parents": names,
             "coefficients": result.coefficients,
         })
         save_checkpoint(out, result.state_dict, meta)
         record = {
-            "path": str(out.relative_to(run_dir)), "wall_s": round(wall, 2), "memory": memory.to_dict(), "ingredients": names,
+            "method": method, "path": str(out.relative_to(run_dir)), "wall_s": round(wall, 2), "memory": memory.to_dict(), "ingredients": names,
             "coefficients": dict(zip(names, result.coefficients)) if result.coefficients is not None else None,
             "options": dataclasses.asdict(req.options), "info": _jsonable(result.info),
         }
-        mixes[method] = record
+        mixes[key] = record
+        for scores in manifest.data.get("metrics", {}).values():
+            scores.pop(f"mix:{key}", None)  # this soup is new: an earlier one's accuracy no longer applies
         manifest.save()
-        log(f"{method}: wrote {out} in {wall:.1f}s")
+        log(f"{key}: wrote {out} in {wall:.1f}s")
     if evals:
         metrics = manifest.data.setdefault("metrics", {})
-        candidates = {f"mix:{m}": run_dir / mixes[m]["path"] for m in req.methods}
+        candidates = {f"mix:{key}": run_dir / mixes[key]["path"] for _, key in req.keys()}
         candidates[SOUP] = run_dir / "soup.safetensors"
         candidates.update(dict(zip(names, paths)))
         candidates.pop("stock", None)
         metrics.update(evaluate_checkpoints(candidates, evals, pre, progress=progress, known=metrics))
-        for m in req.methods:
+        for _, m in req.keys():
             mixes[m]["metrics"] = {
                 e: {"soup": scores.get(f"mix:{m}"), "uniform": scores.get(SOUP),
                     "best_ingredient": max((scores[n] for n in names if n in scores), default=None),

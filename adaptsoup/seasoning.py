@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -37,21 +37,43 @@ KNN_TEMPERATURE = 0.07
 # Losses and scores on embeddings
 
 
-def knn_entropy(z: torch.Tensor, k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> torch.Tensor:
+def knn_entropy(z: torch.Tensor, k: int = KNN_K, temperature: float = KNN_TEMPERATURE, center: bool = False) -> torch.Tensor:
     """In-batch k-nearest-neighbour entropy of embeddings ``z`` [B, D] (the Self-Seasoning loss).
 
     L2-normalise; S = Z Zᵀ with the diagonal at −inf; keep each row's top-k; p = softmax(S_topk / T);
     H = −Σ p log p (p clamped at 1e-12 inside the log); return the batch mean.
+
+    ``center=True`` first subtracts the batch mean of ``z`` (not in the paper's definition).  A ViT's
+    pre-logits embeddings share a large constant component (the final LayerNorm's bias), which can put
+    every cosine near 1: the top-k similarities then differ by far less than T, H sits at its maximum
+    ln k and its gradient vanishes.  Centring removes the shared component and keeps the loss informative.
     """
     if z.ndim != 2 or z.shape[0] < 2:
         raise ValueError(f"knn_entropy needs a batch of at least 2 embeddings, got shape {tuple(z.shape)}")
-    z = F.normalize(z.float(), dim=1)
+    z = z.float()
+    if center:
+        z = z - z.mean(dim=0, keepdim=True)
+    z = F.normalize(z, dim=1)
     sim = z @ z.T
     eye = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
     sim = sim.masked_fill(eye, float("-inf"))
     top = sim.topk(min(k, z.shape[0] - 1), dim=1).values
     p = torch.softmax(top / temperature, dim=1)
     return -(p * p.clamp(min=1e-12).log()).sum(dim=1).mean()
+
+
+@torch.no_grad()
+def embedding_geometry(z: torch.Tensor, k: int = KNN_K, temperature: float = KNN_TEMPERATURE, center: bool = False) -> dict[str, float]:
+    """How informative the kNN-entropy loss can be on embeddings ``z``: the mean pairwise cosine and the mean
+    gap between each row's top-1 and top-k neighbour cosines divided by T (near 0: the loss is flat at ln k)."""
+    z = z.float()
+    if center:
+        z = z - z.mean(dim=0, keepdim=True)
+    z = F.normalize(z, dim=1)
+    sim = z @ z.T
+    off = ~torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+    top = sim.masked_fill(~off, float("-inf")).topk(min(k, z.shape[0] - 1), dim=1).values
+    return {"mean_cosine": float(sim[off].mean()), "topk_gap_over_t": float(((top[:, 0] - top[:, -1]) / temperature).mean())}
 
 
 def knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
@@ -165,6 +187,7 @@ class SelfSeasonConfig:
     weight_decay: float = 0.0
     k: int = KNN_K
     temperature: float = KNN_TEMPERATURE
+    center: bool = False  # subtract the batch mean of the embeddings first (see knn_entropy)
     seed: int = 0
     bf16: bool = False
 
@@ -176,6 +199,7 @@ class SelfSeasonResult:
     losses: list[float]  # mean loss per epoch
     initial_loss: float
     steps: int
+    geometry: dict[str, float] = field(default_factory=dict)  # of the first batch's embeddings, before any step
 
 
 def self_season(model: nn.Module, stack: StackedIngredients, target: ImageSet, pre: Preprocess, cfg: SelfSeasonConfig,
@@ -202,11 +226,13 @@ def self_season(model: nn.Module, stack: StackedIngredients, target: ImageSet, p
         params = {"model." + k: v for k, v in stack.mix(torch.softmax(logits, dim=0)).items()}
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             z = functional_call(module, params, (x,))
-        return knn_entropy(z.float(), cfg.k, cfg.temperature)
+        return knn_entropy(z.float(), cfg.k, cfg.temperature, cfg.center)
 
     with torch.no_grad():
         first = target.subset(torch.arange(batch))
         initial = float(loss_on(pre.normalize(first.images)))
+        params = {"model." + k: v for k, v in stack.mix(torch.softmax(logits, dim=0)).items()}
+        geometry = embedding_geometry(functional_call(module, params, (pre.normalize(first.images),)), cfg.k, cfg.temperature, cfg.center)
     losses, step = [], 0
     for epoch in range(cfg.epochs):
         order = torch.randperm(n, generator=gen)
@@ -218,13 +244,13 @@ def self_season(model: nn.Module, stack: StackedIngredients, target: ImageSet, p
             loss.backward()
             opt.step()
             sched.step()
-            epoch_losses.append(float(loss))
+            epoch_losses.append(loss.item())
             step += 1
             if on_step is not None:
                 on_step(step, total, epoch_losses[-1])
         losses.append(sum(epoch_losses) / len(epoch_losses))
     alpha = torch.softmax(logits.detach(), dim=0)
-    return SelfSeasonResult(alpha.tolist(), logits.detach().tolist(), losses, initial, step)
+    return SelfSeasonResult(alpha.tolist(), logits.detach().tolist(), losses, initial, step, geometry)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .data import Preprocess
@@ -37,7 +39,7 @@ def mix_self_season(ctx: MixContext) -> MixResult:
     model, stack, pre = _model_and_stack(ctx)
     o = ctx.options
     cfg = SelfSeasonConfig(epochs=o.epochs, subset=o.subset, batch_size=o.batch_size, lr=o.lr, min_lr=o.min_lr,
-                           k=o.k, temperature=o.temperature, seed=o.seed, bf16=o.bf16)
+                           k=o.k, temperature=o.temperature, center=o.center, seed=o.seed, bf16=o.bf16)
     progress = ctx.progress or NullProgress()
     task = progress.add_task("self-season", total=None)
 
@@ -47,8 +49,14 @@ def mix_self_season(ctx: MixContext) -> MixResult:
     res = self_season(model, stack, ctx.target, pre, cfg, on_step=on_step)
     progress.remove_task(task)
     ctx.log(f"self-season: kNN entropy {res.initial_loss:.4f} -> {res.losses[-1]:.4f} over {res.steps} steps")
+    ceiling = math.log(min(cfg.k, min(cfg.batch_size, cfg.subset or len(ctx.target), len(ctx.target)) - 1))
+    flat = res.initial_loss > ceiling - 1e-3
+    if flat:
+        ctx.log(f"self-season: warning: the loss started within 1e-3 of its maximum ln k = {ceiling:.4f}: the embeddings' "
+                "cosines are all alike, so it carries almost no signal" + ("" if cfg.center else "; try --center"))
     return MixResult(stack.state_dict(torch.tensor(res.coefficients)), res.coefficients, {
-        "initial_loss": res.initial_loss, "epoch_losses": res.losses, "mixture_logits": res.logits, "steps": res.steps,
+        "initial_loss": res.initial_loss, "loss_ceiling": ceiling, "flat_at_start": flat, "initial_geometry": res.geometry,
+        "epoch_losses": res.losses, "mixture_logits": res.logits, "steps": res.steps,
         "stacked_bytes": stack.nbytes(), "config": cfg.__dict__,
     })
 

@@ -261,6 +261,7 @@ def mix(
     labeled: Optional[Path] = typer.Option(None, help="A few labeled images (class_name/<image>) for season, greedy and best."),
     eval_dirs: Optional[List[Path]] = typer.Option(None, "--eval", help="Labeled folders to score the soups on (default: the run's)."),
     ingredients: str = typer.Option("self", help="Which ingredients to mix: self, vanilla or all."),
+    save_as: Optional[str] = typer.Option(None, "--as", help="With one --method: save and record the soup under this name (to keep variants side by side)."),
     include_stock: bool = typer.Option(False, help="Add the stock as one more ingredient."),
     epochs: int = typer.Option(100, help="self-season: epochs over the target images."),
     subset: int = typer.Option(0, help="self-season: a seeded random subset of this many target images (0: all)."),
@@ -269,6 +270,7 @@ def mix(
     min_lr: float = typer.Option(0.01, help="self-season: final learning rate."),
     k: int = typer.Option(16, help="Neighbours for the kNN entropy and kNN accuracy."),
     temperature: float = typer.Option(0.07, help="Temperature of the kNN softmax."),
+    center: bool = typer.Option(False, "--center/--no-center", help="self-season: subtract the batch mean of the embeddings before the cosines (not in the paper; helps when they all point one way)."),
     samples: int = typer.Option(1000, help="season: Dirichlet(1) coefficient samples."),
     split: float = typer.Option(0.5, help="season / kNN scoring: fraction of --labeled used for retrieval."),
     score: str = typer.Option("auto", help="greedy / best: classifier, knn or auto (classifier when classes match)."),
@@ -285,13 +287,13 @@ def mix(
     if score not in ("auto", "classifier", "knn"):
         fail(f"--score must be auto, classifier or knn, got {score!r}")
     options = MixOptions(epochs=epochs, subset=subset, batch_size=batch_size, lr=lr, min_lr=min_lr, k=k, temperature=temperature,
-                         samples=samples, split=split, seed=seed, greedy_tie=greedy_tie, score=score, include_stock=include_stock, bf16=bf16)
+                         center=center, samples=samples, split=split, seed=seed, greedy_tie=greedy_tie, score=score, include_stock=include_stock, bf16=bf16)
     req = MixRequest(run_dir=run_dir, methods=list(methods), target=str(target) if target else None,
                      labeled=str(labeled) if labeled else None, evals=[str(e) for e in eval_dirs] if eval_dirs else None,
-                     ingredients=ingredients, options=options)
+                     ingredients=ingredients, options=options, save_as=save_as)
     with progress_bars(progress) as bars:
         mixes = mix_run(req, progress=bars, log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
-    print_mixes({m: mixes[m] for m in methods})
+    print_mixes({key: mixes[key] for _, key in req.keys()})
 
 
 def print_mixes(mixes: dict) -> None:

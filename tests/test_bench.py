@@ -153,11 +153,12 @@ def test_ingredient_families_mix_across_losses(tmp_path):
     result = run_families(cfg, command="test", log=lambda m: None)
     saved = json.loads((tmp_path / "results" / "families_quick_s5.json").read_text())
     names = [r["name"] for r in saved["rows"]]
-    assert names == ["deployed", *(f"{f}_soup" for f in FAMILIES), "all_families_uniform", "all_families_self_seasoned", "best_ingredient"]
+    assert names == ["deployed", *(f"{f}_soup" for f in FAMILIES), "all_families_uniform", "all_families_self_seasoned",
+                     "all_families_self_seasoned_centered", "best_ingredient"]
     # two ingredients per family, each fine-tuned back once
     families = [v["family"] for v in saved["ingredients"].values()]
     assert sorted(families) == sorted(f for f in FAMILIES for _ in range(2))
-    coeffs = result["rows"][-2]["coefficients"]
+    coeffs = result["rows"][-3]["coefficients"]
     assert len(coeffs) == 10 and abs(sum(coeffs.values()) - 1) < 1e-5
     assert all(0 <= r["disjoint"] <= 100 and 0 <= r["clean"] <= 100 for r in saved["rows"])
     assert saved["self_season"]["stacked_mb"] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import types
 
 import pytest
@@ -17,7 +18,7 @@ from adaptsoup.mixrun import MixRequest, interpolate, mix_run
 from adaptsoup.models import model_meta
 from adaptsoup.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
 from adaptsoup.seasoning import (
-    SelfSeasonConfig, StackedIngredients, candidate_coefficients, greedy, knn_accuracy, knn_entropy, self_season,
+    SelfSeasonConfig, StackedIngredients, candidate_coefficients, embedding_geometry, greedy, knn_accuracy, knn_entropy, self_season,
     split_retrieval_eval,
 )
 from helpers import CLASS_NAMES, tiny_model, write_noise_images
@@ -41,6 +42,21 @@ def test_knn_entropy_matches_its_definition(batch, dim, k):
     got = knn_entropy(z.float(), k=k)
     want = direct_knn_entropy(z, k=k)
     assert got.item() == pytest.approx(want.item(), abs=1e-6)
+
+
+def test_a_shared_offset_flattens_the_loss_and_centring_undoes_it():
+    z = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    offset = 50.0 * torch.randn(16, generator=torch.Generator().manual_seed(2))  # like a final LayerNorm's bias
+    ceiling = math.log(16)
+    assert knn_entropy(z + offset).item() > ceiling - 1e-3  # every cosine near 1: the loss sits at ln k
+    assert knn_entropy(z).item() < ceiling - 0.1
+    # centring is the definition applied to z minus its batch mean, and it cancels any shared offset
+    centred = knn_entropy(z + offset, center=True).item()
+    assert centred == pytest.approx(direct_knn_entropy((z - z.mean(0)).double()).item(), abs=1e-5)
+    assert centred == pytest.approx(knn_entropy(z, center=True).item(), abs=1e-5)
+    flat, informative = embedding_geometry(z + offset), embedding_geometry(z + offset, center=True)
+    assert flat["mean_cosine"] > 0.99 and flat["topk_gap_over_t"] < 0.1
+    assert abs(informative["mean_cosine"]) < 0.05 and informative["topk_gap_over_t"] > 1.0
 
 
 def test_knn_entropy_gradients_reach_mixture_logits():
@@ -197,6 +213,24 @@ def test_mix_run_writes_soups_coefficients_and_plot(small_run):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert mixes["best"]["coefficients"][mixes["best"]["info"]["chosen"]] == 1.0
     assert (run / "mix_coefficients.png").stat().st_size > 1000
+
+
+def test_a_named_variant_sits_beside_the_method_and_is_scored_afresh(small_run):
+    run = small_run / "run"
+    mix_run(MixRequest(run_dir=run, methods=["best"], labeled=str(small_run / "labeled")), log=lambda m: None)
+    # "best" again under another name, then "best" re-mixed as a different soup: each is scored as what it now is
+    named = mix_run(MixRequest(run_dir=run, methods=["best"], labeled=str(small_run / "labeled"), save_as="best-copy"), log=lambda m: None)
+    assert (run / "soups" / "best-copy.safetensors").is_file() and named["best-copy"]["method"] == "best"
+    assert named["best-copy"]["metrics"]["labeled"]["soup"] == named["best"]["metrics"]["labeled"]["soup"]
+    mixed = mix_run(MixRequest(run_dir=run, methods=["uniform"], save_as="best"), log=lambda m: None)
+    scores = json.loads((run / "manifest.json").read_text())["metrics"]["labeled"]
+    assert mixed["best"]["method"] == "uniform"
+    assert mixed["best"]["metrics"]["labeled"]["soup"] == pytest.approx(scores["soup"])  # the uniform soup's accuracy
+    with pytest.raises(AdaptsoupError, match="single --method"):
+        mix_run(MixRequest(run_dir=run, methods=["uniform", "best"], save_as="x"), log=lambda m: None)
+    with pytest.raises(AdaptsoupError, match="single --method"):
+        mix_run(MixRequest(run_dir=run, methods=["uniform"], save_as="../escape"), log=lambda m: None)
+    mix_run(MixRequest(run_dir=run, methods=["best"], labeled=str(small_run / "labeled")), log=lambda m: None)  # restore
 
 
 def test_labels_methods_need_labels_and_unknown_methods_are_refused(small_run):
