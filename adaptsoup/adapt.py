@@ -307,11 +307,13 @@ def evaluate_checkpoints(candidates: dict[str, Path], evals: dict[str, ImageSet]
     """
     progress = progress or NullProgress()
     metrics: dict[str, dict[str, float]] = {k: dict(v) for k, v in (known or {}).items()}
-    todo = [(n, p) for n, p in candidates.items() if any(n not in metrics.get(e, {}) for e in evals)]
-    task = progress.add_task("evaluate", total=len(todo) * max(1, len(evals)))
-    for name, path in todo:
-        model = load_model(arch if name == DEPLOYED else None, path)
-        for eval_name, images in evals.items():
+    todo = {n: [e for e in evals if n not in metrics.get(e, {})] for n in candidates}  # only what is not known yet
+    todo = {n: missing for n, missing in todo.items() if missing}
+    task = progress.add_task("evaluate", total=sum(len(m) for m in todo.values()))
+    for name, missing in todo.items():
+        model = load_model(arch if name == DEPLOYED else None, candidates[name])
+        for eval_name in missing:
+            images = evals[eval_name]
             logits = run_model(model, images, pre, device=device, bf16=bf16).logits
             metrics.setdefault(eval_name, {})[name] = score(logits, images.labels)
             progress.advance(task)
