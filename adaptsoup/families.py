@@ -133,7 +133,8 @@ def run_families(cfg: FamiliesConfig, *, command: str = "", progress=None, log: 
     candidates = {"deployed": data.stock, **{f"soup:{f}": p for f, p in family_soups.items()},
                   "all_uniform": all_uniform, "all_self_seasoned": all_seasoned, "all_self_seasoned_centered": all_centered,
                   **{f"ingredient:{n}": p for n, p in ingredients.items()}}
-    metrics = evaluate_checkpoints(candidates, data.evals, data.preprocess, device=b.device, progress=progress, score=data.score)
+    disjoint = {k: v for k, v in data.evals.items() if not k.startswith("even/")}  # this table has no joint column
+    metrics = evaluate_checkpoints(candidates, disjoint, data.preprocess, device=b.device, progress=progress, score=data.score)
     timings["evaluate"] = time.perf_counter() - t0
     corruptions = data.corruptions
 
@@ -157,7 +158,7 @@ def run_families(cfg: FamiliesConfig, *, command: str = "", progress=None, log: 
         "wall_time_s": round(time.perf_counter() - t_start + data.notes.get("prepare_data_s", 0.0), 1),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "config": dataclasses.asdict(cfg), "families": list(family_soups),
-        "data": {"corruptions": corruptions, "eval_images": {k: len(v) for k, v in data.evals.items()}, "target_images": len(target)},
+        "data": {"corruptions": corruptions, "eval_images": {k: len(v) for k, v in disjoint.items()}, "target_images": len(target)},
         "rows": rows,
         "ingredients": {n: {"family": n.split("/")[0], "clean": r["clean"], "disjoint": r["disjoint"],
                             "per_corruption": r["per_corruption"]} for n, r in per_ingredient.items()},
