@@ -54,6 +54,7 @@ class LabelFreeConfig:
     steps: int = 200
     batch_size: int = 64
     mmcr_lambdas: list[float] = field(default_factory=lambda: [0.0, 0.1])
+    mmcr_views: int = 2  # views per image (the MMCR paper uses more; each view costs a forward and backward)
     mocov3_temperatures: list[float] = field(default_factory=lambda: [0.1, 1.0])
     k: int = 16
     samples: int = 100
@@ -89,7 +90,7 @@ def run_label_free(stock: str, decoder: str | None, tasks: dict[str, Task | tupl
         train_dir, test_dir = task.train, task.test
         t0 = time.perf_counter()
         inter = InterTrainConfig(ssl=["mae", "mmcr", "mocov3"], lrs=[cfg.lr], steps=[cfg.steps], batch_size=cfg.batch_size,
-                                 mmcr=MMCRGrid(lambdas=list(cfg.mmcr_lambdas)), mocov3=MoCoV3Grid(temperatures=list(cfg.mocov3_temperatures)))
+                                 mmcr=MMCRGrid(lambdas=list(cfg.mmcr_lambdas), views=cfg.mmcr_views), mocov3=MoCoV3Grid(temperatures=list(cfg.mocov3_temperatures)))
         run = run_adapt(AdaptConfig(model=stock, stock=decoder, target=train_dir, out=str(work_dir / name), finetune_back=False,
                                     max_target_images=cfg.max_train_images, seed=cfg.seed, bf16=cfg.bf16, device=cfg.device, inter=inter),
                         progress=progress, echo=log, command=command)

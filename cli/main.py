@@ -494,6 +494,7 @@ def bench_label_free(
     decoder: Optional[Path] = typer.Option(None, help="Its MAE decoder (default: the file beside the stock)."),
     steps: int = typer.Option(200, help="Inter-training steps per SSL ingredient."),
     lr: float = typer.Option(1e-4, help="Inter-training learning rate."),
+    mmcr_views: int = typer.Option(2, min=2, help="MMCR: augmented views per image."),
     samples: int = typer.Option(100, help="Seasoning: Dirichlet samples scored by k-NN on the few labels."),
     self_season_epochs: int = typer.Option(5, help="Self-Seasoning epochs over the task's training images."),
     out_dir: Path = typer.Option(Path("benchmarks/results"), "--out"),
@@ -530,7 +531,7 @@ def bench_label_free(
                                         labeled_images=labeled_images, families=fams, progress=bars)
             parsed = {**built, **parsed}
         result = run_label_free(str(stock_path), str(dec) if Path(dec).is_file() else None, parsed,
-                                LabelFreeConfig(steps=steps, lr=lr, samples=samples, self_season_epochs=self_season_epochs, device=device),
+                                LabelFreeConfig(steps=steps, lr=lr, mmcr_views=mmcr_views, samples=samples, self_season_epochs=self_season_epochs, device=device),
                                 str(out_dir), str(work_dir), command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
                                 log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
     table = Table(title="label-free soups: k-NN top-1")
