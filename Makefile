@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test install clean stock
+.PHONY: demo test install clean stock benchmarks
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test: $(STAMP)
 
 stock: $(STAMP)
 	$(BIN)/python benchmarks/train_stock.py --bf16
+
+# Every CPU benchmark in turn (about 5.5 hours on 2 cores after the stock); each step resumes where it stopped.
+benchmarks: stock
+	$(BIN)/adaptsoup bench c10c --mode quick --no-progress
+	$(BIN)/adaptsoup bench c10c --mode full --no-progress
+	$(BIN)/adaptsoup bench c10c --mode quick --severity 3 --no-progress
+	$(BIN)/adaptsoup bench families --mode quick --no-progress
+	$(BIN)/adaptsoup bench label-free --preset cifar --steps 100 --no-progress
 
 clean:
 	rm -rf $(VENV) build *.egg-info

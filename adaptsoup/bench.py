@@ -166,7 +166,7 @@ def prepare_c10c(cfg: BenchConfig, *, progress=None, log: Callable[[str], None] 
     progress = progress or NullProgress()
     stock_path, decoder = _stock_and_decoder(cfg)
     cifar = require_cifar10(cfg.data)
-    work = _work_dir(cfg, "c10c")
+    work = bench_work_dir(cfg, "c10c")
     stock = load_model(None, stock_path)
     pre = Preprocess.for_model(stock)
     names = class_names(stock)
@@ -194,7 +194,8 @@ def _stock_and_decoder(cfg: BenchConfig) -> tuple[Path, str | None]:
     return stock_path, decoder
 
 
-def _work_dir(cfg: BenchConfig, benchmark: str) -> Path:
+def bench_work_dir(cfg: BenchConfig, benchmark: str) -> Path:
+    """Where a benchmark keeps its generated data and runs (``--work``, or the cache): reruns resume there."""
     work = Path(cfg.work or default_cache_dir() / "bench" / f"{benchmark}-{cfg.mode}-s{cfg.severity}")
     work.mkdir(parents=True, exist_ok=True)
     return work
@@ -206,7 +207,7 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     t_start = time.perf_counter()
     timings: dict[str, float] = {k: v for k, v in data.notes.items() if k.endswith("_s")}
     progress = progress or NullProgress()
-    work = _work_dir(cfg, data.benchmark)
+    work = bench_work_dir(cfg, data.benchmark)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     common = dict(model=str(data.stock), source=data.source, stock=data.decoder, max_source_images=cfg.source_images,
@@ -247,7 +248,7 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     metrics = evaluate(soups, evals)
     metrics = evaluate(candidates, {k: v for k, v in evals.items() if not k.startswith("even/")}, known=metrics)
     corruptions = data.corruptions
-    best = max(ingredients, key=lambda k: _mean(metrics[f"odd/{c}"][f"ingredient:{k}"] for c in corruptions))
+    best = max(ingredients, key=lambda k: mean_or_nan(metrics[f"odd/{c}"][f"ingredient:{k}"] for c in corruptions))
     metrics = evaluate({f"ingredient:{best}": ingredients[best]}, evals, known=metrics)
     timings["evaluate"] = time.perf_counter() - t0
     has_clean = "clean" in evals
@@ -277,7 +278,7 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
             res, _ = run_tta(model, images, data.preprocess, TTAConfig(method="sar", batch_size=cfg.sar_batch, base_lr=cfg.sar_base_lr, seed=cfg.seed, device=cfg.device))
             per[c] = data.score(res.logits, images.labels)
             details[c] = {"resets": res.resets, "filtered_out": res.filtered_out, "final_ema": res.final_ema}
-        rows.append({"name": f"{base}+sar", "clean": None, "disjoint": _mean(per.values()), "joint": None,
+        rows.append({"name": f"{base}+sar", "clean": None, "disjoint": mean_or_nan(per.values()), "joint": None,
                      "per_corruption": per, "sar": details})
     timings["sar"] = time.perf_counter() - t0
 
@@ -286,7 +287,7 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
                         "stacked_mb": round(season["info"]["stacked_bytes"] / 2**20, 1), **season["memory"],
                         "epochs": cfg.self_season_epochs, "subset": cfg.self_season_subset}
     ingredient_scores = {k: {"clean": metrics["clean"][f"ingredient:{k}"] if has_clean else None,
-                             "disjoint": _mean(metrics[f"odd/{c}"][f"ingredient:{k}"] for c in corruptions)} for k in ingredients}
+                             "disjoint": mean_or_nan(metrics[f"odd/{c}"][f"ingredient:{k}"] for c in corruptions)} for k in ingredients}
     env = environment()
     result = {
         "benchmark": data.benchmark, "mode": cfg.mode, "severity": cfg.severity, "command": command, "commit": git_commit(),
@@ -313,8 +314,8 @@ def score_row(name: str, key: str, metrics: dict[str, dict[str, float]], corrupt
     """One table row from :func:`evaluate_checkpoints` metrics: clean, disjoint (odd) and joint (even) means."""
     odd = {c: metrics[f"odd/{c}"][key] for c in corruptions}
     even = {c: metrics[f"even/{c}"][key] for c in corruptions if key in metrics.get(f"even/{c}", {})}
-    return {"name": name, "clean": metrics["clean"][key] if "clean" in metrics else None, "disjoint": _mean(odd.values()),
-            "joint": _mean(even.values()) if even else None, "per_corruption": odd, "per_corruption_joint": even}
+    return {"name": name, "clean": metrics["clean"][key] if "clean" in metrics else None, "disjoint": mean_or_nan(odd.values()),
+            "joint": mean_or_nan(even.values()) if even else None, "per_corruption": odd, "per_corruption_joint": even}
 
 
 def sanity_checks(rows: list[dict], chance: float | None, sar_tolerance: float = 1.0, chance_margin: float = 5.0) -> dict:
@@ -334,14 +335,15 @@ def sanity_checks(rows: list[dict], chance: float | None, sar_tolerance: float =
         if name.endswith("+sar") and name[: -len("+sar")] in by_name:
             base = by_name[name[: -len("+sar")]]["per_corruption"]
             delta = {c: r["per_corruption"][c] - base[c] for c in r["per_corruption"]}
-            out[f"{name}_change"] = {"mean": _mean(delta.values()), "worst": min(delta.values()),
+            out[f"{name}_change"] = {"mean": mean_or_nan(delta.values()), "worst": min(delta.values()),
                                      "worst_corruption": min(delta, key=delta.get),
                                      "below_tolerance": [c for c, d in delta.items() if d < -sar_tolerance],
                                      "tolerance": sar_tolerance}
     return out
 
 
-def _mean(values) -> float:
+def mean_or_nan(values) -> float:
+    """The mean of the values that are not None (NaN when there are none)."""
     values = [v for v in values if v is not None]
     return float(sum(values) / len(values)) if values else float("nan")
 
@@ -461,7 +463,7 @@ def run_imagenet_c(cfg: BenchConfig, root: str, source: str, *, layout: str = "a
                              " and, for LAION-C, category_mapping.json)")
     root_path = Path(root)
     layout = detect_layout(root_path) if layout == "auto" else layout
-    work = _work_dir(cfg, layout)
+    work = bench_work_dir(cfg, layout)
     pre = Preprocess.for_model(load_model(None, stock_path))
     t0 = time.perf_counter()
     target, corruptions, evals, score, stock_for_run = prepare_shift_benchmark(

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from .adapt import evaluate_checkpoints, run_adapt
-from .bench import BenchConfig, _mean, _work_dir, prepare_c10c, score_row
+from .bench import BenchConfig, bench_work_dir, mean_or_nan, prepare_c10c, score_row
 from .checkpoint import save_checkpoint
 from .data import load_folder
 from .errors import AdaptsoupError
@@ -90,7 +90,7 @@ def run_families(cfg: FamiliesConfig, *, command: str = "", progress=None, log: 
     progress = progress or NullProgress()
     b = cfg.bench
     data = prepare_c10c(b, progress=progress, log=log)
-    work = _work_dir(b, "families")
+    work = bench_work_dir(b, "families")
     out = Path(b.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {"prepare_data": data.notes["prepare_data_s"]}
@@ -146,7 +146,7 @@ def run_families(cfg: FamiliesConfig, *, command: str = "", progress=None, log: 
         rows.append({**score_row(row_name, key, metrics, corruptions), "coefficients": dict(zip(names, res.coefficients)),
                      "self_season": {k: res.info[k] for k in ("initial_loss", "loss_ceiling", "flat_at_start")}
                      | {"final_loss": res.info["epoch_losses"][-1], **res.info["initial_geometry"]}})
-    best = max(ingredients, key=lambda n: _mean(metrics[f"odd/{c}"][f"ingredient:{n}"] for c in corruptions))
+    best = max(ingredients, key=lambda n: mean_or_nan(metrics[f"odd/{c}"][f"ingredient:{n}"] for c in corruptions))
     rows.append({**score_row("best_ingredient", f"ingredient:{best}", metrics, corruptions), "ingredient": best,
                  "note": "chosen by its mean accuracy on the odd images: an oracle, not a method"})
     per_ingredient = {n: score_row(n, f"ingredient:{n}", metrics, corruptions) for n in ingredients}
@@ -191,7 +191,7 @@ def markdown_table(result: dict) -> str:
         members = [v["disjoint"] for v in ing.values() if v["family"] == family] if family else []
         if r["name"].startswith("all_families"):
             members = [v["disjoint"] for v in ing.values()]
-        lines.append(f"| {r['name']} | {fmt(r['clean'])} | {fmt(r['disjoint'])} | {fmt(_mean(members)) if members else '—'} |")
+        lines.append(f"| {r['name']} | {fmt(r['clean'])} | {fmt(r['disjoint'])} | {fmt(mean_or_nan(members)) if members else '—'} |")
     lines += ["", "Ingredients:", "", "| ingredient | clean | disjoint |", "|---|---|---|"]
     for n, v in ing.items():
         lines.append(f"| {n} | {fmt(v['clean'])} | {fmt(v['disjoint'])} |")
