@@ -30,7 +30,7 @@ test: $(STAMP)
 stock: $(STAMP)
 	$(BIN)/python benchmarks/train_stock.py --bf16
 
-# Every CPU benchmark in turn (about 5.5 hours on 2 cores after the stock); each step resumes where it stopped.
+# Every CPU benchmark in turn (hours on 2 cores; each writes its measured wall time); each step resumes where it stopped.
 benchmarks: stock
 	$(BIN)/adaptsoup bench c10c --mode quick --no-progress
 	$(BIN)/adaptsoup bench c10c --mode full --no-progress
