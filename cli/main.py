@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import click
 import typer
@@ -26,6 +26,11 @@ app = typer.Typer(
 )
 out = Console(soft_wrap=True, markup=False, highlight=False)
 err = progress_console  # the progress bars draw on this console too, so log lines and bars do not collide
+
+
+def log_line(line: str) -> None:
+    """A library log line on stderr, as it is (no rich markup), above any progress bars."""
+    err.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -231,7 +236,7 @@ def adapt(
         if needing and mix_labeled is None:
             fail(f"--mix {', '.join(needing)} needs a few labels: add --mix-labeled DIR")
     with progress_bars(progress) as bars:
-        result = run_adapt(cfg, progress=bars, echo=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True),
+        result = run_adapt(cfg, progress=bars, echo=log_line,
                            command="adaptsoup " + " ".join(sys.argv[1:]))
     print_metrics(result.metrics)
     if mix_methods:
@@ -239,7 +244,7 @@ def adapt(
 
         with progress_bars(progress) as bars:
             mixes = mix_run(MixRequest(run_dir=result.run_dir, methods=list(mix_methods), labeled=str(mix_labeled) if mix_labeled else None),
-                            progress=bars, log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+                            progress=bars, log=log_line)
         print_mixes({m: mixes[m] for m in mix_methods})
     if tta_method:
         from adaptsoup.tta import TTAConfig, tta_run_dir
@@ -247,7 +252,7 @@ def adapt(
         with progress_bars(progress) as bars:
             summary = tta_run_dir(str(result.soup_path), str(result.run_dir / "tta"), TTAConfig(method=tta_method, device=cfg.device),
                                   target=cfg.target, progress=bars,
-                                  log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+                                  log=log_line)
         out.print(f"{tta_method} on the soup: {result.run_dir / 'tta' / 'adapted.safetensors'} ({summary['resets']} reset(s))")
     out.print(f"soup: {result.soup_path}")
     out.print(f"manifest: {result.manifest_path}")
@@ -292,7 +297,7 @@ def mix(
                      labeled=str(labeled) if labeled else None, evals=[str(e) for e in eval_dirs] if eval_dirs else None,
                      ingredients=ingredients, options=options, save_as=save_as)
     with progress_bars(progress) as bars:
-        mixes = mix_run(req, progress=bars, log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+        mixes = mix_run(req, progress=bars, log=log_line)
     print_mixes({key: mixes[key] for _, key in req.keys()})
 
 
@@ -362,7 +367,7 @@ def tta(
     with progress_bars(progress) as bars:
         summary = tta_run_dir(str(model), str(out_dir), cfg, target=str(target) if target else None,
                               eval_labels=str(eval_labels) if eval_labels else None, arch=arch, progress=bars,
-                              log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+                              log=log_line)
     out.print(f"wrote {out_dir / 'predictions.csv'}, {out_dir / 'adapted.safetensors'}, {out_dir / 'manifest.json'}")
     if summary["online_accuracy"] is not None:
         out.print(f"online accuracy: {summary['online_accuracy']:.2f}%")
@@ -372,18 +377,40 @@ bench_app = typer.Typer(help="Benchmarks: accuracy under shift with the paper's 
 app.add_typer(bench_app, name="bench")
 
 
+# Options every benchmark command takes, declared once.
+BenchStock = Annotated[Optional[Path], typer.Option(help="Deployed model / stock (default: benchmarks/stock/vit_tiny_patch4_32_cifar10.safetensors).")]
+BenchDecoder = Annotated[Optional[Path], typer.Option(help="Its MAE decoder (default: the *_mae_decoder.safetensors file beside the stock).")]
+BenchData = Annotated[Optional[Path], typer.Option(help="CIFAR-10 folder or tarball (default: $ADAPTSOUP_DATA or ../shared).")]
+BenchOut = Annotated[Path, typer.Option("--out", help="Where the JSON, Markdown and PNGs go.")]
+BenchWork = Annotated[Optional[Path], typer.Option(help="Working folder for generated data and runs (default: the cache); reruns resume there.")]
+BenchDevice = Annotated[str, typer.Option(help="cpu or cuda.")]
+BenchProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+RESULTS = Path("benchmarks/results")
+
+
+def print_rows(title: str, rows: list[dict], columns: tuple[str, ...]) -> None:
+    """A benchmark's rows as a table: the row name, then each column's accuracy ('-' where it has none)."""
+    table = Table(title=title)
+    table.add_column("row")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["name"], *("-" if r.get(k) is None else f"{r[k]:.2f}" for k in columns))
+    out.print(table)
+
+
 @bench_app.command("c10c")
 def bench_c10c(
     mode: str = typer.Option("quick", help="quick (under 15 min on 2 cores) or full (under 2 h on 2 cores)."),
     severity: int = typer.Option(5, min=1, max=5, help="Corruption severity (5 is the headline, 3 the second)."),
-    stock: Optional[Path] = typer.Option(None, help="Deployed model (default: benchmarks/stock/vit_tiny_patch4_32_cifar10.safetensors)."),
-    decoder: Optional[Path] = typer.Option(None, help="Its MAE decoder (default: the file beside the stock)."),
-    data: Optional[Path] = typer.Option(None, help="CIFAR-10 folder or tarball (default: $ADAPTSOUP_DATA or ../shared)."),
-    out_dir: Path = typer.Option(Path("benchmarks/results"), "--out", help="Where the JSON, Markdown and PNGs go."),
-    work: Optional[Path] = typer.Option(None, help="Working folder for data and runs (default: the cache)."),
+    stock: BenchStock = None,
+    decoder: BenchDecoder = None,
+    data: BenchData = None,
+    out_dir: BenchOut = RESULTS,
+    work: BenchWork = None,
     corruptions: Optional[str] = typer.Option(None, help="Comma-separated subset of the 15 corruptions."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    device: BenchDevice = "cpu",
+    progress: BenchProgress = True,
 ) -> None:
     """CIFAR-10 -> CIFAR-10-C: deployed, supervised soup, continued-SSL soup, Self-Soup (+ best, Self-Seasoned), + SAR."""
     from adaptsoup.bench import C10CConfig, run_c10c
@@ -401,27 +428,22 @@ def bench_c10c(
                               corruptions=chosen, device=device)
     with progress_bars(progress) as bars:
         result = run_c10c(cfg, command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
-                          log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
-    table = Table(title=f"CIFAR-10-C severity {severity} ({mode})")
-    for col in ("row", "clean", "disjoint", "joint"):
-        table.add_column(col, justify="left" if col == "row" else "right")
-    for r in result["rows"]:
-        table.add_row(r["name"], *("-" if r[k] is None else f"{r[k]:.2f}" for k in ("clean", "disjoint", "joint")))
-    out.print(table)
+                          log=log_line)
+    print_rows(f"CIFAR-10-C severity {severity} ({mode})", result["rows"], ("clean", "disjoint", "joint"))
 
 
 @bench_app.command("families")
 def bench_families(
-    mode: str = typer.Option("quick", help="quick (about 30 min on 2 cores) or full (the c10c full data, longer runs)."),
+    mode: str = typer.Option("quick", help="quick (the c10c quick data, short runs) or full (the c10c full data, longer runs)."),
     severity: int = typer.Option(5, min=1, max=5, help="Corruption severity."),
     families: Optional[str] = typer.Option(None, help="Comma-separated subset of mae,mocov3,mmcr,noisy,partition."),
-    stock: Optional[Path] = typer.Option(None, help="Deployed model (default: the CIFAR-10 reference stock)."),
-    decoder: Optional[Path] = typer.Option(None, help="Its MAE decoder (default: the file beside the stock)."),
-    data: Optional[Path] = typer.Option(None, help="CIFAR-10 folder or tarball (default: $ADAPTSOUP_DATA or ../shared)."),
-    out_dir: Path = typer.Option(Path("benchmarks/results"), "--out"),
-    work: Optional[Path] = typer.Option(None, help="Working folder for data and runs (default: the cache)."),
-    device: str = typer.Option("cpu"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    stock: BenchStock = None,
+    decoder: BenchDecoder = None,
+    data: BenchData = None,
+    out_dir: BenchOut = RESULTS,
+    work: BenchWork = None,
+    device: BenchDevice = "cpu",
+    progress: BenchProgress = True,
 ) -> None:
     """Do MAE, MoCo v3, MMCR, noisy and partition ingredients mix? Family soups, all-family soups, on CIFAR-10-C."""
     from adaptsoup.families import FamiliesConfig, run_families
@@ -433,13 +455,8 @@ def bench_families(
                                   device=device, families=chosen)
     with progress_bars(progress) as bars:
         result = run_families(cfg, command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
-                              log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
-    table = Table(title=f"ingredient families, CIFAR-10-C severity {severity} ({mode})")
-    for col in ("row", "clean", "disjoint"):
-        table.add_column(col, justify="left" if col == "row" else "right")
-    for r in result["rows"]:
-        table.add_row(r["name"], *("-" if r[k] is None else f"{r[k]:.2f}" for k in ("clean", "disjoint")))
-    out.print(table)
+                              log=log_line)
+    print_rows(f"ingredient families, CIFAR-10-C severity {severity} ({mode})", result["rows"], ("clean", "disjoint"))
 
 
 @bench_app.command("imagenet-c")
@@ -453,10 +470,10 @@ def bench_imagenet_c(
     mode: str = typer.Option("quick", help="quick or full (sizes of the recipe, as for c10c)."),
     severity: int = typer.Option(5, min=1, max=5, help="Severity / intensity level."),
     corruptions: Optional[str] = typer.Option(None, help="Comma-separated subset of corruption folders."),
-    out_dir: Path = typer.Option(Path("benchmarks/results"), "--out"),
-    work: Optional[Path] = typer.Option(None),
-    device: str = typer.Option("cpu"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    out_dir: BenchOut = RESULTS,
+    work: BenchWork = None,
+    device: BenchDevice = "cpu",
+    progress: BenchProgress = True,
 ) -> None:
     """ImageNet-C / LAION-C: the same rows and tables as c10c on the released layouts."""
     from adaptsoup.bench import BenchConfig, run_imagenet_c
@@ -472,13 +489,8 @@ def bench_imagenet_c(
     with progress_bars(progress) as bars:
         result = run_imagenet_c(cfg, str(root), str(source), layout=layout, mapping_dir=str(mapping_dir) if mapping_dir else None,
                                 command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
-                                log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
-    table = Table(title=f"{result['benchmark']} severity {severity} ({mode})")
-    for col in ("row", "disjoint", "joint"):
-        table.add_column(col, justify="left" if col == "row" else "right")
-    for r in result["rows"]:
-        table.add_row(r["name"], *("-" if r[k] is None else f"{r[k]:.2f}" for k in ("disjoint", "joint")))
-    out.print(table)
+                                log=log_line)
+    print_rows(f"{result['benchmark']} severity {severity} ({mode})", result["rows"], ("disjoint", "joint"))
 
 
 @bench_app.command("label-free")
@@ -489,18 +501,18 @@ def bench_label_free(
     train_images: int = typer.Option(2000, help="With --preset: training images per task (SSL data and k-NN bank)."),
     test_images: int = typer.Option(1000, help="With --preset: test images per task."),
     labeled_images: int = typer.Option(500, help="With --preset: the few labels per task for best/season."),
-    data: Optional[Path] = typer.Option(None, help="CIFAR-10 folder or tarball for --preset (default: $ADAPTSOUP_DATA or ../shared)."),
-    stock: Optional[Path] = typer.Option(None, help="Stock checkpoint (default: the CIFAR-10 reference stock)."),
-    decoder: Optional[Path] = typer.Option(None, help="Its MAE decoder (default: the file beside the stock)."),
+    data: BenchData = None,
+    stock: BenchStock = None,
+    decoder: BenchDecoder = None,
     steps: int = typer.Option(200, help="Inter-training steps per SSL ingredient."),
     lr: float = typer.Option(1e-4, help="Inter-training learning rate."),
     mmcr_views: int = typer.Option(2, min=2, help="MMCR: augmented views per image."),
     samples: int = typer.Option(100, help="Seasoning: Dirichlet samples scored by k-NN on the few labels."),
     self_season_epochs: int = typer.Option(5, help="Self-Seasoning epochs over the task's training images."),
-    out_dir: Path = typer.Option(Path("benchmarks/results"), "--out"),
-    work: Optional[Path] = typer.Option(None),
-    device: str = typer.Option("cpu"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    out_dir: BenchOut = RESULTS,
+    work: BenchWork = None,
+    device: BenchDevice = "cpu",
+    progress: BenchProgress = True,
 ) -> None:
     """Label-free soups for new tasks (Table 3): SSL-only ingredients + the stock, mixed four ways, scored by k-NN."""
     from adaptsoup.data import default_cache_dir
@@ -533,7 +545,7 @@ def bench_label_free(
         result = run_label_free(str(stock_path), str(dec) if Path(dec).is_file() else None, parsed,
                                 LabelFreeConfig(steps=steps, lr=lr, mmcr_views=mmcr_views, samples=samples, self_season_epochs=self_season_epochs, device=device),
                                 str(out_dir), str(work_dir), command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
-                                log=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+                                log=log_line)
     table = Table(title="label-free soups: k-NN top-1")
     cols = ["stock", "uniform", "best", "season", "self-season"]
     table.add_column("task")

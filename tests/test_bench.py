@@ -14,13 +14,19 @@ from adaptsoup.models import model_meta
 from helpers import CLASS_NAMES, tiny_model, write_noise_images
 
 
-def test_c10c_harness_writes_the_tables(tmp_path):
+def tiny_stock_and_cifar(tmp_path):
+    """A tiny stock with its MAE decoder beside it, and a CIFAR-like train/test tree of 6 noise images per class."""
     model = tiny_model()
     stock = save_checkpoint(tmp_path / "stock.safetensors", model.state_dict(), model_meta(model))
     save_checkpoint(tmp_path / "stock_mae_decoder.safetensors", MaskedAutoencoder(model).decoder_state_dict(), None)
     for i, name in enumerate(CLASS_NAMES):
         write_noise_images(tmp_path / "cifar" / "train" / name, 6, seed=i)
         write_noise_images(tmp_path / "cifar" / "test" / name, 6, seed=10 + i)
+    return stock
+
+
+def test_c10c_harness_writes_the_tables(tmp_path):
+    stock = tiny_stock_and_cifar(tmp_path)
     cfg = C10CConfig(mode="quick", stock=str(stock), data=str(tmp_path / "cifar"), out=str(tmp_path / "results"),
                      work=str(tmp_path / "work"), corruptions=["gaussian_noise", "contrast"], per_corruption=12, clean_images=9,
                      source_images=12, inter_lrs=[1e-3], inter_steps=2, ft_lrs=[1e-3, 2e-3], ft_steps=2, vanilla=2, batch_size=6,
@@ -140,12 +146,7 @@ def test_imagenet_c_and_laion_c_harness_end_to_end(tmp_path, layout):
 def test_ingredient_families_mix_across_losses(tmp_path):
     from adaptsoup.families import FAMILIES, FamiliesConfig, run_families
 
-    model = tiny_model()
-    stock = save_checkpoint(tmp_path / "stock.safetensors", model.state_dict(), model_meta(model))
-    save_checkpoint(tmp_path / "stock_mae_decoder.safetensors", MaskedAutoencoder(model).decoder_state_dict(), None)
-    for i, name in enumerate(CLASS_NAMES):
-        write_noise_images(tmp_path / "cifar" / "train" / name, 6, seed=i)
-        write_noise_images(tmp_path / "cifar" / "test" / name, 6, seed=10 + i)
+    stock = tiny_stock_and_cifar(tmp_path)
     cfg = FamiliesConfig.for_mode(
         "quick", stock=str(stock), data=str(tmp_path / "cifar"), out=str(tmp_path / "results"), work=str(tmp_path / "work"),
         corruptions=["gaussian_noise", "fog"], per_corruption=12, clean_images=9, source_images=12, batch_size=6,
