@@ -222,17 +222,19 @@ def self_season(model: nn.Module, stack: StackedIngredients, target: ImageSet, p
     for p in module.parameters():
         p.requires_grad_(False)
 
-    def loss_on(x: torch.Tensor) -> torch.Tensor:
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        """The mixed model θ(softmax(ℓ))'s pre-logits embeddings of ``x`` (differentiable in ℓ)."""
         params = {"model." + k: v for k, v in stack.mix(torch.softmax(logits, dim=0)).items()}
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            z = functional_call(module, params, (x,))
-        return knn_entropy(z.float(), cfg.k, cfg.temperature, cfg.center)
+            return functional_call(module, params, (x,)).float()
+
+    def loss_on(x: torch.Tensor) -> torch.Tensor:
+        return knn_entropy(embed(x), cfg.k, cfg.temperature, cfg.center)
 
     with torch.no_grad():
-        first = target.subset(torch.arange(batch))
-        initial = float(loss_on(pre.normalize(first.images)))
-        params = {"model." + k: v for k, v in stack.mix(torch.softmax(logits, dim=0)).items()}
-        geometry = embedding_geometry(functional_call(module, params, (pre.normalize(first.images),)), cfg.k, cfg.temperature, cfg.center)
+        z = embed(pre.normalize(target.images[:batch]))
+        initial = float(knn_entropy(z, cfg.k, cfg.temperature, cfg.center))
+        geometry = embedding_geometry(z, cfg.k, cfg.temperature, cfg.center)
     losses, step = [], 0
     for epoch in range(cfg.epochs):
         order = torch.randperm(n, generator=gen)
@@ -244,7 +246,7 @@ def self_season(model: nn.Module, stack: StackedIngredients, target: ImageSet, p
             loss.backward()
             opt.step()
             sched.step()
-            epoch_losses.append(loss.item())
+            epoch_losses.append(loss.detach().item())
             step += 1
             if on_step is not None:
                 on_step(step, total, epoch_losses[-1])
