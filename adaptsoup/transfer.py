@@ -3,7 +3,7 @@
 For each task, SSL-only ingredients are inter-trained from the stock on the task's training images without
 labels (MAE; MMCR global-only and global+local; MoCo v3 with τ = 0.1 and τ = 1.0), and mixed *with the
 stock* by: uniform, the best ingredient (by labeled k-NN accuracy), seasoning (labels) and Self-Seasoning
-(no labels).  No classifier is trained: every soup is scored by k-NN accuracy (k = 16), retrieving among
+(no labels; as the paper defines it, and on batch-centred embeddings).  No classifier is trained: every soup is scored by k-NN accuracy (k = 16), retrieving among
 the task's labeled training images for each test image.
 
 :func:`prepare_cifar_tasks` builds the tasks this machine can make without downloads: CIFAR-10 itself, the
@@ -36,7 +36,8 @@ from .progress import NullProgress
 from .recipe import AdaptConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid
 from .seasoning import knn_predict
 
-METHODS = ("uniform", "best", "season", "self-season")
+METHODS = ("uniform", "best", "season", "self-season", "self-season-centered")
+CENTERED = "self-season-centered"  # Self-Seasoning on batch-centred embeddings (mix --center), beside the paper's
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,10 @@ def run_label_free(stock: str, decoder: str | None, tasks: dict[str, Task | tupl
                         progress=progress, echo=log, command=command)
         options = MixOptions(epochs=cfg.self_season_epochs, subset=cfg.self_season_subset, k=cfg.k, samples=cfg.samples, score="knn",
                              include_stock=True, seed=cfg.seed, bf16=cfg.bf16)
-        mixes = mix_run(MixRequest(run_dir=run.run_dir, methods=list(METHODS), labeled=task.labeled or train_dir, evals=[], options=options),
-                        progress=progress, log=log)
+        mix_run(MixRequest(run_dir=run.run_dir, methods=[m for m in METHODS if m != CENTERED], labeled=task.labeled or train_dir,
+                           evals=[], options=options), progress=progress, log=log)
+        mixes = mix_run(MixRequest(run_dir=run.run_dir, methods=["self-season"], evals=[], save_as=CENTERED,
+                                   options=dataclasses.replace(options, center=True)), progress=progress, log=log)
         train = load_folder(train_dir, pre, labeled=True)
         test = load_folder(test_dir, pre, labeled=True, class_names=train.class_names)
         scores = {"stock": knn_transfer_accuracy(Path(stock), train, test, pre, cfg.k, cfg.device)}

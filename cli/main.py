@@ -518,7 +518,7 @@ def bench_label_free(
     from adaptsoup.data import default_cache_dir
     from adaptsoup.models import default_stock_path
     from adaptsoup.progress import progress_bars
-    from adaptsoup.transfer import LabelFreeConfig, Task, prepare_cifar_tasks, run_label_free
+    from adaptsoup.transfer import METHODS, LabelFreeConfig, Task, prepare_cifar_tasks, run_label_free
 
     parsed: dict = {}
     for spec in tasks or []:
@@ -547,7 +547,7 @@ def bench_label_free(
                                 str(out_dir), str(work_dir), command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
                                 log=log_line)
     table = Table(title="label-free soups: k-NN top-1")
-    cols = ["stock", "uniform", "best", "season", "self-season"]
+    cols = ["stock", *METHODS]
     table.add_column("task")
     for c in cols:
         table.add_column(c, justify="right")
