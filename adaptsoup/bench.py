@@ -323,8 +323,8 @@ def sanity_checks(rows: list[dict], chance: float | None, sar_tolerance: float =
 
     * ``deployed_near_chance``: corruptions on which the deployed model is within ``chance_margin`` points of
       chance (in %) — a sign the corruption parameters are wrong for the image size;
-    * ``sar_drops``: per soup, the corruptions on which SAR lowers accuracy by more than ``sar_tolerance`` points
-      relative to the same soup without adaptation, with the worst change.
+    * ``<soup>+sar_change``: per soup, the mean and worst per-corruption change SAR makes relative to the same
+      soup without adaptation, and the corruptions where it loses more than ``sar_tolerance`` points.
     """
     by_name = {r["name"]: r for r in rows}
     out: dict = {}
