@@ -37,7 +37,7 @@ from .corruptions import CORRUPTIONS, corrupt_batch
 from .data import ImageSet, Preprocess, default_cache_dir, load_folder
 from .errors import AdaptsoupError
 from .io import atomic_path, write_json_atomic, write_text_atomic
-from .manifest import environment, git_commit
+from .manifest import config_tag, environment, file_digest, git_commit
 from .mixing import MixOptions
 from .mixrun import MixRequest, mix_run
 from .models import class_names, default_stock_path, load_model
@@ -194,9 +194,17 @@ def _stock_and_decoder(cfg: BenchConfig) -> tuple[Path, str | None]:
     return stock_path, decoder
 
 
-def bench_work_dir(cfg: BenchConfig, benchmark: str) -> Path:
-    """Where a benchmark keeps its generated data and runs (``--work``, or the cache): reruns resume there."""
-    work = Path(cfg.work or default_cache_dir() / "bench" / f"{benchmark}-{cfg.mode}-s{cfg.severity}")
+def bench_work_dir(cfg: BenchConfig, benchmark: str, *extra) -> Path:
+    """Where a benchmark keeps its generated data and runs: ``<--work or the cache>/<benchmark>-<mode>-s<severity>-<tag>``.
+
+    The tag digests every setting that shapes the data and the runs (``cfg`` but its output folders, the
+    stock's contents, and ``extra`` settings), so a rerun with the same ones resumes there and a run with
+    any other never reuses its images or ingredients.
+    """
+    stock = Path(cfg.stock or default_stock_path())
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "work")}
+    tag = config_tag(settings, file_digest(stock) if stock.is_file() else str(stock), *extra)
+    work = Path(cfg.work or default_cache_dir() / "bench") / f"{benchmark}-{cfg.mode}-s{cfg.severity}-{tag}"
     work.mkdir(parents=True, exist_ok=True)
     return work
 
@@ -205,7 +213,7 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
                         log: Callable[[str], None] = print) -> dict:
     """The paper's rows on a prepared shift: adapt runs, Self-Seasoning, evaluation, SAR, tables and plots."""
     t_start = time.perf_counter()
-    timings: dict[str, float] = {k: v for k, v in data.notes.items() if k.endswith("_s")}
+    timings: dict[str, float] = {"prepare_data": data.notes["prepare_data_s"]} if "prepare_data_s" in data.notes else {}
     progress = progress or NullProgress()
     work = bench_work_dir(cfg, data.benchmark)
     out = Path(cfg.out)
@@ -329,7 +337,7 @@ def sanity_checks(rows: list[dict], chance: float | None, sar_tolerance: float =
     by_name = {r["name"]: r for r in rows}
     out: dict = {}
     if chance is not None and "deployed" in by_name:
-        out["chance"] = chance
+        out["chance"], out["chance_margin"] = chance, chance_margin
         out["deployed_near_chance"] = [c for c, v in by_name["deployed"]["per_corruption"].items() if v < chance + chance_margin]
     for name, r in by_name.items():
         if name.endswith("+sar") and name[: -len("+sar")] in by_name:
@@ -374,7 +382,7 @@ def markdown_table(result: dict) -> str:
         f"Command: `{result['command']}`  ",
         f"Commit {result['commit']}, {result['machine'].get('cpu')} ({result['machine'].get('cpu_count')} cores), wall time {result['wall_time_s'] / 60:.1f} min.",
         "",
-        "| row | clean | CIFAR-10-C disjoint (odd) | joint (even) |",
+        "| row | clean | disjoint (odd images, mean over corruptions) | joint (even images) |",
         "|---|---|---|---|",
     ]
     for r in result["rows"]:
@@ -398,7 +406,8 @@ def markdown_table(result: dict) -> str:
     checks = result.get("checks", {})
     if "deployed_near_chance" in checks:
         near = checks["deployed_near_chance"]
-        lines += ["", f"Deployed model within 5 points of chance ({checks['chance']:.0f}%) on: {', '.join(near) if near else 'no corruption'}."]
+        lines += ["", f"Deployed model within {checks['chance_margin']:g} points of chance ({checks['chance']:g}%) on: "
+                      f"{', '.join(near) if near else 'no corruption'}."]
     cost = result.get("self_season_cost")
     if cost:
         lines += ["", f"Self-Seasoning: {cost['ingredients']} ingredients stacked once ({cost['stacked_mb']} MB), "
@@ -439,7 +448,7 @@ def plot_results(result: dict, per_corruption_png: Path, soups_png: Path) -> Non
         if not r["name"].endswith(("best_ingredient", "+sar")):
             ax.scatter([x_of(r["clean"])], [r["disjoint"]], label=r["name"], marker="*", s=120)
     ax.set_xlabel("clean top-1 (%)" if result["stock"]["clean_acc"] is not None else "(no clean set)")
-    ax.set_ylabel("CIFAR-10-C disjoint top-1 (%)")
+    ax.set_ylabel("shifted top-1 (%), disjoint (odd) images")
     ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(soups_png) as tmp:
@@ -467,7 +476,8 @@ def run_imagenet_c(cfg: BenchConfig, root: str, source: str, *, layout: str = "a
     pre = Preprocess.for_model(load_model(None, stock_path))
     t0 = time.perf_counter()
     target, corruptions, evals, score, stock_for_run = prepare_shift_benchmark(
-        root_path, layout, cfg.severity, cfg.corruptions or None, stock_path, mapping, work, pre, progress)
+        root_path, layout, cfg.severity, cfg.corruptions or None, stock_path, mapping, work, pre, progress,
+        per_corruption=cfg.per_corruption, seed=cfg.seed)
     log(f"data: {layout} at {root_path}, severity {cfg.severity}: {len(corruptions)} corruptions, "
         f"{sum(len(v) for v in evals.values())} images")
     data = ShiftData(layout, stock_for_run, decoder, source, target, corruptions, evals, pre, score,

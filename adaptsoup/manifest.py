@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -61,6 +64,22 @@ def environment() -> dict[str, Any]:
     }
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """The first 12 hex digits of a file's SHA-1: identifies a checkpoint's exact contents."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def config_tag(*parts: Any) -> str:
+    """A short stable digest of settings (dataclasses, dicts, strings), for naming work folders: a run made
+    with other settings or another stock never resumes from, or reuses, one made with these."""
+    canon = [dataclasses.asdict(p) if dataclasses.is_dataclass(p) and not isinstance(p, type) else p for p in parts]
+    return hashlib.sha1(json.dumps(canon, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 class Manifest:
     """A JSON manifest kept on disk, rewritten atomically after every change."""
 
@@ -70,8 +89,6 @@ class Manifest:
 
     @classmethod
     def load_or_new(cls, path: str | os.PathLike, **initial: Any) -> "Manifest":
-        import json
-
         path = Path(path)
         if path.is_file():
             return cls(path, json.loads(path.read_text()))

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .adapt import DEPLOYED, SOUP, evaluate_checkpoints
+from .adapt import DEPLOYED, SOUP, SUPERVISED_SOUP, evaluate_checkpoints
 from .checkpoint import read_checkpoint, save_checkpoint
 from .data import Preprocess, load_folder
 from .errors import AdaptsoupError
@@ -26,6 +26,7 @@ from .progress import NullProgress
 from .resources import PeakMemory
 
 MIX_PLOT = "mix_coefficients.png"
+RESERVED = (SUPERVISED_SOUP,)  # soups/ names that adapt itself writes
 
 
 @dataclass
@@ -81,6 +82,8 @@ def mix_run(req: MixRequest, *, progress=None, log: Callable[[str], None] = prin
         get_mixer(method)  # unknown names fail before any work
     if req.save_as is not None and (len(req.methods) != 1 or not req.save_as.replace("-", "").replace("_", "").isalnum()):
         raise AdaptsoupError("--as names one method's soup: give a single --method and a name of letters, digits, - and _")
+    if req.save_as in RESERVED:
+        raise AdaptsoupError(f"--as {req.save_as} would overwrite the soup that adapt wrote; choose another name")
     first = load_model(None, paths[0])
     pre = Preprocess.for_model(first)
     classes = class_names(first)

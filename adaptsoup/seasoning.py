@@ -231,8 +231,9 @@ def self_season(model: nn.Module, stack: StackedIngredients, target: ImageSet, p
     def loss_on(x: torch.Tensor) -> torch.Tensor:
         return knn_entropy(embed(x), cfg.k, cfg.temperature, cfg.center)
 
-    with torch.no_grad():
-        z = embed(pre.normalize(target.images[:batch]))
+    with torch.no_grad():  # the starting point, on a seeded random batch (the target is stored in folder order)
+        probe = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1))[:batch]
+        z = embed(pre.normalize(target.images[probe]))
         initial = float(knn_entropy(z, cfg.k, cfg.temperature, cfg.center))
         geometry = embedding_geometry(z, cfg.k, cfg.temperature, cfg.center)
     losses, step = [], 0

@@ -20,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .data import IMAGE_SUFFIXES, Preprocess, load_folder
@@ -120,9 +121,27 @@ def superclass_scorer(member: torch.Tensor):
     return score
 
 
+def subset_sorted(files: dict[str, list[tuple[Path, str]]], per_corruption: int, seed: int) -> dict[str, list[tuple[Path, str]]]:
+    """At most ``per_corruption`` files of each corruption: a seeded random choice kept in sorted order (0: all)."""
+    if per_corruption <= 0:
+        return files
+    out = {}
+    for corruption, items in files.items():
+        if len(items) <= per_corruption:
+            out[corruption] = items
+            continue
+        keep = np.sort(np.random.default_rng(seed).permutation(len(items))[:per_corruption])
+        out[corruption] = [items[i] for i in keep]
+    return out
+
+
 def prepare_shift_benchmark(root: Path, layout: str, severity: int, corruptions: list[str] | None, stock_path: Path,
-                            mapping_dir: Path, work: Path, pre: Preprocess, progress=None) -> tuple[Path, list[str], dict, object, Path]:
+                            mapping_dir: Path, work: Path, pre: Preprocess, progress=None, *, per_corruption: int = 0,
+                            seed: int = 0) -> tuple[Path, list[str], dict, object, Path]:
     """Split folders, eval image sets and the scorer; returns (target, corruptions, evals, score, stock to use).
+
+    With ``per_corruption`` > 0, each corruption keeps a seeded subset of that many of its sorted files (in
+    sorted order) before the even/odd split: ImageNet-C holds 50,000 images per corruption and severity.
 
     For ImageNet models whose class names are not wnids, a copy of the stock carrying the wnids (in the
     standard order) is written so that ImageNet-C's and the source's wnid folders match its classes.
@@ -134,8 +153,8 @@ def prepare_shift_benchmark(root: Path, layout: str, severity: int, corruptions:
     layout = detect_layout(root) if layout == "auto" else layout
     if layout not in LAYOUTS:
         raise AdaptsoupError(f"--layout must be auto, {' or '.join(LAYOUTS)}")
-    files = scan_shift_tree(root, layout, severity, corruptions)
-    split_root = link_splits(files, work / "data" / f"{layout}-s{severity}")
+    files = subset_sorted(scan_shift_tree(root, layout, severity, corruptions), per_corruption, seed)
+    split_root = link_splits(files, work / "data" / f"{layout}-s{severity}-n{per_corruption}-seed{seed}")
     model = load_model(None, stock_path)
     wnids = imagenet_wnids(mapping_dir)
     names = class_names(model)

@@ -15,6 +15,7 @@ separate tasks, each a labeled ``train`` / ``test`` pair of ImageFolder trees an
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from .data import Preprocess, default_cache_dir, load_folder
 from .evaluation import run_model
 from .errors import AdaptsoupError
 from .io import atomic_path, write_json_atomic, write_text_atomic
-from .manifest import environment, git_commit
+from .manifest import config_tag, environment, file_digest, git_commit
 from .mixing import MixOptions
 from .mixrun import MixRequest, mix_run
 from .models import load_model
@@ -86,13 +87,15 @@ def run_label_free(stock: str, decoder: str | None, tasks: dict[str, Task | tupl
     work_dir = Path(work or default_cache_dir() / "bench" / "label-free")
     results: dict[str, dict] = {}
     pre = Preprocess.for_model(load_model(None, stock))
+    stock_digest = file_digest(stock)
     for name, task in tasks.items():
         task = task if isinstance(task, Task) else Task(*task)
         train_dir, test_dir = task.train, task.test
         t0 = time.perf_counter()
+        tag = config_tag(cfg, stock_digest, decoder, task)  # other settings, stock or data: another run folder
         inter = InterTrainConfig(ssl=["mae", "mmcr", "mocov3"], lrs=[cfg.lr], steps=[cfg.steps], batch_size=cfg.batch_size,
                                  mmcr=MMCRGrid(lambdas=list(cfg.mmcr_lambdas), views=cfg.mmcr_views), mocov3=MoCoV3Grid(temperatures=list(cfg.mocov3_temperatures)))
-        run = run_adapt(AdaptConfig(model=stock, stock=decoder, target=train_dir, out=str(work_dir / name), finetune_back=False,
+        run = run_adapt(AdaptConfig(model=stock, stock=decoder, target=train_dir, out=str(work_dir / "runs" / f"{name}-{tag}"), finetune_back=False,
                                     max_target_images=cfg.max_train_images, seed=cfg.seed, bf16=cfg.bf16, device=cfg.device, inter=inter),
                         progress=progress, echo=log, command=command)
         options = MixOptions(epochs=cfg.self_season_epochs, subset=cfg.self_season_subset, k=cfg.k, samples=cfg.samples, score="knn",
@@ -134,8 +137,8 @@ def prepare_cifar_tasks(root: str | Path, cifar: str | Path | None = None, *, tr
 
     * ``cifar10``: ``train_images`` CIFAR-10 train images and ``test_images`` test images (seeded subsets);
     * ``digits``: the embedded handwritten digits (its fixed source / held-out split, clean);
-    * ``c10c-<family>``: ``train_images + test_images`` CIFAR-10 *test* images, image k corrupted by the
-      family's k-th corruption (cycling) at ``severity`` with a per-image seed; even positions train, odd test.
+    * ``c10c-<family>``: ``train_images`` + ``test_images`` CIFAR-10 *test* images (a seeded split), each split
+      cycling through the family's corruptions at ``severity`` with a per-image seed, so both hold every member.
 
     ``labeled`` is the first ``labeled_images`` of each task's train set in a seeded order (the few labels).
     """
@@ -152,6 +155,7 @@ def prepare_cifar_tasks(root: str | Path, cifar: str | Path | None = None, *, tr
     if unknown:
         raise AdaptsoupError(f"unknown corruption famil(ies) {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
     tasks: dict[str, Task] = {}
+    spec = f"train={train_images} test={test_images} labeled={labeled_images} seed={seed} severity={severity} layout=2"
 
     def write(task_root: Path, images: np.ndarray, labels: np.ndarray, ids: np.ndarray, classes: list[str], split: str) -> None:
         for img, label, i in zip(images, labels, ids):
@@ -160,43 +164,64 @@ def prepare_cifar_tasks(root: str | Path, cifar: str | Path | None = None, *, tr
             with atomic_path(path) as tmp:
                 Image.fromarray(img).save(tmp, format="PNG")
 
-    def finish(name: str, images_train, labels_train, ids_train, images_test, labels_test, ids_test, classes) -> None:
+    def build(name: str, make: Callable[[], tuple]) -> None:
+        """Write task ``name`` from ``make() -> (train (x, y, ids), test (x, y, ids), classes)`` unless it is there."""
         task_root = root / name
-        spec = f"train={len(ids_train)} test={len(ids_test)} labeled={labeled_images} seed={seed} severity={severity}"
         marker = task_root / ".adaptsoup-task"
         if not (marker.is_file() and marker.read_text() == spec):
-            write(task_root, images_train, labels_train, ids_train, classes, "train")
-            write(task_root, images_test, labels_test, ids_test, classes, "test")
-            few = np.sort(np.random.default_rng(seed + 2).permutation(len(ids_train))[:labeled_images])
-            write(task_root, images_train[few], labels_train[few], ids_train[few], classes, "labeled")
+            marker.unlink(missing_ok=True)
+            for split in ("train", "test", "labeled"):  # a different request: nothing of the old tree may remain
+                shutil.rmtree(task_root / split, ignore_errors=True)
+            (x_train, y_train, id_train), (x_test, y_test, id_test), classes = make()
+            write(task_root, x_train, y_train, id_train, classes, "train")
+            write(task_root, x_test, y_test, id_test, classes, "test")
+            few = np.sort(np.random.default_rng(seed + 2).permutation(len(id_train))[:labeled_images])
+            write(task_root, x_train[few], y_train[few], id_train[few], classes, "labeled")
             marker.write_text(spec)
         tasks[name] = Task(str(task_root / "train"), str(task_root / "test"), str(task_root / "labeled"))
 
     steps = 2 + len(families)
     bar = progress.add_task("prepare label-free tasks", total=steps)
     cifar_root = require_cifar10(cifar)
-    rng = np.random.default_rng(seed)
-    train_set, test_set = _uint8_folder(cifar_root / "train", CIFAR10_CLASSES), _uint8_folder(cifar_root / "test", CIFAR10_CLASSES)
-    tr = np.sort(rng.permutation(len(train_set[1]))[:train_images])
-    te = np.sort(rng.permutation(len(test_set[1]))[:test_images])
-    finish("cifar10", train_set[0][tr], train_set[1][tr], tr, test_set[0][te], test_set[1][te], te, CIFAR10_CLASSES)
-    progress.advance(bar)
+    loaded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    digits, digit_labels = digits_arrays()
-    src, held = split_indices(len(digit_labels))
-    finish("digits", digits[src], digit_labels[src], src, digits[held], digit_labels[held], held, DIGIT_CLASSES)
-    progress.advance(bar)
+    def cifar_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+        if split not in loaded:
+            loaded[split] = _uint8_folder(cifar_root / split, CIFAR10_CLASSES)
+        return loaded[split]
 
-    pool = np.sort(np.random.default_rng(seed + 1).permutation(len(test_set[1]))[: train_images + test_images])
+    def make_cifar10():
+        (x_train, y_train), (x_test, y_test) = cifar_split("train"), cifar_split("test")
+        rng = np.random.default_rng(seed)
+        tr = np.sort(rng.permutation(len(y_train))[:train_images])
+        te = np.sort(rng.permutation(len(y_test))[:test_images])
+        return (x_train[tr], y_train[tr], tr), (x_test[te], y_test[te], te), CIFAR10_CLASSES
+
+    def make_digits():
+        digits, labels = digits_arrays()
+        src, held = split_indices(len(labels))
+        return (digits[src], labels[src], src), (digits[held], labels[held], held), DIGIT_CLASSES
+
+    def make_family(members: tuple[str, ...]):
+        # train_images + test_images CIFAR-10 *test* images (never seen by the stock), split by a seeded order;
+        # within each split image j gets members[j % len(members)], so both splits hold every member equally.
+        x_all, y_all = cifar_split("test")
+        pool = np.random.default_rng(seed + 1).permutation(len(y_all))[: train_images + test_images]
+        parts = []
+        for ids in (np.sort(pool[:train_images]), np.sort(pool[train_images:])):
+            x = np.empty_like(x_all[ids])
+            for m, corruption in enumerate(members):
+                at = np.arange(m, len(ids), len(members))
+                x[at] = corrupt_batch(x_all[ids[at]], corruption, severity, indices=ids[at])
+            parts.append((x, y_all[ids], ids))
+        return parts[0], parts[1], CIFAR10_CLASSES
+
+    build("cifar10", make_cifar10)
+    progress.advance(bar)
+    build("digits", make_digits)
+    progress.advance(bar)
     for family in families:
-        members = FAMILIES[family]
-        corrupted = np.empty_like(test_set[0][pool])
-        for j, corruption in enumerate(members):
-            at = np.arange(j, len(pool), len(members))
-            corrupted[at] = corrupt_batch(test_set[0][pool[at]], corruption, severity, indices=pool[at])
-        even, odd = np.arange(0, len(pool), 2), np.arange(1, len(pool), 2)
-        labels = test_set[1][pool]
-        finish(f"c10c-{family}", corrupted[even], labels[even], pool[even], corrupted[odd], labels[odd], pool[odd], CIFAR10_CLASSES)
+        build(f"c10c-{family}", lambda members=FAMILIES[family]: make_family(members))
         progress.advance(bar)
     progress.remove_task(bar)
     return tasks

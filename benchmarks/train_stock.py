@@ -34,7 +34,7 @@ from adaptsoup.datasets import CIFAR10_CLASSES, require_cifar10  # noqa: E402
 from adaptsoup.evaluation import accuracy  # noqa: E402
 from adaptsoup.io import write_atomic, write_json_atomic, write_text_atomic  # noqa: E402
 from adaptsoup.mae import MaskedAutoencoder  # noqa: E402
-from adaptsoup.manifest import environment  # noqa: E402
+from adaptsoup.manifest import environment, file_digest  # noqa: E402
 from adaptsoup.models import create_model, load_state_dict_strict, model_meta, set_class_names  # noqa: E402
 from adaptsoup.training import (  # noqa: E402
     LinearProbeConfig,
@@ -88,13 +88,24 @@ def save_wip_ft_state(work: Path) -> None:
     log(f"saved fine-tuning state at step {state['step']} to {WIP}")
 
 
-def restore_wip_ft_state(work: Path) -> bool:
-    """Rebuild ``work/ft_state.pt`` from ``WIP`` (the inverse of :func:`save_wip_ft_state`)."""
+RECIPE_ARGS = ("seed", "mae_epochs", "mae_lr", "mae_batch", "ft_epochs", "ft_lr", "ft_batch")  # what a resumed state must share
+
+
+def restore_wip_ft_state(work: Path, args: argparse.Namespace) -> bool:
+    """Rebuild ``work/ft_state.pt`` from ``WIP`` (the inverse of :func:`save_wip_ft_state`), if it is this run's."""
     from safetensors.torch import load_file
 
     if not (WIP / "ft_state.json").is_file():
         return False
     progress = json.loads((WIP / "ft_state.json").read_text())
+    theirs = (progress.get("manifest") or {}).get("args", {})
+    differ = [k for k in RECIPE_ARGS if k in theirs and theirs[k] != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"{WIP} holds a fine-tuning state of another recipe ({', '.join(f'{k}={theirs[k]}' for k in differ)}); "
+                         "rerun with those settings, or delete its ft_state* files to start fine-tuning afresh")
+    if (work / "mae.safetensors").is_file() and file_digest(work / "mae.safetensors") != file_digest(WIP / "mae.safetensors"):
+        raise SystemExit(f"{work}/mae.safetensors is not the MAE phase that {WIP}'s fine-tuning state started from; "
+                         "use another --work folder")
     model = load_file(str(WIP / "ft_state_model.safetensors"))
     moments = load_file(str(WIP / "ft_state_adam.safetensors"))
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
@@ -136,7 +147,11 @@ def main() -> None:
     ap.add_argument("--ft-lr", type=float, default=5e-4)
     ap.add_argument("--ft-batch", type=int, default=128)
     ap.add_argument("--save-wip", action="store_true", help="copy the fine-tuning state into benchmarks/stock/wip and exit")
+    ap.add_argument("--force", action="store_true", help="train even though the committed stock exists (it is overwritten)")
     args = ap.parse_args()
+    if STOCK.is_file() and DECODER.is_file() and not (args.force or args.save_wip):
+        log(f"{STOCK.relative_to(ROOT)} exists (see its MODEL_CARD.md); nothing to do (--force retrains it)")
+        return
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -154,7 +169,7 @@ def main() -> None:
     log(f"train {len(train_set)} images ({len(train_set.skipped)} skipped), test {len(test_set)}")
     manifest_path = work / "manifest.json"
     if not (work / "ft_state.pt").is_file() and not (work / "ft.safetensors").is_file():
-        restore_wip_ft_state(work)
+        restore_wip_ft_state(work, args)
     manifest = _read_json(manifest_path) or {"phases": {}}
     manifest.update(command=" ".join(sys.argv), args=vars(args), environment=environment())
 
@@ -187,7 +202,7 @@ def main() -> None:
     # Phase 2: LP-FT with labels.
     ft_ckpt = work / "ft.safetensors"
     if not ft_ckpt.is_file():
-        if "linear_probe" not in manifest["phases"]:  # a resumed fine-tuning state already holds the LP head
+        if "linear_probe" not in manifest["phases"] or not (work / "ft_state.pt").is_file():  # a saved state holds the LP head
             t0 = time.perf_counter()
             lp = fit_linear_probe(encoder, train_set, pre, LinearProbeConfig(device=args.device, bf16=args.bf16))
             lp["test_acc"] = accuracy(encoder, test_set, pre, device=args.device)
@@ -222,6 +237,8 @@ def main() -> None:
     save_checkpoint(DECODER, mae.decoder_state_dict(), CheckpointMeta(**{**meta.__dict__, "provenance": {"made_by": "benchmarks/train_stock.py", "part": "mae_decoder", "decoder": mae.decoder_config.__dict__}}))
     write_json_atomic(OUT / "manifest.json", manifest)
     write_text_atomic(OUT / "MODEL_CARD.md", model_card(manifest, clean))
+    for stale in WIP.glob("ft_state*"):  # the carried fine-tuning state is finished with
+        stale.unlink()
     log(f"wrote {STOCK} and {DECODER}")
 
 

@@ -80,7 +80,7 @@ import torch  # noqa: E402
 from adaptsoup.bench import BenchConfig, run_imagenet_c  # noqa: E402
 from adaptsoup.models import create_model  # noqa: E402
 from adaptsoup.shiftsets import (  # noqa: E402
-    default_mapping_dir, detect_layout, imagenet_wnids, scan_shift_tree, superclass_membership, superclass_scorer,
+    default_mapping_dir, detect_layout, imagenet_wnids, scan_shift_tree, subset_sorted, superclass_membership, superclass_scorer,
 )
 
 needs_mapping = pytest.mark.skipif(not (default_mapping_dir() / "category_mapping.json").is_file(),
@@ -118,6 +118,11 @@ def test_layouts_are_detected_and_split_by_sorted_position(tmp_path):
     assert [label for _, label in files["fog"]] == ["n01440764"] * 3 + ["n01443537"] * 3
     with pytest.raises(AdaptsoupError, match="severity 3"):
         scan_shift_tree(tmp_path / "inc", "imagenet-c", 3)
+    # a per-corruption subset is a seeded choice that keeps the sorted order (the even/odd split follows it)
+    few = subset_sorted(files, 4, seed=0)
+    assert [len(v) for v in few.values()] == [4, 4]
+    assert few["fog"] == [item for item in files["fog"] if item in few["fog"]]  # in sorted order
+    assert few == subset_sorted(files, 4, seed=0) and subset_sorted(files, 0, seed=0) == files
 
 
 @needs_mapping
@@ -172,3 +177,19 @@ def test_unknown_family_is_a_clear_error():
 
     with pytest.raises(AdaptsoupError, match="unknown ingredient famil"):
         family_recipes(FamiliesConfig(families=["mae", "simclr"]))
+
+
+def test_work_folders_are_named_by_every_setting_and_the_stock(tmp_path):
+    from adaptsoup.bench import bench_work_dir
+
+    stock = tiny_stock_and_cifar(tmp_path)
+    cfg = BenchConfig.for_mode("quick", stock=str(stock), work=str(tmp_path / "work"))
+    first = bench_work_dir(cfg, "c10c")
+    assert first == bench_work_dir(BenchConfig.for_mode("quick", stock=str(stock), work=str(tmp_path / "work"), out="elsewhere"), "c10c")
+    assert first.name.startswith("c10c-quick-s5-")
+    assert bench_work_dir(BenchConfig.for_mode("quick", stock=str(stock), work=str(tmp_path / "work"), inter_steps=7), "c10c") != first
+    assert bench_work_dir(BenchConfig.for_mode("quick", stock=str(stock), work=str(tmp_path / "work"), severity=3), "c10c") != first
+    assert bench_work_dir(cfg, "c10c", {"families": ["mae"]}) != first
+    model = tiny_model(seed=1)  # another stock at the same path
+    save_checkpoint(stock, model.state_dict(), model_meta(model))
+    assert bench_work_dir(cfg, "c10c") != first

@@ -29,7 +29,8 @@ def test_label_free_soups_on_a_new_task(tmp_path):
     assert sorted(task["coefficients"]["uniform"]) == ["mae00", "mmcr00", "mmcr01", "mocov300", "mocov301", "stock"]
     saved = json.loads((tmp_path / "out" / "label_free.json").read_text())
     assert saved["tasks"]["toy"]["test_images"] == 8
-    manifest = json.loads((tmp_path / "work" / "toy" / "manifest.json").read_text())
+    (run_dir,) = (tmp_path / "work" / "runs").glob("toy-*")  # named by a digest of the settings, stock and data
+    manifest = json.loads((run_dir / "manifest.json").read_text())
     assert {r["kind"] for r in manifest["ingredients"].values()} == {"ssl-only"}
 
 
@@ -37,8 +38,9 @@ def test_cifar_tasks_are_built_once_and_split_cleanly(tmp_path):
     import numpy as np
     from PIL import Image
 
+    from adaptsoup.corruptions import FAMILIES, corrupt32, image_seed
     from adaptsoup.datasets import CIFAR10_CLASSES
-    from adaptsoup.transfer import prepare_cifar_tasks
+    from adaptsoup.transfer import _uint8_folder, prepare_cifar_tasks
 
     for i, name in enumerate(CIFAR10_CLASSES):
         write_noise_images(tmp_path / "cifar" / "train" / name, 3, seed=i)
@@ -53,18 +55,26 @@ def test_cifar_tasks_are_built_once_and_split_cleanly(tmp_path):
     assert len(files(tasks["cifar10"].train)) == 12 and len(files(tasks["cifar10"].test)) == 8
     noise = tasks["c10c-noise"]
     train, test, few = files(noise.train), files(noise.test), files(noise.labeled)
-    # 20 test images of CIFAR-10, even positions train and odd test: disjoint, and the few labels are train images
-    assert len(train) == len(test) == 10 and not {p.split("/")[1] for p in train} & {p.split("/")[1] for p in test}
+    # 20 CIFAR-10 test images, 12 train and 8 test: disjoint, and the few labels are train images
+    assert len(train) == 12 and len(test) == 8 and not {p.split("/")[1] for p in train} & {p.split("/")[1] for p in test}
     assert len(few) == 5 and set(few) <= set(train)
     digits = tasks["digits"]
     assert len(files(digits.train)) + len(files(digits.test)) == 1797
-    # a second call with the same request writes nothing
+    # every image is one of the family's corruptions of its clean test image, and both splits hold every member
+    clean, _ = _uint8_folder(tmp_path / "cifar" / "test", CIFAR10_CLASSES)
+    for folder, names in ((noise.train, train), (noise.test, test)):
+        used = set()
+        for name in names:
+            i = int(name.split("/")[1].removesuffix(".png"))
+            got = np.asarray(Image.open(Path(folder) / name))
+            match = [c for c in FAMILIES["noise"] if np.array_equal(got, corrupt32(clean[i], c, 5, image_seed(c, 5, i)))]
+            assert len(match) == 1, name
+            used.update(match)
+        assert used == set(FAMILIES["noise"])
+    # a second call with the same request writes nothing; a different one leaves nothing of the old tree
     stamp = (Path(noise.train) / train[0]).stat().st_mtime_ns
     again = prepare_cifar_tasks(tmp_path / "tasks", tmp_path / "cifar", **kwargs)
     assert again == tasks and (Path(noise.train) / train[0]).stat().st_mtime_ns == stamp
-    # the noise family's images are not the clean test images themselves
-    clean_name = train[0].split("/")
-    corrupted = np.asarray(Image.open(Path(noise.train) / train[0]), dtype=np.float64)
-    clean_dir = tmp_path / "cifar" / "test" / clean_name[0]
-    clean = [np.asarray(Image.open(p), dtype=np.float64) for p in sorted(clean_dir.glob("*.png"))]
-    assert min(np.abs(c - corrupted).mean() for c in clean) > 1.0
+    smaller = prepare_cifar_tasks(tmp_path / "tasks", tmp_path / "cifar", **{**kwargs, "train_images": 6, "test_images": 4})
+    assert len(files(smaller["c10c-noise"].train)) == 6 and len(files(smaller["c10c-noise"].test)) == 4
+    assert len(files(smaller["c10c-noise"].labeled)) == 5
