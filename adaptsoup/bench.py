@@ -212,6 +212,9 @@ def bench_work_dir(cfg: BenchConfig, benchmark: str, *extra) -> Path:
 def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "", progress=None,
                         log: Callable[[str], None] = print) -> dict:
     """The paper's rows on a prepared shift: adapt runs, Self-Seasoning, evaluation, SAR, tables and plots."""
+    if cfg.vanilla < 1 or not cfg.inter_lrs or not cfg.ft_lrs:
+        raise AdaptsoupError("the benchmark's rows need vanilla >= 1 (the supervised soup) and at least one inter-training "
+                             "and one fine-tuning learning rate")
     t_start = time.perf_counter()
     timings: dict[str, float] = {"prepare_data": data.notes["prepare_data_s"]} if "prepare_data_s" in data.notes else {}
     progress = progress or NullProgress()
