@@ -155,7 +155,7 @@ def test_ingredient_families_mix_across_losses(tmp_path):
     cfg = FamiliesConfig.for_mode(
         "quick", stock=str(stock), data=str(tmp_path / "cifar"), out=str(tmp_path / "results"), work=str(tmp_path / "work"),
         corruptions=["gaussian_noise", "fog"], per_corruption=12, clean_images=9, source_images=12, batch_size=6,
-        self_season_epochs=1, self_season_subset=0, bf16=False, inter_steps=2, ft_steps=2, partitions=2)
+        self_season_epochs=1, self_season_subset=0, bf16=True, inter_steps=2, ft_steps=2, partitions=2)
     result = run_families(cfg, command="test", log=lambda m: None)
     saved = json.loads((tmp_path / "results" / "families_quick_s5.json").read_text())
     names = [r["name"] for r in saved["rows"]]

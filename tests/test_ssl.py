@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import timm
@@ -87,3 +88,20 @@ def test_adapt_mixes_ingredients_of_three_ssl_algorithms(tmp_path):
         assert (result.run_dir / "inter" / f"{name}.heads.safetensors").is_file()
     soup, _ = read_checkpoint(result.soup_path)
     assert "head.weight" in soup
+
+
+def test_every_ssl_algorithm_trains_under_bf16_autocast(tmp_path):
+    """The benchmarks run with --bf16: every inter-training loss and the fine-tuning must stay finite there."""
+    stock = build_adapt_inputs(tmp_path, target=16)
+    cfg = AdaptConfig(model=str(stock), target=str(tmp_path / "target"), source=str(tmp_path / "source"), out=str(tmp_path / "run"),
+                      checkpoint_every_s=1e9, bf16=True,
+                      inter=InterTrainConfig(ssl=["mae", "mocov3", "mmcr"], lrs=[1e-3], steps=[3], batch_size=8, decoder_warmup_steps=1,
+                                             head_warmup_frac=0.5, mmcr=MMCRGrid(lambdas=[0.1], views=2)),
+                      finetune=FineTuneConfig(lrs=[1e-3], steps=2, batch_size=8))
+    result = run_adapt(cfg, echo=None)
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    for name, record in manifest["inter"].items():
+        assert all(math.isfinite(x) for x in record["train"]["losses"]), name
+    for path in result.ingredients:
+        state, _ = read_checkpoint(path)
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path.name
