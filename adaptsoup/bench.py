@@ -236,7 +236,7 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
                      progress=progress, echo=log, command=command)
     timings["adapt_cont_ssl"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    season_options = MixOptions(epochs=cfg.self_season_epochs, subset=cfg.self_season_subset, seed=cfg.seed, bf16=cfg.bf16)
+    season_options = MixOptions(epochs=cfg.self_season_epochs, subset=cfg.self_season_subset, seed=cfg.seed, bf16=cfg.bf16, device=cfg.device)
     mix_run(MixRequest(run_dir=self_run.run_dir, methods=["self-season"], evals=[], options=season_options), progress=progress, log=log)
     timings["self_season"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -123,7 +123,7 @@ def run_families(cfg: FamiliesConfig, *, command: str = "", progress=None, log: 
     timings["mix_all_uniform"] = time.perf_counter() - t0
     target = load_folder(data.target, data.preprocess, progress=progress, description="decode target")
     t0 = time.perf_counter()
-    options = MixOptions(epochs=b.self_season_epochs, subset=b.self_season_subset, seed=b.seed, bf16=b.bf16)
+    options = MixOptions(epochs=b.self_season_epochs, subset=b.self_season_subset, seed=b.seed, bf16=b.bf16, device=b.device)
     with PeakMemory() as memory:
         seasoned = get_mixer("self-season")(MixContext(paths=paths, names=names, stock_path=data.stock, target=target,
                                                        options=options, progress=progress, log=log))

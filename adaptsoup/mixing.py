@@ -219,6 +219,7 @@ class MixOptions:
     score: str = "auto"  # greedy / best: "classifier", "knn" or "auto" (classifier when the classes match)
     include_stock: bool = False
     bf16: bool = False
+    device: str = "cpu"  # where the learned methods hold the stacked ingredients and run the mixed model
 
 
 @dataclass

@@ -123,7 +123,7 @@ class PreLogits(nn.Module):
 class StackedIngredients:
     """The float tensors of M ingredients stacked once as ``[M, *shape]``; ``mix(α)`` gives Σ α_i θ_i."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike], dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, paths: Sequence[str | os.PathLike], dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
         if not paths:
             raise SoupError("no ingredients to mix")
         stacked: dict[str, list[torch.Tensor]] = {}
@@ -140,21 +140,23 @@ class StackedIngredients:
                     stacked.setdefault(key, []).append(value.to(dtype))
                 elif key not in self.constants:
                     self.constants[key] = value.clone()
-        self.stacked = {k: torch.stack(v) for k, v in stacked.items()}
+        self.device = torch.device(device)
+        self.stacked = {k: torch.stack(v).to(self.device) for k, v in stacked.items()}
+        self.constants = {k: v.to(self.device) for k, v in self.constants.items()}
         self.count = len(paths)
 
     def mix(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         """θ(α) = Σ_i α_i θ_i for every float tensor (differentiable in α); constants as they are."""
-        alpha = alpha.to(next(iter(self.stacked.values())).dtype)
+        alpha = alpha.to(device=self.device, dtype=next(iter(self.stacked.values())).dtype)
         out = {k: torch.tensordot(alpha, v, dims=1) for k, v in self.stacked.items()}
         out.update(self.constants)
         return out
 
     def state_dict(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A detached float64-accumulated mix, in the ingredients' dtype (for writing the soup)."""
-        a = alpha.detach().to(torch.float64)
-        out = {k: torch.tensordot(a, v.to(torch.float64), dims=1).to(v.dtype) for k, v in self.stacked.items()}
-        out.update({k: v.clone() for k, v in self.constants.items()})
+        """A detached float64-accumulated mix on the CPU, in the ingredients' dtype (for writing the soup)."""
+        a = alpha.detach().to("cpu", torch.float64)
+        out = {k: torch.tensordot(a, v.to("cpu", torch.float64), dims=1).to(v.dtype) for k, v in self.stacked.items()}
+        out.update({k: v.to("cpu", copy=True) for k, v in self.constants.items()})
         return out
 
     def nbytes(self) -> int:
@@ -166,10 +168,10 @@ def mixed_features(model: nn.Module, stack: StackedIngredients, alpha: torch.Ten
                    batch_size: int = 256, want: str = "features") -> torch.Tensor:
     """Pre-logits features (or logits) of the mixed model θ(α) on every image."""
     params = stack.mix(alpha)
-    module = PreLogits(model) if want == "features" else model
+    module = (PreLogits(model) if want == "features" else model).to(stack.device)
     prefix = "model." if want == "features" else ""
     params = {prefix + k: v for k, v in params.items()}
-    outs = [functional_call(module, params, (x,)).float() for x, _ in eval_batches(images, pre, batch_size)]
+    outs = [functional_call(module, params, (x.to(stack.device),)).float().cpu() for x, _ in eval_batches(images, pre, batch_size)]
     return torch.cat(outs)
 
 
@@ -215,18 +217,18 @@ def self_season(model: nn.Module, stack: StackedIngredients, target: ImageSet, p
     batch = min(cfg.batch_size, n)
     per_epoch = max(1, n // batch)
     total = cfg.epochs * per_epoch
-    logits = torch.zeros(stack.count, requires_grad=True)
+    logits = torch.zeros(stack.count, device=stack.device, requires_grad=True)
     opt = torch.optim.AdamW([logits], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total), eta_min=cfg.min_lr)
-    module = PreLogits(model).eval()
+    module = PreLogits(model).eval().to(stack.device)
     for p in module.parameters():
         p.requires_grad_(False)
 
     def embed(x: torch.Tensor) -> torch.Tensor:
         """The mixed model θ(softmax(ℓ))'s pre-logits embeddings of ``x`` (differentiable in ℓ)."""
         params = {"model." + k: v for k, v in stack.mix(torch.softmax(logits, dim=0)).items()}
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            return functional_call(module, params, (x,)).float()
+        with torch.autocast(stack.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            return functional_call(module, params, (x.to(stack.device, non_blocking=True),)).float()
 
     def loss_on(x: torch.Tensor) -> torch.Tensor:
         return knn_entropy(embed(x), cfg.k, cfg.temperature, cfg.center)
@@ -252,8 +254,8 @@ def self_season(model: nn.Module, stack: StackedIngredients, target: ImageSet, p
             if on_step is not None:
                 on_step(step, total, epoch_losses[-1])
         losses.append(sum(epoch_losses) / len(epoch_losses))
-    alpha = torch.softmax(logits.detach(), dim=0)
-    return SelfSeasonResult(alpha.tolist(), logits.detach().tolist(), losses, initial, step, geometry)
+    alpha = torch.softmax(logits.detach().cpu(), dim=0)
+    return SelfSeasonResult(alpha.tolist(), logits.detach().cpu().tolist(), losses, initial, step, geometry)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from .seasoning import Scorer, SelfSeasonConfig, StackedIngredients, greedy, sco
 
 def _model_and_stack(ctx: MixContext):
     model = load_model(None, ctx.paths[0]).eval()
-    return model, StackedIngredients(ctx.paths), Preprocess.for_model(model)
+    return model, StackedIngredients(ctx.paths, device=ctx.options.device), Preprocess.for_model(model)
 
 
 def _scorer(ctx: MixContext, model, pre, default: str = "auto") -> Scorer:

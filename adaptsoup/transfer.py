@@ -99,7 +99,7 @@ def run_label_free(stock: str, decoder: str | None, tasks: dict[str, Task | tupl
                                     max_target_images=cfg.max_train_images, seed=cfg.seed, bf16=cfg.bf16, device=cfg.device, inter=inter),
                         progress=progress, echo=log, command=command)
         options = MixOptions(epochs=cfg.self_season_epochs, subset=cfg.self_season_subset, k=cfg.k, samples=cfg.samples, score="knn",
-                             include_stock=True, seed=cfg.seed, bf16=cfg.bf16)
+                             include_stock=True, seed=cfg.seed, bf16=cfg.bf16, device=cfg.device)
         mix_run(MixRequest(run_dir=run.run_dir, methods=[m for m in METHODS if m != CENTERED], labeled=task.labeled or train_dir,
                            evals=[], options=options), progress=progress, log=log)
         mixes = mix_run(MixRequest(run_dir=run.run_dir, methods=["self-season"], evals=[], save_as=CENTERED,

@@ -240,10 +240,12 @@ def adapt(
                            command="adaptsoup " + " ".join(sys.argv[1:]))
     print_metrics(result.metrics)
     if mix_methods:
+        from adaptsoup.mixing import MixOptions
         from adaptsoup.mixrun import MixRequest, mix_run
 
         with progress_bars(progress) as bars:
-            mixes = mix_run(MixRequest(run_dir=result.run_dir, methods=list(mix_methods), labeled=str(mix_labeled) if mix_labeled else None),
+            mixes = mix_run(MixRequest(run_dir=result.run_dir, methods=list(mix_methods), labeled=str(mix_labeled) if mix_labeled else None,
+                                       options=MixOptions(device=cfg.device, bf16=cfg.bf16)),
                             progress=bars, log=log_line)
         print_mixes({m: mixes[m] for m in mix_methods})
     if tta_method:
@@ -282,6 +284,7 @@ def mix(
     greedy_tie: str = typer.Option("strict", help="greedy: strict (must improve) or keep (ties accepted)."),
     seed: int = typer.Option(0, help="Seed of subsets, samples and splits."),
     bf16: bool = typer.Option(False, "--bf16/--fp32", help="self-season under bf16 autocast."),
+    device: str = typer.Option("cpu", help="cpu or cuda: where self-season, season, greedy and best run the mixed model."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Mix a run's ingredients: Self-Seasoning without labels, seasoning/greedy/best with a few, Model Stock."""
@@ -292,7 +295,7 @@ def mix(
     if score not in ("auto", "classifier", "knn"):
         fail(f"--score must be auto, classifier or knn, got {score!r}")
     options = MixOptions(epochs=epochs, subset=subset, batch_size=batch_size, lr=lr, min_lr=min_lr, k=k, temperature=temperature,
-                         center=center, samples=samples, split=split, seed=seed, greedy_tie=greedy_tie, score=score, include_stock=include_stock, bf16=bf16)
+                         center=center, samples=samples, split=split, seed=seed, greedy_tie=greedy_tie, score=score, include_stock=include_stock, bf16=bf16, device=device)
     req = MixRequest(run_dir=run_dir, methods=list(methods), target=str(target) if target else None,
                      labeled=str(labeled) if labeled else None, evals=[str(e) for e in eval_dirs] if eval_dirs else None,
                      ingredients=ingredients, options=options, save_as=save_as)
