@@ -133,6 +133,7 @@ class Adapter:
         self.optimizer.load_state_dict(self._initial_optimizer)
         self.ema = None
 
+    @torch.enable_grad()  # adapting needs gradients even when the caller runs under no_grad
     def predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.cfg.device)
         if self.cfg.episodic:
@@ -159,17 +160,17 @@ class Adapter:
         if not first.any():
             return logits  # nothing reliable: no update (the reference would step on an empty mean)
         ent[first].mean().backward()
-        perturbation = sam_ascend(self.params, self.cfg.rho)
+        weights = sam_ascend(self.params, self.cfg.rho)
         self.optimizer.zero_grad(set_to_none=True)
-        ent2 = softmax_entropy(self.model(x))[first]
+        ent2 = softmax_entropy(self.model(x[first]))  # per-sample in eval mode: the reliable ones are all it needs
         second = reliable(ent2, self.e0)
         record.passed_second = int(second.sum())
         if not second.any():
-            sam_restore(self.params, perturbation)
+            sam_restore(self.params, weights)
             return logits
         loss2 = ent2[second].mean()
         loss2.backward()
-        sam_restore(self.params, perturbation)
+        sam_restore(self.params, weights)
         self.optimizer.step()  # descend from w with the gradient taken at w + e(w)
         self.optimizer.zero_grad(set_to_none=True)
         record.loss, record.skipped = float(loss2.detach()), False
@@ -183,29 +184,25 @@ class Adapter:
 
 
 @torch.no_grad()
-def sam_ascend(params: list[nn.Parameter], rho: float) -> list[torch.Tensor | None]:
-    """SAM's first step: w ← w + ρ·g/‖g‖ (global L2 norm over ``params``); returns the perturbations."""
+def sam_ascend(params: list[nn.Parameter], rho: float) -> list[torch.Tensor]:
+    """SAM's first step: w ← w + ρ·g/‖g‖ (global L2 norm over ``params``); returns copies of the weights before it."""
+    before = [p.detach().clone() for p in params]
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return [None] * len(params)
+        return before
     norm = torch.norm(torch.stack([g.norm(p=2) for g in grads]), p=2)
     scale = rho / (norm + 1e-12)
-    perturbation = []
     for p in params:
-        if p.grad is None:
-            perturbation.append(None)
-            continue
-        e = p.grad * scale
-        p.add_(e)
-        perturbation.append(e)
-    return perturbation
+        if p.grad is not None:
+            p.add_(p.grad * scale)
+    return before
 
 
 @torch.no_grad()
-def sam_restore(params: list[nn.Parameter], perturbation: list[torch.Tensor | None]) -> None:
-    for p, e in zip(params, perturbation):
-        if e is not None:
-            p.sub_(e)
+def sam_restore(params: list[nn.Parameter], before: list[torch.Tensor]) -> None:
+    """Back to the weights :func:`sam_ascend` started from, exactly (a copy, not w + e − e)."""
+    for p, w in zip(params, before):
+        p.copy_(w)
 
 
 @dataclass

@@ -173,6 +173,8 @@ def adapt(
     device: Optional[str] = typer.Option(None, help="cpu or cuda."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="Train under bf16 autocast."),
     tta_method: Optional[str] = typer.Option(None, "--tta", help="Stack test-time adaptation (sar or tent) on the soup over the target."),
+    tta_batch_size: int = typer.Option(64, "--tta-batch-size", min=1, help="With --tta: images per adaptation step."),
+    tta_base_lr: Optional[float] = typer.Option(None, "--tta-base-lr", help="With --tta: learning rate per 64 images (default: SAR 1e-3, Tent 2.5e-4, their references)."),
     mix_methods: Optional[List[str]] = typer.Option(None, "--mix", help="Also mix with this method at the end (repeatable)."),
     mix_labeled: Optional[Path] = typer.Option(None, help="Few-label folder for --mix season/greedy/best."),
     finetune_back: Optional[bool] = typer.Option(None, "--finetune/--no-finetune", help="Fine-tune back on --source (default), or keep the inter-trained encoders as label-free ingredients."),
@@ -252,7 +254,7 @@ def adapt(
         from adaptsoup.tta import TTAConfig, tta_run_dir
 
         with progress_bars(progress) as bars:
-            summary = tta_run_dir(str(result.soup_path), str(result.run_dir / "tta"), TTAConfig(method=tta_method, device=cfg.device),
+            summary = tta_run_dir(str(result.soup_path), str(result.run_dir / "tta"), TTAConfig(method=tta_method, batch_size=tta_batch_size, base_lr=tta_base_lr, device=cfg.device),
                                   target=cfg.target, progress=bars,
                                   log=log_line)
         out.print(f"{tta_method} on the soup: {result.run_dir / 'tta' / 'adapted.safetensors'} ({summary['resets']} reset(s))")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -12,7 +13,7 @@ import torch
 
 import adaptsoup  # noqa: F401
 from adaptsoup.checkpoint import save_checkpoint
-from adaptsoup.data import Preprocess, load_folder
+from adaptsoup.data import ImageSet, Preprocess, load_folder
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.models import model_meta
 from adaptsoup.tta import Adapter, TTAConfig, norm_parameters, reliable, run_tta, softmax_entropy, tta_run_dir, update_ema
@@ -87,6 +88,73 @@ def test_sam_step_matches_a_hand_written_reference():
             params[n].sub_(cfg.lr() * g)
     for n in names:
         assert torch.allclose(dict(model.named_parameters())[n], params[n], atol=1e-6), n
+
+
+def test_sam_step_with_both_filters_dropping_samples_matches_the_reference_way():
+    """The reference forwards the whole batch at w+e and masks twice; the adapter forwards only the reliable ones."""
+    model = tiny_model(seed=0)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        ent0 = softmax_entropy(ref(x)).sort().values
+    e0 = float(ent0[2] + ent0[3]) / 2  # 3 of 8 pass the first filter; at w + e(w) one of them no longer does
+    cfg = TTAConfig(method="sar", e0_factor=e0 / math.log(3), rho=0.5, base_lr=0.5, batch_size=8, reset_threshold=-1.0)
+    adapter = Adapter(model, cfg)
+    adapter.predict_and_adapt(x)
+    record = adapter.records[0]
+    assert (record.passed_first, record.passed_second) == (3, 2)
+
+    params = dict(ref.named_parameters())
+    names = [n for n, _ in adapter.named_params]
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        params[n].requires_grad_(True)
+    ent = softmax_entropy(ref(x))
+    first = ent < e0
+    g1 = torch.autograd.grad(ent[first].mean(), [params[n] for n in names])
+    norm = torch.sqrt(sum((g ** 2).sum() for g in g1))
+    saved = {n: params[n].detach().clone() for n in names}
+    with torch.no_grad():
+        for n, g in zip(names, g1):
+            params[n].add_(cfg.rho * g / (norm + 1e-12))
+    ent2 = softmax_entropy(ref(x))[first]  # the whole batch, then the first mask, then the second
+    second = ent2 < e0
+    assert int(second.sum()) == record.passed_second
+    g2 = torch.autograd.grad(ent2[second].mean(), [params[n] for n in names])
+    with torch.no_grad():
+        for n, g in zip(names, g2):
+            params[n].copy_(saved[n] - cfg.lr() * g)
+    for n in names:
+        assert torch.allclose(dict(model.named_parameters())[n], params[n], atol=1e-6), n
+
+
+def test_online_predictions_come_before_each_update_in_a_seeded_order():
+    images = ImageSet(images=torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+                      labels=None, paths=[f"{i}.png" for i in range(10)])
+    pre = Preprocess(size=(32, 32), mean=(0.5,) * 3, std=(0.25,) * 3)
+    cfg = TTAConfig(method="tent", batch_size=4, base_lr=5.0, seed=3)
+    model = tiny_model(seed=0)
+    with torch.no_grad():
+        before = model.eval()(pre.normalize(images.images))
+    res, _ = run_tta(copy.deepcopy(model), images, pre, cfg)
+    first_batch = res.order[:4]
+    assert torch.allclose(res.logits[first_batch], before[first_batch], atol=1e-5)  # predicted, then updated
+    later = res.order[4:]
+    assert not torch.allclose(res.logits[later], before[later], atol=1e-3)  # the updates did change later predictions
+    again, _ = run_tta(copy.deepcopy(model), images, pre, cfg)
+    assert torch.equal(again.order, res.order) and torch.allclose(again.logits, res.logits)
+    other, _ = run_tta(copy.deepcopy(model), images, pre, dataclasses.replace(cfg, seed=4))
+    assert not torch.equal(other.order, res.order)
+
+
+def test_adapting_under_no_grad_still_adapts():
+    model = tiny_model(seed=0)
+    before = copy.deepcopy(model.state_dict())
+    adapter = Adapter(model, TTAConfig(method="tent", base_lr=1.0))
+    with torch.no_grad():
+        adapter.predict_and_adapt(torch.randn(4, 3, 32, 32))
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_no_reliable_sample_means_no_update():
