@@ -15,7 +15,8 @@ SAR, as in its official implementation (with its known defects fixed, see ``shar
 * the model stays in eval mode with gradients on (the reference's train mode turns on stochastic depth);
 * predictions are the logits of the first forward, made before the batch's update.
 
-Tent minimises the entropy of all predictions, updating every LayerNorm's affine parameters.
+Tent minimises the entropy of all predictions, updating every LayerNorm's affine parameters, with SGD
+(momentum 0.9, its ImageNet setting) or Adam (lr 1e-3 at batch 200, its CIFAR setting).
 """
 
 from __future__ import annotations
@@ -46,12 +47,18 @@ class TTAConfig:
     reset_threshold: float = 0.2  # SAR: model recovery when the loss EMA falls below this
     ema_momentum: float = 0.9
     episodic: bool = False  # reset to the initial model after every batch
+    optimizer: str = "sgd"  # Tent only: "sgd" (momentum, its ImageNet setting) or "adam" (its CIFAR setting); SAR is SGD
     seed: int = 0  # order of the stream
     shuffle: bool = True
     device: str = "cpu"
 
     def lr(self) -> float:
-        base = self.base_lr if self.base_lr is not None else (1e-3 if self.method == "sar" else 2.5e-4)
+        if self.base_lr is not None:
+            base = self.base_lr
+        elif self.method == "sar":
+            base = 1e-3
+        else:
+            base = 1e-3 / 200 * 64 if self.optimizer == "adam" else 2.5e-4  # Tent's CIFAR Adam: 1e-3 at batch 200
         return base / 64 * self.batch_size
 
 
@@ -121,7 +128,12 @@ class Adapter:
         self.params = [p for _, p in self.named_params]
         for p in self.params:
             p.requires_grad_(True)
-        self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr(), momentum=cfg.momentum)
+        if cfg.optimizer not in ("sgd", "adam") or (cfg.optimizer == "adam" and cfg.method != "tent"):
+            raise AdaptsoupError(f"optimizer must be sgd, or adam for tent; got {cfg.optimizer!r} for {cfg.method}")
+        if cfg.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr(), betas=(0.9, 0.999))
+        else:
+            self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr(), momentum=cfg.momentum)
         self.e0 = cfg.e0_factor * math.log(model.num_classes)
         self.ema: float | None = None
         self.records: list[StepRecord] = []

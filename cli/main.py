@@ -357,6 +357,7 @@ def tta(
     e0_factor: float = typer.Option(0.4, help="SAR: entropy filter E0 = factor x ln(classes)."),
     reset_threshold: float = typer.Option(0.2, help="SAR: reset the model when the loss EMA falls below this."),
     episodic: bool = typer.Option(False, help="Reset to the initial model after every batch."),
+    optimizer: str = typer.Option("sgd", help="Tent: sgd (momentum 0.9, its ImageNet setting) or adam (its CIFAR setting)."),
     seed: int = typer.Option(0, help="Seed of the stream order."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -368,7 +369,7 @@ def tta(
     if method not in TTA_METHODS:
         fail(f"--method must be one of {', '.join(TTA_METHODS)}, got {method!r}")
     cfg = TTAConfig(method=method, batch_size=batch_size, base_lr=base_lr, rho=rho, e0_factor=e0_factor,
-                    reset_threshold=reset_threshold, episodic=episodic, seed=seed, device=device)
+                    reset_threshold=reset_threshold, episodic=episodic, optimizer=optimizer, seed=seed, device=device)
     with progress_bars(progress) as bars:
         summary = tta_run_dir(str(model), str(out_dir), cfg, target=str(target) if target else None,
                               eval_labels=str(eval_labels) if eval_labels else None, arch=arch, progress=bars,

@@ -157,6 +157,19 @@ def test_adapting_under_no_grad_still_adapts():
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_tent_with_adam_as_its_cifar_reference():
+    cfg = TTAConfig(method="tent", optimizer="adam", batch_size=200)
+    assert cfg.lr() == pytest.approx(1e-3)
+    model = tiny_model(seed=0)
+    before = copy.deepcopy(model.state_dict())
+    adapter = Adapter(model, dataclasses.replace(cfg, batch_size=4))
+    assert isinstance(adapter.optimizer, torch.optim.Adam)
+    adapter.predict_and_adapt(torch.randn(4, 3, 32, 32))
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(AdaptsoupError, match="adam for tent"):
+        Adapter(tiny_model(seed=0), TTAConfig(method="sar", optimizer="adam"))
+
+
 def test_no_reliable_sample_means_no_update():
     model = tiny_model(seed=0)
     before = copy.deepcopy(model.state_dict())
