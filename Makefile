@@ -36,7 +36,7 @@ benchmarks: stock
 	$(BIN)/adaptsoup bench c10c --mode full --no-progress
 	$(BIN)/adaptsoup bench c10c --mode quick --severity 3 --no-progress
 	$(BIN)/adaptsoup bench families --mode quick --no-progress
-	$(BIN)/adaptsoup bench label-free --preset cifar --steps 100 --no-progress
+	$(BIN)/adaptsoup bench label-free --preset cifar --mode quick --no-progress
 
 clean:
 	rm -rf $(VENV) build *.egg-info

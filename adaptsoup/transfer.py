@@ -52,8 +52,9 @@ class Task:
 
 @dataclass
 class LabelFreeConfig:
+    mode: str = "quick"
     lr: float = 1e-4
-    steps: int = 200
+    steps: int = 100
     batch_size: int = 64
     mmcr_lambdas: list[float] = field(default_factory=lambda: [0.0, 0.1])
     mmcr_views: int = 2  # views per image (the MMCR paper uses more; each view costs a forward and backward)
@@ -66,6 +67,25 @@ class LabelFreeConfig:
     seed: int = 0
     bf16: bool = True
     device: str = "cpu"
+    # the preset tasks' sizes (prepare_cifar_tasks)
+    train_images: int = 2000
+    test_images: int = 1000
+    labeled_images: int = 500
+
+    @classmethod
+    def for_mode(cls, mode: str, **overrides) -> "LabelFreeConfig":
+        """quick: short inter-training, 2-view MMCR, 100 seasoning samples; full: 4x the steps, 4 views, larger tasks."""
+        if mode == "quick":
+            cfg = cls(mode="quick")
+        elif mode == "full":
+            cfg = cls(mode="full", steps=400, mmcr_views=4, samples=300, self_season_epochs=10, train_images=5000,
+                      test_images=2000, labeled_images=1000)
+        else:
+            raise AdaptsoupError(f"--mode must be quick or full, got {mode!r}")
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(cfg, key, value)
+        return cfg
 
 
 @torch.no_grad()
@@ -121,8 +141,8 @@ def run_label_free(stock: str, decoder: str | None, tasks: dict[str, Task | tupl
               "config": dataclasses.asdict(cfg), "wall_time_s": round(time.perf_counter() - t_start, 1), "tasks": results}
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "label_free.json", result)
-    write_text_atomic(out_dir / "label_free.md", markdown(result))
+    write_json_atomic(out_dir / f"label_free_{cfg.mode}.json", result)
+    write_text_atomic(out_dir / f"label_free_{cfg.mode}.md", markdown(result))
     return result
 
 

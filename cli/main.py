@@ -504,17 +504,18 @@ def bench_label_free(
     tasks: Optional[List[str]] = typer.Option(None, "--task", help="NAME=TRAIN_DIR:TEST_DIR[:LABELED_DIR] (labeled class_name/<image> folders), repeatable."),
     preset: Optional[str] = typer.Option(None, help="'cifar': build CIFAR-10, digits and the four CIFAR-10-C corruption-family tasks."),
     families: Optional[str] = typer.Option(None, help="With --preset cifar: comma-separated corruption families (default: noise,blur,weather,digital)."),
-    train_images: int = typer.Option(2000, help="With --preset: training images per task (SSL data and k-NN bank)."),
-    test_images: int = typer.Option(1000, help="With --preset: test images per task."),
-    labeled_images: int = typer.Option(500, help="With --preset: the few labels per task for best/season."),
+    mode: str = typer.Option("quick", help="quick or full: the defaults of every size below (see the README)."),
+    train_images: Optional[int] = typer.Option(None, help="With --preset: training images per task (SSL data and k-NN bank); quick 2000, full 5000."),
+    test_images: Optional[int] = typer.Option(None, help="With --preset: test images per task; quick 1000, full 2000."),
+    labeled_images: Optional[int] = typer.Option(None, help="With --preset: the few labels per task for best/season; quick 500, full 1000."),
     data: BenchData = None,
     stock: BenchStock = None,
     decoder: BenchDecoder = None,
-    steps: int = typer.Option(200, help="Inter-training steps per SSL ingredient."),
-    lr: float = typer.Option(1e-4, help="Inter-training learning rate."),
-    mmcr_views: int = typer.Option(2, min=2, help="MMCR: augmented views per image."),
-    samples: int = typer.Option(100, help="Seasoning: Dirichlet samples scored by k-NN on the few labels."),
-    self_season_epochs: int = typer.Option(5, help="Self-Seasoning epochs over the task's training images."),
+    steps: Optional[int] = typer.Option(None, help="Inter-training steps per SSL ingredient; quick 100, full 400."),
+    lr: Optional[float] = typer.Option(None, help="Inter-training learning rate (1e-4)."),
+    mmcr_views: Optional[int] = typer.Option(None, min=2, help="MMCR: augmented views per image; quick 2, full 4."),
+    samples: Optional[int] = typer.Option(None, help="Seasoning: Dirichlet samples scored by k-NN on the few labels; quick 100, full 300."),
+    self_season_epochs: Optional[int] = typer.Option(None, help="Self-Seasoning epochs over the task's training images; quick 5, full 10."),
     out_dir: BenchOut = RESULTS,
     work: BenchWork = None,
     device: BenchDevice = "cpu",
@@ -535,6 +536,8 @@ def bench_label_free(
         parsed[name] = Task(*parts)
     if preset not in (None, "cifar"):
         fail(f"--preset must be 'cifar', got {preset!r}")
+    cfg = LabelFreeConfig.for_mode(mode, steps=steps, lr=lr, mmcr_views=mmcr_views, samples=samples, self_season_epochs=self_season_epochs,
+                                   train_images=train_images, test_images=test_images, labeled_images=labeled_images, device=device)
     if not parsed and preset is None:
         fail("give --task NAME=TRAIN_DIR:TEST_DIR (repeatable) or --preset cifar")
     stock_path = stock or default_stock_path()
@@ -545,12 +548,10 @@ def bench_label_free(
     with progress_bars(progress) as bars:
         if preset == "cifar":
             fams = tuple(f.strip() for f in families.split(",")) if families else None
-            built = prepare_cifar_tasks(work_dir / "tasks", data, train_images=train_images, test_images=test_images,
-                                        labeled_images=labeled_images, families=fams, progress=bars)
+            built = prepare_cifar_tasks(work_dir / "tasks", data, train_images=cfg.train_images, test_images=cfg.test_images,
+                                        labeled_images=cfg.labeled_images, families=fams, progress=bars)
             parsed = {**built, **parsed}
-        result = run_label_free(str(stock_path), str(dec) if Path(dec).is_file() else None, parsed,
-                                LabelFreeConfig(steps=steps, lr=lr, mmcr_views=mmcr_views, samples=samples, self_season_epochs=self_season_epochs, device=device),
-                                str(out_dir), str(work_dir), command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
+        result = run_label_free(str(stock_path), str(dec) if Path(dec).is_file() else None, parsed, cfg, str(out_dir), str(work_dir), command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
                                 log=log_line)
     table = Table(title="label-free soups: k-NN top-1")
     cols = ["stock", *METHODS]

@@ -27,7 +27,7 @@ def test_label_free_soups_on_a_new_task(tmp_path):
     assert all(0 <= v <= 100 for v in task["top1_knn"].values())
     # five SSL-only ingredients (MAE, MMCR λ=0 and λ=0.1, MoCo v3 τ=0.1 and τ=1.0) plus the stock
     assert sorted(task["coefficients"]["uniform"]) == ["mae00", "mmcr00", "mmcr01", "mocov300", "mocov301", "stock"]
-    saved = json.loads((tmp_path / "out" / "label_free.json").read_text())
+    saved = json.loads((tmp_path / "out" / "label_free_quick.json").read_text())
     assert saved["tasks"]["toy"]["test_images"] == 8
     (run_dir,) = (tmp_path / "work" / "runs").glob("toy-*")  # named by a digest of the settings, stock and data
     manifest = json.loads((run_dir / "manifest.json").read_text())
