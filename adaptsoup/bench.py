@@ -44,7 +44,7 @@ from .mixrun import MixRequest, mix_run
 from .models import class_names, default_stock_path, load_model
 from .evaluation import top1
 from .progress import NullProgress
-from .recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
+from .recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, with_overrides
 from .tta import TTAConfig, run_tta
 
 TITLES = {"c10c": "CIFAR-10 → CIFAR-10-C", "imagenet-c": "ImageNet → ImageNet-C", "laion-c": "ImageNet → LAION-C"}
@@ -91,10 +91,7 @@ class BenchConfig:
                       inter_steps=1000, ft_lrs=[1e-4, 2e-4], ft_steps=300, vanilla=4, self_season_epochs=5, self_season_subset=4096)
         else:
             raise AdaptsoupError(f"--mode must be quick or full, got {mode!r}")
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(cfg, key, value)
-        return cfg
+        return with_overrides(cfg, overrides)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -136,6 +136,16 @@ def _build(cls, raw: dict[str, Any], section: str):
     return obj
 
 
+def with_overrides(cfg, overrides: dict[str, Any]):
+    """``cfg`` with every override that is not None set on it (a mode's defaults, then the user's flags)."""
+    for key, value in overrides.items():
+        if value is not None:
+            if not hasattr(cfg, key):
+                raise AdaptsoupError(f"unknown setting {key!r} for {type(cfg).__name__}")
+            setattr(cfg, key, value)
+    return cfg
+
+
 def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) recipe as a dict."""
     path = Path(path)

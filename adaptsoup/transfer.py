@@ -34,7 +34,7 @@ from .mixing import MixOptions
 from .mixrun import MixRequest, mix_run
 from .models import load_model
 from .progress import NullProgress
-from .recipe import AdaptConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid
+from .recipe import AdaptConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid, with_overrides
 from .seasoning import knn_predict
 
 METHODS = ("uniform", "best", "season", "self-season", "self-season-centered")
@@ -82,10 +82,7 @@ class LabelFreeConfig:
                       test_images=2000, labeled_images=1000)
         else:
             raise AdaptsoupError(f"--mode must be quick or full, got {mode!r}")
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(cfg, key, value)
-        return cfg
+        return with_overrides(cfg, overrides)
 
 
 @torch.no_grad()

@@ -55,6 +55,17 @@ def test_only_selected_parameters_change():
     assert changed and changed <= selected
 
 
+def trainable_like(ref, adapter):
+    """``ref``'s parameters by name, with gradients on exactly the ones ``adapter`` updates."""
+    params = dict(ref.named_parameters())
+    names = [n for n, _ in adapter.named_params]
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        params[n].requires_grad_(True)
+    return params, names
+
+
 def test_sam_step_matches_a_hand_written_reference():
     torch.manual_seed(0)
     model = tiny_model(seed=3)
@@ -65,12 +76,7 @@ def test_sam_step_matches_a_hand_written_reference():
     logits = adapter.predict_and_adapt(x)
 
     # the same formulas by hand: g1 at w; e = rho g1/|g1|; g2 at w+e; w <- w - lr g2 (SGD, first step: no momentum yet)
-    params = dict(ref.named_parameters())
-    names = [n for n, _ in adapter.named_params]
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    for n in names:
-        params[n].requires_grad_(True)
+    params, names = trainable_like(ref, adapter)
     first = ref.eval()(x)
     assert torch.allclose(first, logits, atol=1e-6)
     e0 = 10.0 * math.log(3)
@@ -104,12 +110,7 @@ def test_sam_step_with_both_filters_dropping_samples_matches_the_reference_way()
     record = adapter.records[0]
     assert (record.passed_first, record.passed_second) == (3, 2)
 
-    params = dict(ref.named_parameters())
-    names = [n for n, _ in adapter.named_params]
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    for n in names:
-        params[n].requires_grad_(True)
+    params, names = trainable_like(ref, adapter)
     ent = softmax_entropy(ref(x))
     first = ent < e0
     g1 = torch.autograd.grad(ent[first].mean(), [params[n] for n in names])
