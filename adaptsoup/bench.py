@@ -45,6 +45,7 @@ from .models import class_names, default_stock_path, load_model
 from .evaluation import top1
 from .progress import NullProgress
 from .recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, with_overrides
+from .seasoning_methods import self_season_summary
 from .tta import TTAConfig, run_tta
 
 TITLES = {"c10c": "CIFAR-10 → CIFAR-10-C", "imagenet-c": "ImageNet → ImageNet-C", "laion-c": "ImageNet → LAION-C"}
@@ -269,11 +270,8 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     rows.append({**row("self_soup_target_best_ingredient", f"ingredient:{best}"), "ingredient": best,
                  "note": "chosen by its mean accuracy on the odd images: an oracle, not a method"})
     for name, key in (("self_soup_target_self_seasoned", "self-season"), ("self_soup_target_self_seasoned_centered", CENTERED)):
-        info = mixes[key]["info"]
         rows.append({**row(name, name), "coefficients": mixes[key]["coefficients"],
-                     "self_season": {"initial_loss": info["initial_loss"], "final_loss": info["epoch_losses"][-1],
-                                     "loss_ceiling": info["loss_ceiling"], "flat_at_start": info["flat_at_start"],
-                                     **info["initial_geometry"]}})
+                     "self_season": self_season_summary(mixes[key]["info"])})
 
     # -- SAR on the soups (Table 2): online over each corruption's odd images, reset between corruptions ---------
     t0 = time.perf_counter()

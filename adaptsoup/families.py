@@ -34,6 +34,7 @@ from .mixing import MixContext, MixOptions, get_mixer, stream_weighted_average
 from .progress import NullProgress
 from .recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid
 from .resources import PeakMemory
+from .seasoning_methods import self_season_summary
 
 FAMILIES = ("mae", "mocov3", "mmcr", "noisy", "partition")
 
@@ -152,8 +153,7 @@ def run_families(cfg: FamiliesConfig, *, command: str = "", progress=None, log: 
     for row_name, key, res in (("all_families_self_seasoned", "all_self_seasoned", seasoned),
                                ("all_families_self_seasoned_centered", "all_self_seasoned_centered", centered)):
         rows.append({**score_row(row_name, key, metrics, corruptions), "coefficients": dict(zip(names, res.coefficients)),
-                     "self_season": {k: res.info[k] for k in ("initial_loss", "loss_ceiling", "flat_at_start")}
-                     | {"final_loss": res.info["epoch_losses"][-1], **res.info["initial_geometry"]}})
+                     "self_season": self_season_summary(res.info)})
     best = max(ingredients, key=lambda n: mean_or_nan(metrics[f"odd/{c}"][f"ingredient:{n}"] for c in corruptions))
     rows.append({**score_row("best_ingredient", f"ingredient:{best}", metrics, corruptions), "ingredient": best,
                  "note": "chosen by its mean accuracy on the odd images: an oracle, not a method"})

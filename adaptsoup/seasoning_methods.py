@@ -61,6 +61,12 @@ def mix_self_season(ctx: MixContext) -> MixResult:
     })
 
 
+def self_season_summary(info: dict) -> dict:
+    """What a report shows of a self-season run: start and end loss, the ceiling, flatness, the start's geometry."""
+    return {"initial_loss": info["initial_loss"], "final_loss": info["epoch_losses"][-1], "loss_ceiling": info["loss_ceiling"],
+            "flat_at_start": info["flat_at_start"], **info["initial_geometry"]}
+
+
 @register_mixer("season", needs="labels")
 def mix_season(ctx: MixContext) -> MixResult:
     """Seasoning: the best of Dirichlet(1) samples (+ uniform, one-hots) by held-out k-NN accuracy."""
