@@ -38,7 +38,7 @@ from .corruptions import CORRUPTIONS, corrupt_batch
 from .data import ImageSet, Preprocess, default_cache_dir, load_folder
 from .errors import AdaptsoupError
 from .io import atomic_path, write_json_atomic, write_text_atomic
-from .manifest import config_tag, environment, file_digest, git_commit
+from .manifest import config_tag, environment, file_digest, source_state
 from .mixing import MixOptions
 from .mixrun import MixRequest, mix_run
 from .models import class_names, default_stock_path, load_model
@@ -214,7 +214,7 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     if cfg.vanilla < 1 or not cfg.inter_lrs or not cfg.ft_lrs:
         raise AdaptsoupError("the benchmark's rows need vanilla >= 1 (the supervised soup) and at least one inter-training "
                              "and one fine-tuning learning rate")
-    t_start = time.perf_counter()
+    t_start, source = time.perf_counter(), source_state()
     timings: dict[str, float] = {"prepare_data": data.notes["prepare_data_s"]} if "prepare_data_s" in data.notes else {}
     progress = progress or NullProgress()
     work = bench_work_dir(cfg, data.benchmark)
@@ -299,7 +299,7 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
                              "disjoint": mean_or_nan(metrics[f"odd/{c}"][f"ingredient:{k}"] for c in corruptions)} for k in ingredients}
     env = environment()
     result = {
-        "benchmark": data.benchmark, "mode": cfg.mode, "severity": cfg.severity, "command": command, "commit": git_commit(),
+        "benchmark": data.benchmark, "mode": cfg.mode, "severity": cfg.severity, "command": command, "commit": source["commit"], "source_dirty": source["dirty"],
         "machine": {k: v for k, v in env.items() if k != "packages"}, "packages": env["packages"],
         "wall_time_s": round(time.perf_counter() - t_start + data.notes.get("prepare_data_s", 0.0), 1),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},

@@ -29,7 +29,7 @@ from .checkpoint import save_checkpoint
 from .data import load_folder
 from .errors import AdaptsoupError
 from .io import atomic_path, write_json_atomic, write_text_atomic
-from .manifest import environment, git_commit
+from .manifest import environment, source_state
 from .mixing import MixContext, MixOptions, get_mixer, stream_weighted_average
 from .progress import NullProgress
 from .recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid
@@ -86,7 +86,7 @@ def family_recipes(cfg: FamiliesConfig) -> dict[str, InterTrainConfig]:
 
 def run_families(cfg: FamiliesConfig, *, command: str = "", progress=None, log: Callable[[str], None] = print) -> dict:
     """Make every family's ingredients, mix them within and across families, evaluate, write the report."""
-    t_start = time.perf_counter()
+    t_start, source = time.perf_counter(), source_state()
     recipes = family_recipes(cfg)  # unknown families fail before any work
     progress = progress or NullProgress()
     b = cfg.bench
@@ -161,7 +161,7 @@ def run_families(cfg: FamiliesConfig, *, command: str = "", progress=None, log: 
 
     env = environment()
     result = {
-        "benchmark": "ingredient-families", "mode": b.mode, "severity": b.severity, "command": command, "commit": git_commit(),
+        "benchmark": "ingredient-families", "mode": b.mode, "severity": b.severity, "command": command, "commit": source["commit"], "source_dirty": source["dirty"],
         "machine": {k: v for k, v in env.items() if k != "packages"}, "packages": env["packages"],
         "wall_time_s": round(time.perf_counter() - t_start, 1),  # data preparation included
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
