@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,9 +85,11 @@ class BenchConfig:
     # a second, fixed SAR setting reported beside it (rows ``+sar_reference_lr``): SAR's official ViT learning
     # rate, 1e-3 per 64 images; None leaves those rows out. Neither is chosen on the evaluation images.
     sar_reference_base_lr: float | None = 1e-3
+    decoder_warmup_loaded: bool = False  # warm up the stock's MAE decoder (encoder frozen) before inter-training
     seed: int = 0
     bf16: bool = True
     device: str = "cpu"
+    label: str = ""  # appended to the results' file names (c10c_quick_s5_<label>.json) to keep variants apart
 
     @classmethod
     def for_mode(cls, mode: str, **overrides) -> "BenchConfig":
@@ -159,6 +162,7 @@ class ShiftData:
 
 def run_c10c(cfg: BenchConfig, *, command: str = "", progress=None, log: Callable[[str], None] = print) -> dict:
     """CIFAR-10 → CIFAR-10-C: generate the corrupted test images, then :func:`run_shift_benchmark`."""
+    results_stem("c10c", cfg)  # a bad --label fails before the images are made
     data = prepare_c10c(cfg, progress=progress, log=log)
     return run_shift_benchmark(data, cfg, command=command, progress=progress, log=log)
 
@@ -198,6 +202,13 @@ def _stock_and_decoder(cfg: BenchConfig) -> tuple[Path, str | None]:
     return stock_path, decoder
 
 
+def results_stem(benchmark: str, cfg: BenchConfig) -> str:
+    """``<benchmark>_<mode>_s<severity>[_<label>]``: the results' file names."""
+    if cfg.label and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg.label):
+        raise AdaptsoupError(f"--label must be letters, digits, '.', '_' or '-', got {cfg.label!r}")
+    return f"{benchmark}_{cfg.mode}_s{cfg.severity}" + (f"_{cfg.label}" if cfg.label else "")
+
+
 def bench_work_dir(cfg: BenchConfig, benchmark: str, *extra) -> Path:
     """Where a benchmark keeps its generated data and runs: ``<--work or the cache>/<benchmark>-<mode>-s<severity>-<tag>``.
 
@@ -206,7 +217,7 @@ def bench_work_dir(cfg: BenchConfig, benchmark: str, *extra) -> Path:
     any other never reuses its images or ingredients.
     """
     stock = Path(cfg.stock or default_stock_path())
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "work")}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "work", "label")}
     tag = config_tag(settings, file_digest(stock) if stock.is_file() else str(stock), *extra)
     work = Path(cfg.work or default_cache_dir() / "bench") / f"{benchmark}-{cfg.mode}-s{cfg.severity}-{tag}"
     work.mkdir(parents=True, exist_ok=True)
@@ -219,6 +230,7 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     if cfg.vanilla < 1 or not cfg.inter_lrs or not cfg.ft_lrs:
         raise AdaptsoupError("the benchmark's rows need vanilla >= 1 (the supervised soup) and at least one inter-training "
                              "and one fine-tuning learning rate")
+    stem = results_stem(data.benchmark, cfg)  # a bad --label fails here, not after the run
     t_start, source = time.perf_counter(), source_state()
     timings: dict[str, float] = {"prepare_data": data.notes["prepare_data_s"]} if "prepare_data_s" in data.notes else {}
     progress = progress or NullProgress()
@@ -227,7 +239,8 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     out.mkdir(parents=True, exist_ok=True)
     common = dict(model=str(data.stock), source=data.source, stock=data.decoder, max_source_images=cfg.source_images,
                   seed=cfg.seed, device=cfg.device, bf16=cfg.bf16)
-    inter = InterTrainConfig(lrs=list(cfg.inter_lrs), steps=[cfg.inter_steps], batch_size=cfg.batch_size)
+    inter = InterTrainConfig(lrs=list(cfg.inter_lrs), steps=[cfg.inter_steps], batch_size=cfg.batch_size,
+                             decoder_warmup_loaded=cfg.decoder_warmup_loaded)
     ft = FineTuneConfig(lrs=list(cfg.ft_lrs), steps=cfg.ft_steps, batch_size=cfg.batch_size)
 
     t0 = time.perf_counter()
@@ -310,7 +323,6 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
         "checks": sanity_checks(rows, chance=data.chance),
         "runs": {"self": str(self_run.run_dir), "cont_ssl": str(cont.run_dir)},
     }
-    stem = f"{data.benchmark}_{cfg.mode}_s{cfg.severity}"
     write_json_atomic(out / f"{stem}.json", result)
     write_text_atomic(out / f"{stem}.md", markdown_table(result))
     plot_results(result, out / f"{stem}_per_corruption.png", out / f"{stem}_soups_vs_ingredients.png")

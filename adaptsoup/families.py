@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from .adapt import evaluate_checkpoints, run_adapt
-from .bench import BenchConfig, bench_work_dir, mean_or_nan, prepare_c10c, score_row
+from .bench import BenchConfig, bench_work_dir, mean_or_nan, prepare_c10c, results_stem, score_row
 from .checkpoint import save_checkpoint
 from .data import load_folder
 from .errors import AdaptsoupError
@@ -70,7 +70,8 @@ _BENCH_KEYS = {f.name for f in dataclasses.fields(BenchConfig)}
 
 def family_recipes(cfg: FamiliesConfig) -> dict[str, InterTrainConfig]:
     """The inter-training recipe of each family (fine-tuning is shared)."""
-    base = InterTrainConfig(lrs=[cfg.inter_lr], steps=[cfg.inter_steps], batch_size=cfg.bench.batch_size)
+    base = InterTrainConfig(lrs=[cfg.inter_lr], steps=[cfg.inter_steps], batch_size=cfg.bench.batch_size,
+                            decoder_warmup_loaded=cfg.bench.decoder_warmup_loaded)
     recipes = {
         "mae": dataclasses.replace(base, lrs=list(cfg.inter_lrs_mae)),
         "mocov3": dataclasses.replace(base, ssl=["mocov3"], mocov3=MoCoV3Grid(temperatures=list(cfg.mocov3_temperatures))),
@@ -90,6 +91,7 @@ def run_families(cfg: FamiliesConfig, *, command: str = "", progress=None, log: 
     recipes = family_recipes(cfg)  # unknown families fail before any work
     progress = progress or NullProgress()
     b = cfg.bench
+    stem = results_stem("families", b)  # and so does a bad --label
     data = prepare_c10c(b, progress=progress, log=log)
     work = bench_work_dir(b, "families", {k: v for k, v in dataclasses.asdict(cfg).items() if k != "bench"})
     out = Path(b.out)
@@ -174,7 +176,6 @@ def run_families(cfg: FamiliesConfig, *, command: str = "", progress=None, log: 
                         **memory.to_dict()},
         "runs": {f: str(work / "runs" / f) for f in family_soups},
     }
-    stem = f"families_{b.mode}_s{b.severity}"
     write_json_atomic(out / f"{stem}.json", result)
     write_text_atomic(out / f"{stem}.md", markdown_table(result))
     plot_families(result, out / f"{stem}.png")

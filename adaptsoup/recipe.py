@@ -52,6 +52,10 @@ class InterTrainConfig:
     norm_pix_loss: bool = True
     decoder_warmup_steps: int = 200
     decoder_warmup_lr: float = 1e-3
+    # Warm up the stock's MAE decoder too (encoder frozen) before the encoder moves: that decoder was trained
+    # with the encoder *before* fine-tuning, so without it the first steps' gradients reach the fine-tuned
+    # encoder through a mismatched decoder. Off by default (the paper starts from the decoder as it is).
+    decoder_warmup_loaded: bool = False
     data: str = "target"  # "target" (Self-Soupervision) or "source" (continued SSL baseline)
     contrastive_augment: str = "3a"  # views of MoCo v3 and MMCR
     head_warmup_frac: float = 0.01  # MoCo v3 / MMCR: heads alone first, for this fraction of the steps

@@ -391,6 +391,8 @@ BenchOut = Annotated[Path, typer.Option("--out", help="Where the JSON, Markdown 
 BenchWork = Annotated[Optional[Path], typer.Option(help="Working folder for generated data and runs (default: the cache); reruns resume there.")]
 BenchDevice = Annotated[str, typer.Option(help="cpu or cuda.")]
 BenchProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+BenchWarmDecoder = Annotated[bool, typer.Option("--warm-decoder/--no-warm-decoder", help="Warm up the stock's MAE decoder (encoder frozen) before inter-training.")]
+BenchLabel = Annotated[str, typer.Option(help="Appended to the results' file names (<benchmark>_<mode>_s<severity>_<label>.json), to keep variants apart.")]
 RESULTS = Path("benchmarks/results")
 
 
@@ -416,6 +418,8 @@ def bench_c10c(
     work: BenchWork = None,
     corruptions: Optional[str] = typer.Option(None, help="Comma-separated subset of the 15 corruptions."),
     device: BenchDevice = "cpu",
+    warm_decoder: BenchWarmDecoder = False,
+    label: BenchLabel = "",
     progress: BenchProgress = True,
 ) -> None:
     """CIFAR-10 -> CIFAR-10-C: deployed, supervised soup, continued-SSL soup, Self-Soup (+ best, Self-Seasoned), + SAR."""
@@ -431,7 +435,7 @@ def bench_c10c(
             fail(f"unknown corruption(s) {', '.join(unknown)}; known: {', '.join(CORRUPTIONS)}")
     cfg = C10CConfig.for_mode(mode, severity=severity, stock=str(stock) if stock else None, decoder=str(decoder) if decoder else None,
                               data=str(data) if data else None, out=str(out_dir), work=str(work) if work else None,
-                              corruptions=chosen, device=device)
+                              corruptions=chosen, device=device, decoder_warmup_loaded=warm_decoder, label=label)
     with progress_bars(progress) as bars:
         result = run_c10c(cfg, command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
                           log=log_line)
@@ -449,6 +453,8 @@ def bench_families(
     out_dir: BenchOut = RESULTS,
     work: BenchWork = None,
     device: BenchDevice = "cpu",
+    warm_decoder: BenchWarmDecoder = False,
+    label: BenchLabel = "",
     progress: BenchProgress = True,
 ) -> None:
     """Do MAE, MoCo v3, MMCR, noisy and partition ingredients mix? Family soups, all-family soups, on CIFAR-10-C."""
@@ -458,7 +464,7 @@ def bench_families(
     chosen = [f.strip() for f in families.split(",") if f.strip()] if families else None
     cfg = FamiliesConfig.for_mode(mode, severity=severity, stock=str(stock) if stock else None, decoder=str(decoder) if decoder else None,
                                   data=str(data) if data else None, out=str(out_dir), work=str(work) if work else None,
-                                  device=device, families=chosen)
+                                  device=device, families=chosen, decoder_warmup_loaded=warm_decoder, label=label)
     with progress_bars(progress) as bars:
         result = run_families(cfg, command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
                               log=log_line)
@@ -479,6 +485,8 @@ def bench_imagenet_c(
     out_dir: BenchOut = RESULTS,
     work: BenchWork = None,
     device: BenchDevice = "cpu",
+    warm_decoder: BenchWarmDecoder = False,
+    label: BenchLabel = "",
     progress: BenchProgress = True,
 ) -> None:
     """ImageNet-C / LAION-C: the same rows and tables as c10c on the released layouts."""
@@ -489,7 +497,8 @@ def bench_imagenet_c(
         fail(f"--layout must be auto, imagenet-c or laion-c, got {layout!r}")
     chosen = [c.strip() for c in corruptions.split(",") if c.strip()] if corruptions else None
     cfg = BenchConfig.for_mode(mode, severity=severity, stock=str(model), decoder=str(decoder) if decoder else None, out=str(out_dir),
-                               work=str(work) if work else None, corruptions=chosen, device=device)
+                               work=str(work) if work else None, corruptions=chosen, device=device,
+                               decoder_warmup_loaded=warm_decoder, label=label)
     if chosen is None:
         cfg.corruptions = []
     with progress_bars(progress) as bars:

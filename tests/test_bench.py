@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from adaptsoup.bench import ROW_NAMES, C10CConfig, run_c10c, sanity_checks
+from adaptsoup.bench import ROW_NAMES, C10CConfig, bench_work_dir, results_stem, run_c10c, sanity_checks
 from adaptsoup.checkpoint import save_checkpoint
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.mae import MaskedAutoencoder
@@ -203,3 +203,13 @@ def test_work_folders_are_named_by_every_setting_and_the_stock(tmp_path):
     model = tiny_model(seed=1)  # another stock at the same path
     save_checkpoint(stock, model.state_dict(), model_meta(model))
     assert bench_work_dir(cfg, "c10c") != first
+
+
+def test_a_label_names_the_results_but_not_the_work(tmp_path):
+    plain = C10CConfig.for_mode("quick", work=str(tmp_path))
+    labelled = C10CConfig.for_mode("quick", work=str(tmp_path), label="warm-decoder")
+    assert results_stem("c10c", plain) == "c10c_quick_s5"
+    assert results_stem("c10c", labelled) == "c10c_quick_s5_warm-decoder"
+    assert bench_work_dir(plain, "c10c") == bench_work_dir(labelled, "c10c")  # same settings, same images and runs
+    other = C10CConfig.for_mode("quick", work=str(tmp_path), decoder_warmup_loaded=True)
+    assert bench_work_dir(other, "c10c") != bench_work_dir(plain, "c10c")
