@@ -150,6 +150,55 @@ def with_overrides(cfg, overrides: dict[str, Any]):
     return cfg
 
 
+def parse_settings(assignments: list[str], *classes, reserved: dict[str, str] | None = None) -> dict[str, Any]:
+    """``["inter_steps=500", "inter_lrs=1e-5,2e-5"]`` as typed overrides of the fields of the dataclasses
+    ``classes`` (int, float, bool, str, their lists — comma-separated — and optional forms: ``none`` for None).
+    ``reserved`` maps settings that have their own flag to that flag."""
+    reserved = reserved or {}
+    fields = {f.name: str(f.type) for cls in reversed(classes) for f in dataclasses.fields(cls)
+              if _settable(str(f.type)) and f.name not in reserved}
+    out: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if key in reserved:
+            raise AdaptsoupError(f"--set {key}: use {reserved[key]} instead")
+        if not sep or key not in fields:
+            known = ", ".join(sorted(fields))
+            raise AdaptsoupError(f"--set wants KEY=VALUE with KEY one of: {known}; got {item!r}")
+        kind = fields[key].replace(" ", "")
+        optional = kind.endswith("|None")
+        kind = kind.removesuffix("|None")
+        if optional and text.lower() == "none":
+            out[key] = None
+            continue
+        try:
+            if kind.startswith("list["):
+                scalar = _SCALARS[kind[len("list["):-1]]
+                out[key] = [scalar(part.strip()) for part in text.split(",") if part.strip()]
+            else:
+                out[key] = _SCALARS[kind](text)
+        except (KeyError, ValueError) as exc:
+            raise AdaptsoupError(f"--set {key}: cannot read {text!r} as {fields[key]} ({exc})") from None
+    return out
+
+
+def _as_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+_SCALARS = {"int": int, "float": float, "bool": _as_bool, "str": str}
+
+
+def _settable(annotation: str) -> bool:
+    kind = annotation.replace(" ", "").removesuffix("|None")
+    return kind in _SCALARS or (kind.startswith("list[") and kind[len("list["):-1] in _SCALARS)
+
+
 def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) recipe as a dict."""
     path = Path(path)
