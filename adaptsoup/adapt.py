@@ -338,31 +338,37 @@ def _decoder_state(cfg: AdaptConfig, log: RunLog) -> dict[str, torch.Tensor] | N
 
 def _prepare_decoder(mae: MaskedAutoencoder, run: InterRun, cfg: AdaptConfig, decoder_state, data: ImageSet, pre: Preprocess,
                      run_dir: Path, progress, log: RunLog) -> None:
-    """Load the stock's MAE decoder, or warm up a fresh one (encoder frozen), shared by runs of one decoder size."""
+    """Load the stock's MAE decoder, or warm up a fresh one (encoder frozen), shared by runs of one decoder size.
+    With ``decoder_warmup_loaded`` the stock's decoder is warmed up the same way, starting from its weights."""
+    loaded = False
     if decoder_state is not None:
         try:
             mae.load_decoder_state_dict(decoder_state)
-            return
+            loaded = True
         except AdaptsoupError as exc:
             if run.decoder_depth:
                 log(f"MAE decoder from --stock does not fit decoder depth {run.decoder_depth} ({exc}); warming up a fresh one")
             else:
                 raise
-    warm = run_dir / "inter" / f"decoder_warmup_d{mae.decoder_config.depth}_m{int(run.mask_ratio * 100)}.safetensors"
+        if loaded and not cfg.inter.decoder_warmup_loaded:
+            return
+    origin = "stock" if loaded else "fresh"
+    warm = run_dir / "inter" / f"decoder_warmup_{origin}_d{mae.decoder_config.depth}_m{int(run.mask_ratio * 100)}.safetensors"
     if warm.is_file():
         state, _ = read_checkpoint(warm)
         mae.load_decoder_state_dict(state)
         return
     steps = cfg.inter.decoder_warmup_steps
     if steps <= 0:
-        log("decoder warm-up disabled (decoder_warmup_steps = 0): inter-training starts from a random decoder")
+        log("decoder warm-up disabled (decoder_warmup_steps = 0): inter-training starts from "
+            + ("the stock's decoder as it is" if loaded else "a random decoder"))
         return
     for p in mae.encoder.parameters():
         p.requires_grad_(False)
     tcfg = TrainConfig(steps=steps, lr=cfg.inter.decoder_warmup_lr, batch_size=cfg.inter.batch_size, weight_decay=cfg.inter.weight_decay,
                        warmup_frac=0.1, augment=cfg.inter.augment, seed=cfg.seed, bf16=cfg.bf16, device=cfg.device,
                        checkpoint_every_s=cfg.checkpoint_every_s)
-    log(f"decoder warm-up: {steps} steps, lr {tcfg.lr:g}, encoder frozen")
+    log(f"decoder warm-up ({'from the stock decoder' if loaded else 'fresh decoder'}): {steps} steps, lr {tcfg.lr:g}, encoder frozen")
     train(mae, mae_loss, data, pre, tcfg, state_path=run_dir / "state" / f"{warm.stem}.pt", progress=progress, description="decoder warm-up")
     for p in mae.encoder.parameters():
         p.requires_grad_(True)

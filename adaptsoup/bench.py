@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from .corruptions import CORRUPTIONS, corrupt_batch
 from .data import ImageSet, Preprocess, default_cache_dir, load_folder
 from .errors import AdaptsoupError
 from .io import atomic_path, write_json_atomic, write_text_atomic
-from .manifest import config_tag, environment, file_digest, git_commit
+from .manifest import config_tag, environment, file_digest, source_state
 from .mixing import MixOptions
 from .mixrun import MixRequest, mix_run
 from .models import class_names, default_stock_path, load_model
@@ -52,7 +53,9 @@ TITLES = {"c10c": "CIFAR-10 → CIFAR-10-C", "imagenet-c": "ImageNet → ImageNe
 ROW_NAMES = (
     "deployed", "supervised_soup", "cont_ssl_soup", "self_soup_target", "self_soup_target_best_ingredient",
     "self_soup_target_self_seasoned", "self_soup_target_self_seasoned_centered", "supervised_soup+sar", "self_soup_target+sar",
+    "supervised_soup+sar_reference_lr", "self_soup_target+sar_reference_lr",
 )
+SAR_ROWS = {"+sar": "sar_base_lr", "+sar_reference_lr": "sar_reference_base_lr"}  # row suffix -> the config's base lr
 CENTERED = "self-season-centered"  # Self-Seasoning on batch-centred embeddings (``--center``), beside the paper's
 
 
@@ -79,9 +82,14 @@ class BenchConfig:
     self_season_subset: int = 2048
     sar_batch: int = 64
     sar_base_lr: float | None = 5e-5  # per 64 images: the paper's best for SAR on soups (5e-5 at batch 128, scaled)
+    # a second, fixed SAR setting reported beside it (rows ``+sar_reference_lr``): SAR's official ViT learning
+    # rate, 1e-3 per 64 images; None leaves those rows out. Neither is chosen on the evaluation images.
+    sar_reference_base_lr: float | None = 1e-3
+    decoder_warmup_loaded: bool = False  # warm up the stock's MAE decoder (encoder frozen) before inter-training
     seed: int = 0
     bf16: bool = True
     device: str = "cpu"
+    label: str = ""  # appended to the results' file names (c10c_quick_s5_<label>.json) to keep variants apart
 
     @classmethod
     def for_mode(cls, mode: str, **overrides) -> "BenchConfig":
@@ -154,6 +162,7 @@ class ShiftData:
 
 def run_c10c(cfg: BenchConfig, *, command: str = "", progress=None, log: Callable[[str], None] = print) -> dict:
     """CIFAR-10 → CIFAR-10-C: generate the corrupted test images, then :func:`run_shift_benchmark`."""
+    results_stem("c10c", cfg)  # a bad --label fails before the images are made
     data = prepare_c10c(cfg, progress=progress, log=log)
     return run_shift_benchmark(data, cfg, command=command, progress=progress, log=log)
 
@@ -193,6 +202,13 @@ def _stock_and_decoder(cfg: BenchConfig) -> tuple[Path, str | None]:
     return stock_path, decoder
 
 
+def results_stem(benchmark: str, cfg: BenchConfig) -> str:
+    """``<benchmark>_<mode>_s<severity>[_<label>]``: the results' file names."""
+    if cfg.label and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg.label):
+        raise AdaptsoupError(f"--label must be letters, digits, '.', '_' or '-', got {cfg.label!r}")
+    return f"{benchmark}_{cfg.mode}_s{cfg.severity}" + (f"_{cfg.label}" if cfg.label else "")
+
+
 def bench_work_dir(cfg: BenchConfig, benchmark: str, *extra) -> Path:
     """Where a benchmark keeps its generated data and runs: ``<--work or the cache>/<benchmark>-<mode>-s<severity>-<tag>``.
 
@@ -201,7 +217,7 @@ def bench_work_dir(cfg: BenchConfig, benchmark: str, *extra) -> Path:
     any other never reuses its images or ingredients.
     """
     stock = Path(cfg.stock or default_stock_path())
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "work")}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "work", "label")}
     tag = config_tag(settings, file_digest(stock) if stock.is_file() else str(stock), *extra)
     work = Path(cfg.work or default_cache_dir() / "bench") / f"{benchmark}-{cfg.mode}-s{cfg.severity}-{tag}"
     work.mkdir(parents=True, exist_ok=True)
@@ -214,7 +230,8 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     if cfg.vanilla < 1 or not cfg.inter_lrs or not cfg.ft_lrs:
         raise AdaptsoupError("the benchmark's rows need vanilla >= 1 (the supervised soup) and at least one inter-training "
                              "and one fine-tuning learning rate")
-    t_start = time.perf_counter()
+    stem = results_stem(data.benchmark, cfg)  # a bad --label fails here, not after the run
+    t_start, source = time.perf_counter(), source_state()
     timings: dict[str, float] = {"prepare_data": data.notes["prepare_data_s"]} if "prepare_data_s" in data.notes else {}
     progress = progress or NullProgress()
     work = bench_work_dir(cfg, data.benchmark)
@@ -222,7 +239,8 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     out.mkdir(parents=True, exist_ok=True)
     common = dict(model=str(data.stock), source=data.source, stock=data.decoder, max_source_images=cfg.source_images,
                   seed=cfg.seed, device=cfg.device, bf16=cfg.bf16)
-    inter = InterTrainConfig(lrs=list(cfg.inter_lrs), steps=[cfg.inter_steps], batch_size=cfg.batch_size)
+    inter = InterTrainConfig(lrs=list(cfg.inter_lrs), steps=[cfg.inter_steps], batch_size=cfg.batch_size,
+                             decoder_warmup_loaded=cfg.decoder_warmup_loaded)
     ft = FineTuneConfig(lrs=list(cfg.ft_lrs), steps=cfg.ft_steps, batch_size=cfg.batch_size)
 
     t0 = time.perf_counter()
@@ -275,20 +293,14 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
 
     # -- SAR on the soups (Table 2): online over each corruption's odd images, reset between corruptions ---------
     t0 = time.perf_counter()
-    for base in ("supervised_soup", "self_soup_target"):
-        per, details = {}, {}
-        model = load_model(None, candidates[base])
-        initial = {k: v.clone() for k, v in model.state_dict().items()}
-        for c in corruptions:
-            model.load_state_dict(initial)  # SAR restarts from the soup for every corruption
-            images = evals[f"odd/{c}"]
-            res, _ = run_tta(model, images, data.preprocess, TTAConfig(method="sar", batch_size=cfg.sar_batch, base_lr=cfg.sar_base_lr, seed=cfg.seed, device=cfg.device))
-            per[c] = data.score(res.logits, images.labels)
-            details[c] = {"resets": res.resets, "filtered_out": res.filtered_out, "final_ema": res.final_ema,
-                          "filtered_out_second": sum(r.passed_first - r.passed_second for r in res.records),
-                          "updates": sum(not r.skipped for r in res.records), "batches": len(res.records)}
-        rows.append({"name": f"{base}+sar", "clean": None, "disjoint": mean_or_nan(per.values()), "joint": None,
-                     "per_corruption": per, "sar": details})
+    sar_settings = [(suffix, getattr(cfg, key)) for suffix, key in SAR_ROWS.items()
+                    if suffix == "+sar" or getattr(cfg, key) is not None]
+    for suffix, base_lr in sar_settings:
+        for base in ("supervised_soup", "self_soup_target"):
+            tta = TTAConfig(method="sar", batch_size=cfg.sar_batch, base_lr=base_lr, seed=cfg.seed, device=cfg.device)
+            per, details = sar_per_corruption(candidates[base], {c: evals[f"odd/{c}"] for c in corruptions}, data, tta)
+            rows.append({"name": f"{base}{suffix}", "clean": None, "disjoint": mean_or_nan(per.values()), "joint": None,
+                         "per_corruption": per, "base": base, "sar_base_lr": base_lr, "sar_lr": tta.lr(), "sar": details})
     timings["sar"] = time.perf_counter() - t0
 
     season = mixes["self-season"]
@@ -299,7 +311,7 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
                              "disjoint": mean_or_nan(metrics[f"odd/{c}"][f"ingredient:{k}"] for c in corruptions)} for k in ingredients}
     env = environment()
     result = {
-        "benchmark": data.benchmark, "mode": cfg.mode, "severity": cfg.severity, "command": command, "commit": git_commit(),
+        "benchmark": data.benchmark, "mode": cfg.mode, "severity": cfg.severity, "command": command, "commit": source["commit"], "source_dirty": source["dirty"],
         "machine": {k: v for k, v in env.items() if k != "packages"}, "packages": env["packages"],
         "wall_time_s": round(time.perf_counter() - t_start + data.notes.get("prepare_data_s", 0.0), 1),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -311,12 +323,27 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
         "checks": sanity_checks(rows, chance=data.chance),
         "runs": {"self": str(self_run.run_dir), "cont_ssl": str(cont.run_dir)},
     }
-    stem = f"{data.benchmark}_{cfg.mode}_s{cfg.severity}"
     write_json_atomic(out / f"{stem}.json", result)
     write_text_atomic(out / f"{stem}.md", markdown_table(result))
     plot_results(result, out / f"{stem}_per_corruption.png", out / f"{stem}_soups_vs_ingredients.png")
     log(f"wrote {out / stem}.json, .md and plots in {result['wall_time_s']:.0f}s")
     return result
+
+
+def sar_per_corruption(checkpoint: Path, streams: dict[str, ImageSet], data: ShiftData, tta: TTAConfig) -> tuple[dict, dict]:
+    """SAR online over each corruption's stream, restarting from the checkpoint for every corruption (as the
+    reference does per corruption): the accuracy of the predictions made before each update, and what SAR did."""
+    model = load_model(None, checkpoint)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    per, details = {}, {}
+    for c, images in streams.items():
+        model.load_state_dict(initial)
+        res, _ = run_tta(model, images, data.preprocess, tta)
+        per[c] = data.score(res.logits, images.labels)
+        details[c] = {"resets": res.resets, "filtered_out": res.filtered_out, "final_ema": res.final_ema,
+                      "filtered_out_second": sum(r.passed_first - r.passed_second for r in res.records),
+                      "updates": sum(not r.skipped for r in res.records), "batches": len(res.records)}
+    return per, details
 
 
 def score_row(name: str, key: str, metrics: dict[str, dict[str, float]], corruptions: list[str]) -> dict:
@@ -341,8 +368,9 @@ def sanity_checks(rows: list[dict], chance: float | None, sar_tolerance: float =
         out["chance"], out["chance_margin"] = chance, chance_margin
         out["deployed_near_chance"] = [c for c, v in by_name["deployed"]["per_corruption"].items() if v < chance + chance_margin]
     for name, r in by_name.items():
-        if name.endswith("+sar") and name[: -len("+sar")] in by_name:
-            base = by_name[name[: -len("+sar")]]["per_corruption"]
+        base_name = r.get("base", name[: -len("+sar")] if name.endswith("+sar") else None)
+        if base_name in by_name and base_name != name:
+            base = by_name[base_name]["per_corruption"]
             delta = {c: r["per_corruption"][c] - base[c] for c in r["per_corruption"]}
             out[f"{name}_change"] = {"mean": mean_or_nan(delta.values()), "worst": min(delta.values()),
                                      "worst_corruption": min(delta, key=delta.get),
@@ -394,16 +422,21 @@ def markdown_table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['name']} | " + " | ".join(fmt(v) for v in r["per_corruption"].values()) + " |")
     by_name = {r["name"]: r for r in result["rows"]}
-    sar_rows = [(n, by_name[n], by_name.get(f"{n}+sar")) for n in ("supervised_soup", "self_soup_target") if n in by_name]
-    if any(with_sar for _, _, with_sar in sar_rows):
-        lines += ["", "Table 2 — test-time adaptation (SAR, online over each corruption's odd images):", "",
-                  "| soup | without SAR | with SAR | change | worst corruption change |", "|---|---|---|---|---|"]
-        for n, r, with_sar in sar_rows:
-            if with_sar is None:
-                continue
-            change = result.get("checks", {}).get(f"{n}+sar_change", {})
+    sar_rows = [r for r in result["rows"] if "sar" in r and r.get("base", r["name"].split("+")[0]) in by_name]
+    if sar_rows:
+        lines += ["", "Table 2 — test-time adaptation (SAR, online over each corruption's odd images, restarted from "
+                      "the soup for every corruption):", "",
+                  "| soup | SAR lr per 64 images | without SAR | with SAR | change | worst corruption change | corruptions below −1 point |",
+                  "|---|---|---|---|---|---|---|"]
+        for with_sar in sar_rows:
+            n = with_sar.get("base", with_sar["name"].split("+")[0])
+            r = by_name[n]
+            change = result.get("checks", {}).get(f"{with_sar['name']}_change", {})
             worst = f"{change['worst']:+.2f} ({change['worst_corruption']})" if change else "—"
-            lines.append(f"| {n} | {fmt(r['disjoint'])} | {fmt(with_sar['disjoint'])} | {with_sar['disjoint'] - r['disjoint']:+.2f} | {worst} |")
+            below = (", ".join(change["below_tolerance"]) or "none") if change else "—"
+            lr = f"{with_sar['sar_base_lr']:g}" if with_sar.get("sar_base_lr") is not None else "reference"
+            lines.append(f"| {n} | {lr} | {fmt(r['disjoint'])} | {fmt(with_sar['disjoint'])} | "
+                         f"{with_sar['disjoint'] - r['disjoint']:+.2f} | {worst} | {below} |")
     checks = result.get("checks", {})
     if "deployed_near_chance" in checks:
         near = checks["deployed_near_chance"]
@@ -424,7 +457,7 @@ def plot_results(result: dict, per_corruption_png: Path, soups_png: Path) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"]]
+    rows = result["rows"]
     corruptions = list(rows[0]["per_corruption"])
     fig, ax = plt.subplots(figsize=(max(8, len(corruptions) * 0.9), 4))
     width = 0.8 / len(rows)
@@ -446,7 +479,7 @@ def plot_results(result: dict, per_corruption_png: Path, soups_png: Path) -> Non
 
     ax.scatter([x_of(v["clean"]) for v in ing.values()], [v["disjoint"] for v in ing.values()], label="self-soup ingredients", color="gray")
     for r in rows:
-        if not r["name"].endswith(("best_ingredient", "+sar")):
+        if not r["name"].endswith("best_ingredient") and "sar" not in r:  # SAR rows have no clean accuracy
             ax.scatter([x_of(r["clean"])], [r["disjoint"]], label=r["name"], marker="*", s=120)
     ax.set_xlabel("clean top-1 (%)" if result["stock"]["clean_acc"] is not None else "(no clean set)")
     ax.set_ylabel("shifted top-1 (%), disjoint (odd) images")

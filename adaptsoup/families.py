@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Callable
 
 from .adapt import evaluate_checkpoints, run_adapt
-from .bench import BenchConfig, bench_work_dir, mean_or_nan, prepare_c10c, score_row
+from .bench import BenchConfig, bench_work_dir, mean_or_nan, prepare_c10c, results_stem, score_row
 from .checkpoint import save_checkpoint
 from .data import load_folder
 from .errors import AdaptsoupError
 from .io import atomic_path, write_json_atomic, write_text_atomic
-from .manifest import environment, git_commit
+from .manifest import environment, source_state
 from .mixing import MixContext, MixOptions, get_mixer, stream_weighted_average
 from .progress import NullProgress
 from .recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid
@@ -70,7 +70,8 @@ _BENCH_KEYS = {f.name for f in dataclasses.fields(BenchConfig)}
 
 def family_recipes(cfg: FamiliesConfig) -> dict[str, InterTrainConfig]:
     """The inter-training recipe of each family (fine-tuning is shared)."""
-    base = InterTrainConfig(lrs=[cfg.inter_lr], steps=[cfg.inter_steps], batch_size=cfg.bench.batch_size)
+    base = InterTrainConfig(lrs=[cfg.inter_lr], steps=[cfg.inter_steps], batch_size=cfg.bench.batch_size,
+                            decoder_warmup_loaded=cfg.bench.decoder_warmup_loaded)
     recipes = {
         "mae": dataclasses.replace(base, lrs=list(cfg.inter_lrs_mae)),
         "mocov3": dataclasses.replace(base, ssl=["mocov3"], mocov3=MoCoV3Grid(temperatures=list(cfg.mocov3_temperatures))),
@@ -86,10 +87,11 @@ def family_recipes(cfg: FamiliesConfig) -> dict[str, InterTrainConfig]:
 
 def run_families(cfg: FamiliesConfig, *, command: str = "", progress=None, log: Callable[[str], None] = print) -> dict:
     """Make every family's ingredients, mix them within and across families, evaluate, write the report."""
-    t_start = time.perf_counter()
+    t_start, source = time.perf_counter(), source_state()
     recipes = family_recipes(cfg)  # unknown families fail before any work
     progress = progress or NullProgress()
     b = cfg.bench
+    stem = results_stem("families", b)  # and so does a bad --label
     data = prepare_c10c(b, progress=progress, log=log)
     work = bench_work_dir(b, "families", {k: v for k, v in dataclasses.asdict(cfg).items() if k != "bench"})
     out = Path(b.out)
@@ -161,7 +163,7 @@ def run_families(cfg: FamiliesConfig, *, command: str = "", progress=None, log: 
 
     env = environment()
     result = {
-        "benchmark": "ingredient-families", "mode": b.mode, "severity": b.severity, "command": command, "commit": git_commit(),
+        "benchmark": "ingredient-families", "mode": b.mode, "severity": b.severity, "command": command, "commit": source["commit"], "source_dirty": source["dirty"],
         "machine": {k: v for k, v in env.items() if k != "packages"}, "packages": env["packages"],
         "wall_time_s": round(time.perf_counter() - t_start, 1),  # data preparation included
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -174,7 +176,6 @@ def run_families(cfg: FamiliesConfig, *, command: str = "", progress=None, log: 
                         **memory.to_dict()},
         "runs": {f: str(work / "runs" / f) for f in family_soups},
     }
-    stem = f"families_{b.mode}_s{b.severity}"
     write_json_atomic(out / f"{stem}.json", result)
     write_text_atomic(out / f"{stem}.md", markdown_table(result))
     plot_families(result, out / f"{stem}.png")

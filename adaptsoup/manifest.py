@@ -49,6 +49,22 @@ def git_commit(path: str | os.PathLike | None = None) -> str | None:
         return None
 
 
+def git_dirty(path: str | os.PathLike | None = None) -> bool | None:
+    """Whether tracked files differ from the commit (untracked files ignored); None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                             cwd=path or Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def source_state() -> dict[str, Any]:
+    """The code a run starts from: its commit and whether the checkout had uncommitted changes. Taken when a
+    long run *starts*, so that commits made while it runs are not credited with its results."""
+    return {"commit": git_commit(), "dirty": git_dirty()}
+
+
 def environment() -> dict[str, Any]:
     import torch
 

@@ -52,6 +52,10 @@ class InterTrainConfig:
     norm_pix_loss: bool = True
     decoder_warmup_steps: int = 200
     decoder_warmup_lr: float = 1e-3
+    # Warm up the stock's MAE decoder too (encoder frozen) before the encoder moves: that decoder was trained
+    # with the encoder *before* fine-tuning, so without it the first steps' gradients reach the fine-tuned
+    # encoder through a mismatched decoder. Off by default (the paper starts from the decoder as it is).
+    decoder_warmup_loaded: bool = False
     data: str = "target"  # "target" (Self-Soupervision) or "source" (continued SSL baseline)
     contrastive_augment: str = "3a"  # views of MoCo v3 and MMCR
     head_warmup_frac: float = 0.01  # MoCo v3 / MMCR: heads alone first, for this fraction of the steps
@@ -144,6 +148,55 @@ def with_overrides(cfg, overrides: dict[str, Any]):
                 raise AdaptsoupError(f"unknown setting {key!r} for {type(cfg).__name__}")
             setattr(cfg, key, value)
     return cfg
+
+
+def parse_settings(assignments: list[str], *classes, reserved: dict[str, str] | None = None) -> dict[str, Any]:
+    """``["inter_steps=500", "inter_lrs=1e-5,2e-5"]`` as typed overrides of the fields of the dataclasses
+    ``classes`` (int, float, bool, str, their lists — comma-separated — and optional forms: ``none`` for None).
+    ``reserved`` maps settings that have their own flag to that flag."""
+    reserved = reserved or {}
+    fields = {f.name: str(f.type) for cls in reversed(classes) for f in dataclasses.fields(cls)
+              if _settable(str(f.type)) and f.name not in reserved}
+    out: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if key in reserved:
+            raise AdaptsoupError(f"--set {key}: use {reserved[key]} instead")
+        if not sep or key not in fields:
+            known = ", ".join(sorted(fields))
+            raise AdaptsoupError(f"--set wants KEY=VALUE with KEY one of: {known}; got {item!r}")
+        kind = fields[key].replace(" ", "")
+        optional = kind.endswith("|None")
+        kind = kind.removesuffix("|None")
+        if optional and text.lower() == "none":
+            out[key] = None
+            continue
+        try:
+            if kind.startswith("list["):
+                scalar = _SCALARS[kind[len("list["):-1]]
+                out[key] = [scalar(part.strip()) for part in text.split(",") if part.strip()]
+            else:
+                out[key] = _SCALARS[kind](text)
+        except (KeyError, ValueError) as exc:
+            raise AdaptsoupError(f"--set {key}: cannot read {text!r} as {fields[key]} ({exc})") from None
+    return out
+
+
+def _as_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+_SCALARS = {"int": int, "float": float, "bool": _as_bool, "str": str}
+
+
+def _settable(annotation: str) -> bool:
+    kind = annotation.replace(" ", "").removesuffix("|None")
+    return kind in _SCALARS or (kind.startswith("list[") and kind[len("list["):-1] in _SCALARS)
 
 
 def load_recipe_file(path: str | os.PathLike) -> dict[str, Any]:

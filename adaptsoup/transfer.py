@@ -29,7 +29,7 @@ from .data import Preprocess, default_cache_dir, load_folder
 from .evaluation import run_model
 from .errors import AdaptsoupError
 from .io import atomic_path, write_json_atomic, write_text_atomic
-from .manifest import config_tag, environment, file_digest, git_commit
+from .manifest import config_tag, environment, file_digest, source_state
 from .mixing import MixOptions
 from .mixrun import MixRequest, mix_run
 from .models import load_model
@@ -100,7 +100,7 @@ def run_label_free(stock: str, decoder: str | None, tasks: dict[str, Task | tupl
                    work: str | None = None, *, command: str = "", progress=None, log: Callable[[str], None] = print) -> dict:
     """Inter-train, mix and score label-free soups on each ``name -> Task`` (or ``(train_dir, test_dir)``)."""
     progress = progress or NullProgress()
-    t_start = time.perf_counter()
+    t_start, source = time.perf_counter(), source_state()
     work_dir = Path(work or default_cache_dir() / "bench" / "label-free")
     results: dict[str, dict] = {}
     pre = Preprocess.for_model(load_model(None, stock))
@@ -134,7 +134,7 @@ def run_label_free(stock: str, decoder: str | None, tasks: dict[str, Task | tupl
         }
         log(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     env = environment()
-    result = {"benchmark": "label-free", "command": command, "commit": git_commit(), "machine": {k: v for k, v in env.items() if k != "packages"},
+    result = {"benchmark": "label-free", "command": command, "commit": source["commit"], "source_dirty": source["dirty"], "machine": {k: v for k, v in env.items() if k != "packages"},
               "config": dataclasses.asdict(cfg), "wall_time_s": round(time.perf_counter() - t_start, 1), "tasks": results}
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

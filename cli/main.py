@@ -391,6 +391,13 @@ BenchOut = Annotated[Path, typer.Option("--out", help="Where the JSON, Markdown 
 BenchWork = Annotated[Optional[Path], typer.Option(help="Working folder for generated data and runs (default: the cache); reruns resume there.")]
 BenchDevice = Annotated[str, typer.Option(help="cpu or cuda.")]
 BenchProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+# settings with their own flag cannot also be given by --set
+BENCH_FLAGS = {"mode": "--mode", "severity": "--severity", "stock": "--stock", "decoder": "--decoder", "data": "--data",
+               "out": "--out", "work": "--work", "corruptions": "--corruptions", "device": "--device",
+               "decoder_warmup_loaded": "--warm-decoder", "label": "--label", "families": "--families"}
+BenchWarmDecoder = Annotated[bool, typer.Option("--warm-decoder/--no-warm-decoder", help="Warm up the stock's MAE decoder (encoder frozen) before inter-training.")]
+BenchSet = Annotated[Optional[List[str]], typer.Option("--set", help="KEY=VALUE: any other setting of the benchmark (e.g. inter_lrs=1e-5,2e-5 or ft_steps=500; lists comma-separated), repeatable.")]
+BenchLabel = Annotated[str, typer.Option(help="Appended to the results' file names (<benchmark>_<mode>_s<severity>_<label>.json), to keep variants apart.")]
 RESULTS = Path("benchmarks/results")
 
 
@@ -416,10 +423,14 @@ def bench_c10c(
     work: BenchWork = None,
     corruptions: Optional[str] = typer.Option(None, help="Comma-separated subset of the 15 corruptions."),
     device: BenchDevice = "cpu",
+    warm_decoder: BenchWarmDecoder = False,
+    label: BenchLabel = "",
+    settings: BenchSet = None,
     progress: BenchProgress = True,
 ) -> None:
     """CIFAR-10 -> CIFAR-10-C: deployed, supervised soup, continued-SSL soup, Self-Soup (+ best, Self-Seasoned), + SAR."""
     from adaptsoup.bench import C10CConfig, run_c10c
+    from adaptsoup.recipe import parse_settings
     from adaptsoup.corruptions import CORRUPTIONS
     from adaptsoup.progress import progress_bars
 
@@ -431,7 +442,8 @@ def bench_c10c(
             fail(f"unknown corruption(s) {', '.join(unknown)}; known: {', '.join(CORRUPTIONS)}")
     cfg = C10CConfig.for_mode(mode, severity=severity, stock=str(stock) if stock else None, decoder=str(decoder) if decoder else None,
                               data=str(data) if data else None, out=str(out_dir), work=str(work) if work else None,
-                              corruptions=chosen, device=device)
+                              corruptions=chosen, device=device, decoder_warmup_loaded=warm_decoder, label=label,
+                              **parse_settings(settings or [], C10CConfig, reserved=BENCH_FLAGS))
     with progress_bars(progress) as bars:
         result = run_c10c(cfg, command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
                           log=log_line)
@@ -449,16 +461,22 @@ def bench_families(
     out_dir: BenchOut = RESULTS,
     work: BenchWork = None,
     device: BenchDevice = "cpu",
+    warm_decoder: BenchWarmDecoder = False,
+    label: BenchLabel = "",
+    settings: BenchSet = None,
     progress: BenchProgress = True,
 ) -> None:
     """Do MAE, MoCo v3, MMCR, noisy and partition ingredients mix? Family soups, all-family soups, on CIFAR-10-C."""
+    from adaptsoup.bench import BenchConfig
     from adaptsoup.families import FamiliesConfig, run_families
+    from adaptsoup.recipe import parse_settings
     from adaptsoup.progress import progress_bars
 
     chosen = [f.strip() for f in families.split(",") if f.strip()] if families else None
     cfg = FamiliesConfig.for_mode(mode, severity=severity, stock=str(stock) if stock else None, decoder=str(decoder) if decoder else None,
                                   data=str(data) if data else None, out=str(out_dir), work=str(work) if work else None,
-                                  device=device, families=chosen)
+                                  device=device, families=chosen, decoder_warmup_loaded=warm_decoder, label=label,
+                                  **parse_settings(settings or [], FamiliesConfig, BenchConfig, reserved=BENCH_FLAGS))
     with progress_bars(progress) as bars:
         result = run_families(cfg, command="adaptsoup " + " ".join(sys.argv[1:]), progress=bars,
                               log=log_line)
@@ -479,17 +497,23 @@ def bench_imagenet_c(
     out_dir: BenchOut = RESULTS,
     work: BenchWork = None,
     device: BenchDevice = "cpu",
+    warm_decoder: BenchWarmDecoder = False,
+    label: BenchLabel = "",
+    settings: BenchSet = None,
     progress: BenchProgress = True,
 ) -> None:
     """ImageNet-C / LAION-C: the same rows and tables as c10c on the released layouts."""
     from adaptsoup.bench import BenchConfig, run_imagenet_c
+    from adaptsoup.recipe import parse_settings
     from adaptsoup.progress import progress_bars
 
     if layout not in ("auto", "imagenet-c", "laion-c"):
         fail(f"--layout must be auto, imagenet-c or laion-c, got {layout!r}")
     chosen = [c.strip() for c in corruptions.split(",") if c.strip()] if corruptions else None
     cfg = BenchConfig.for_mode(mode, severity=severity, stock=str(model), decoder=str(decoder) if decoder else None, out=str(out_dir),
-                               work=str(work) if work else None, corruptions=chosen, device=device)
+                               work=str(work) if work else None, corruptions=chosen, device=device,
+                               decoder_warmup_loaded=warm_decoder, label=label,
+                               **parse_settings(settings or [], BenchConfig, reserved=BENCH_FLAGS))
     if chosen is None:
         cfg.corruptions = []
     with progress_bars(progress) as bars:

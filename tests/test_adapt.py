@@ -105,6 +105,21 @@ def test_stock_decoder_is_used_when_given(setup):
     assert not list((result.run_dir / "inter").glob("decoder_warmup*"))
 
 
+def test_stock_decoder_can_be_warmed_up_before_the_encoder_moves(setup):
+    tmp_path, stock = setup
+    mae = MaskedAutoencoder(load_model(None, stock))
+    given = mae.decoder_state_dict()
+    decoder = save_checkpoint(tmp_path / "decoder.safetensors", given, None)
+    cfg = config(tmp_path, stock, vanilla=0, evals=[], stock=str(decoder))
+    cfg.inter.lrs, cfg.inter.decoder_warmup_loaded = [1e-3], True
+    result = run_adapt(cfg, echo=None)
+    assert "decoder warm-up (from the stock decoder)" in (result.run_dir / "adapt.log").read_text()
+    (warm,) = (result.run_dir / "inter").glob("decoder_warmup_stock_*.safetensors")
+    warmed, _ = read_checkpoint(warm)
+    assert set(warmed) == set(given)
+    assert any(not torch.equal(warmed[k], given[k]) for k in given), "the warm-up trained the stock's decoder"
+
+
 def test_resume_after_a_crash_matches_an_uninterrupted_run(setup):
     tmp_path, stock = setup
     reference = run_adapt(config(tmp_path, stock, out="ref", evals=[]), echo=None)

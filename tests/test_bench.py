@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from adaptsoup.bench import ROW_NAMES, C10CConfig, run_c10c, sanity_checks
+from adaptsoup.bench import ROW_NAMES, C10CConfig, bench_work_dir, results_stem, run_c10c, sanity_checks
 from adaptsoup.checkpoint import save_checkpoint
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.mae import MaskedAutoencoder
@@ -45,9 +45,15 @@ def test_c10c_harness_writes_the_tables(tmp_path):
     cost = saved["self_season_cost"]
     assert cost["ingredients"] == 2 and cost["stacked_mb"] > 0 and cost["wall_s"] >= 0
     assert saved["checks"]["chance"] == pytest.approx(100 / len(CLASS_NAMES))
-    assert set(saved["checks"]) >= {"deployed_near_chance", "supervised_soup+sar_change", "self_soup_target+sar_change"}
+    assert set(saved["checks"]) >= {"deployed_near_chance", *(f"{n}_change" for n in ROW_NAMES if "+sar" in n)}
+    by_name = {r["name"]: r for r in saved["rows"]}
+    # the paper's SAR setting and the reference's, each lr scaled to the batch (lr = base / 64 x batch)
+    assert by_name["self_soup_target+sar"]["sar_lr"] == pytest.approx(5e-5 / 64 * 4)
+    assert by_name["self_soup_target+sar_reference_lr"]["sar_lr"] == pytest.approx(1e-3 / 64 * 4)
+    assert by_name["supervised_soup+sar_reference_lr"]["base"] == "supervised_soup"
     table = (tmp_path / "results" / "c10c_quick_s5.md").read_text()
     assert "Table 2" in table and "Self-Seasoning: 2 ingredients" in table
+    assert "| self_soup_target | 5e-05 |" in table and "| supervised_soup | 0.001 |" in table
     assert (tmp_path / "results" / "c10c_quick_s5.md").read_text().startswith("# CIFAR-10")
     assert (tmp_path / "results" / "c10c_quick_s5_per_corruption.png").is_file()
     # the even/odd split is disjoint and covers the selection
@@ -68,6 +74,10 @@ def test_sanity_checks_flag_chance_and_sar_drops():
     assert change["worst"] == pytest.approx(-1.5) and change["worst_corruption"] == "fog"
     assert change["below_tolerance"] == ["fog"] and change["mean"] == pytest.approx(-0.5)
     assert "deployed_near_chance" not in sanity_checks(rows, chance=None)
+    # a row naming its base is compared with that base, whatever its name
+    rows.append({"name": "soup+sar_other", "base": "soup", "per_corruption": {"fog": 72.0, "contrast": 47.0}})
+    other = sanity_checks(rows, chance=10.0)["soup+sar_other_change"]
+    assert other["below_tolerance"] == ["contrast"] and other["worst"] == pytest.approx(-3.0)
 
 
 def test_missing_stock_is_a_clear_error(tmp_path):
@@ -193,3 +203,13 @@ def test_work_folders_are_named_by_every_setting_and_the_stock(tmp_path):
     model = tiny_model(seed=1)  # another stock at the same path
     save_checkpoint(stock, model.state_dict(), model_meta(model))
     assert bench_work_dir(cfg, "c10c") != first
+
+
+def test_a_label_names_the_results_but_not_the_work(tmp_path):
+    plain = C10CConfig.for_mode("quick", work=str(tmp_path))
+    labelled = C10CConfig.for_mode("quick", work=str(tmp_path), label="warm-decoder")
+    assert results_stem("c10c", plain) == "c10c_quick_s5"
+    assert results_stem("c10c", labelled) == "c10c_quick_s5_warm-decoder"
+    assert bench_work_dir(plain, "c10c") == bench_work_dir(labelled, "c10c")  # same settings, same images and runs
+    other = C10CConfig.for_mode("quick", work=str(tmp_path), decoder_warmup_loaded=True)
+    assert bench_work_dir(other, "c10c") != bench_work_dir(plain, "c10c")

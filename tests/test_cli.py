@@ -238,3 +238,16 @@ def test_bench_families_rejects_an_unknown_family(capsys, tmp_path):
     code, _, err = run_cli(capsys, "bench", "families", "--families", "mae,simclr", "--work", str(tmp_path), "--no-progress")
     assert code == 2
     assert_one_line_error(err, "simclr")
+
+
+@pytest.mark.parametrize("benchmark", ["c10c", "families"])
+def test_bench_rejects_a_label_that_is_not_a_file_name(capsys, tmp_path, benchmark):
+    code, _, err = run_cli(capsys, "bench", benchmark, "--label", "../up", "--work", str(tmp_path), "--no-progress")
+    assert code == 2
+    assert_one_line_error(err, "--label")
+
+
+def test_bench_set_rejects_a_setting_with_its_own_flag(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "bench", "c10c", "--set", "severity=3", "--work", str(tmp_path), "--no-progress")
+    assert code == 2
+    assert_one_line_error(err, "use --severity")

@@ -65,3 +65,28 @@ def test_source_is_needed_unless_label_free():
     validate(AdaptConfig.from_dict({"finetune_back": False}))
     with pytest.raises(AdaptsoupError, match="vanilla"):
         validate(AdaptConfig.from_dict({"finetune_back": False, "vanilla": 2}))
+
+
+def test_settings_from_the_command_line_are_typed_by_their_field():
+    from adaptsoup.bench import BenchConfig
+    from adaptsoup.recipe import parse_settings
+
+    got = parse_settings(["inter_lrs=1e-5, 2e-5", "ft_steps=500", "bf16=false", "sar_base_lr=none", "sar_reference_base_lr=2e-3"], BenchConfig)
+    assert got == {"inter_lrs": [1e-5, 2e-5], "ft_steps": 500, "bf16": False, "sar_base_lr": None, "sar_reference_base_lr": 2e-3}
+    cfg = BenchConfig.for_mode("full", **got)
+    assert cfg.inter_lrs == [1e-5, 2e-5] and cfg.ft_steps == 500 and cfg.per_corruption == 2000  # the rest stays full
+
+
+@pytest.mark.parametrize("item, message", [
+    ("inter_step=5", "KEY one of"),          # a typo names the known settings
+    ("inter_steps", "KEY=VALUE"),
+    ("ft_steps=many", "cannot read 'many' as int"),
+    ("bf16=maybe", "true or false"),
+    ("severity=3", "use --severity"),
+])
+def test_bad_settings_are_clear_errors(item, message):
+    from adaptsoup.bench import BenchConfig
+    from adaptsoup.recipe import parse_settings
+
+    with pytest.raises(AdaptsoupError, match=message):
+        parse_settings([item], BenchConfig, reserved={"severity": "--severity"})

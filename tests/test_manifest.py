@@ -1,0 +1,39 @@
+"""Run provenance: which code a run started from."""
+
+import shutil
+import subprocess
+
+import pytest
+
+from adaptsoup.manifest import config_tag, git_commit, git_dirty
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
+
+def _git(repo, *args):
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+def test_commit_and_dirty_flag_follow_the_checkout(tmp_path):
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    _git(tmp_path, "add", "code.py")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    commit = git_commit(tmp_path)
+    assert commit is not None and len(commit) == 40
+    assert git_dirty(tmp_path) is False
+    (tmp_path / "notes.txt").write_text("untracked files do not make a checkout dirty\n")
+    assert git_dirty(tmp_path) is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_dirty(tmp_path) is True
+    assert git_commit(tmp_path) == commit
+
+
+def test_outside_a_checkout_there_is_no_commit(tmp_path):
+    assert git_commit(tmp_path) is None
+    assert git_dirty(tmp_path) is None
+
+
+def test_config_tag_is_stable_and_separates_settings():
+    assert config_tag({"a": 1, "b": 2}, "x") == config_tag({"b": 2, "a": 1}, "x")
+    assert config_tag({"a": 1}, "x") != config_tag({"a": 2}, "x")
