@@ -346,6 +346,13 @@ def sar_per_corruption(checkpoint: Path, streams: dict[str, ImageSet], data: Shi
     return per, details
 
 
+def sar_base(row: dict) -> str | None:
+    """The row a SAR row adapted (``base``; results written before rows named it: the name before ``+sar``)."""
+    if "base" in row:
+        return row["base"]
+    return row["name"][: -len("+sar")] if row["name"].endswith("+sar") else None
+
+
 def score_row(name: str, key: str, metrics: dict[str, dict[str, float]], corruptions: list[str]) -> dict:
     """One table row from :func:`evaluate_checkpoints` metrics: clean, disjoint (odd) and joint (even) means."""
     odd = {c: metrics[f"odd/{c}"][key] for c in corruptions}
@@ -368,8 +375,8 @@ def sanity_checks(rows: list[dict], chance: float | None, sar_tolerance: float =
         out["chance"], out["chance_margin"] = chance, chance_margin
         out["deployed_near_chance"] = [c for c, v in by_name["deployed"]["per_corruption"].items() if v < chance + chance_margin]
     for name, r in by_name.items():
-        base_name = r.get("base", name[: -len("+sar")] if name.endswith("+sar") else None)
-        if base_name in by_name and base_name != name:
+        base_name = sar_base(r)
+        if base_name in by_name:
             base = by_name[base_name]["per_corruption"]
             delta = {c: r["per_corruption"][c] - base[c] for c in r["per_corruption"]}
             out[f"{name}_change"] = {"mean": mean_or_nan(delta.values()), "worst": min(delta.values()),
@@ -422,14 +429,14 @@ def markdown_table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['name']} | " + " | ".join(fmt(v) for v in r["per_corruption"].values()) + " |")
     by_name = {r["name"]: r for r in result["rows"]}
-    sar_rows = [r for r in result["rows"] if "sar" in r and r.get("base", r["name"].split("+")[0]) in by_name]
+    sar_rows = [r for r in result["rows"] if sar_base(r) in by_name]
     if sar_rows:
         lines += ["", "Table 2 — test-time adaptation (SAR, online over each corruption's odd images, restarted from "
                       "the soup for every corruption):", "",
                   "| soup | SAR lr per 64 images | without SAR | with SAR | change | worst corruption change | corruptions below −1 point |",
                   "|---|---|---|---|---|---|---|"]
         for with_sar in sar_rows:
-            n = with_sar.get("base", with_sar["name"].split("+")[0])
+            n = sar_base(with_sar)
             r = by_name[n]
             change = result.get("checks", {}).get(f"{with_sar['name']}_change", {})
             worst = f"{change['worst']:+.2f} ({change['worst_corruption']})" if change else "—"

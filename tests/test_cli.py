@@ -222,32 +222,16 @@ def test_relative_checkpoint_path(capsys, tmp_path, checkpoint, monkeypatch):
     assert ARCH in out
 
 
-def test_bench_label_free_needs_tasks(capsys):
-    code, _, err = run_cli(capsys, "bench", "label-free")
+@pytest.mark.parametrize("args, fragment", [
+    (["label-free"], "--preset cifar"),
+    (["label-free", "--task", "digits=only_one_dir"], "NAME=TRAIN_DIR:TEST_DIR"),
+    (["families", "--families", "mae,simclr"], "simclr"),
+    (["c10c", "--label", "../up"], "--label"),                      # a label must be a file name
+    (["families", "--label", "../up"], "--label"),
+    (["c10c", "--set", "severity=3"], "use --severity"),            # a setting with its own flag
+])
+def test_bench_rejects_bad_input_in_one_line(capsys, tmp_path, args, fragment):
+    extra = [] if args[0] == "label-free" else ["--work", str(tmp_path), "--no-progress"]
+    code, _, err = run_cli(capsys, "bench", *args, *extra)
     assert code == 2
-    assert_one_line_error(err, "--preset cifar")
-
-
-def test_bench_label_free_rejects_a_malformed_task(capsys):
-    code, _, err = run_cli(capsys, "bench", "label-free", "--task", "digits=only_one_dir")
-    assert code == 2
-    assert_one_line_error(err, "NAME=TRAIN_DIR:TEST_DIR")
-
-
-def test_bench_families_rejects_an_unknown_family(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "bench", "families", "--families", "mae,simclr", "--work", str(tmp_path), "--no-progress")
-    assert code == 2
-    assert_one_line_error(err, "simclr")
-
-
-@pytest.mark.parametrize("benchmark", ["c10c", "families"])
-def test_bench_rejects_a_label_that_is_not_a_file_name(capsys, tmp_path, benchmark):
-    code, _, err = run_cli(capsys, "bench", benchmark, "--label", "../up", "--work", str(tmp_path), "--no-progress")
-    assert code == 2
-    assert_one_line_error(err, "--label")
-
-
-def test_bench_set_rejects_a_setting_with_its_own_flag(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "bench", "c10c", "--set", "severity=3", "--work", str(tmp_path), "--no-progress")
-    assert code == 2
-    assert_one_line_error(err, "use --severity")
+    assert_one_line_error(err, fragment)
