@@ -45,8 +45,8 @@ class FamiliesConfig:
 
     bench: BenchConfig = field(default_factory=BenchConfig)
     families: list[str] = field(default_factory=lambda: list(FAMILIES))
-    inter_lr: float = 1e-4
-    inter_lrs_mae: list[float] = field(default_factory=lambda: [1e-4, 3e-4])
+    inter_lr: float = 2e-5  # the middle of the paper's MAE grid, for the families with one learning rate
+    inter_lrs_mae: list[float] = field(default_factory=lambda: [1e-5, 3e-5])  # as the c10c benchmark's quick grid
     inter_steps: int = 150
     ft_lr: float = 1e-4  # one fine-tuning back per inter-trained encoder
     ft_steps: int = 80
