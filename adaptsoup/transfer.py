@@ -53,7 +53,7 @@ class Task:
 @dataclass
 class LabelFreeConfig:
     mode: str = "quick"
-    lr: float = 1e-4
+    lr: float = 2e-5  # the middle of the paper's MAE inter-training grid (1e-5 … 4e-5), as bench families
     steps: int = 100
     batch_size: int = 64
     mmcr_lambdas: list[float] = field(default_factory=lambda: [0.0, 0.1])
