@@ -39,7 +39,7 @@ from .corruptions import CORRUPTIONS, corrupt_batch
 from .data import ImageSet, Preprocess, default_cache_dir, load_folder
 from .errors import AdaptsoupError
 from .io import atomic_path, write_json_atomic, write_text_atomic
-from .manifest import config_tag, environment, file_digest, source_state
+from .manifest import config_tag, environment, file_digest, provenance_lines, source_state
 from .mixing import MixOptions
 from .mixrun import MixRequest, mix_run
 from .models import class_names, default_stock_path, load_model
@@ -418,8 +418,7 @@ def markdown_table(result: dict) -> str:
     lines = [
         f"# {TITLES.get(result['benchmark'], result['benchmark'])}, severity {result['severity']} ({result['mode']} mode)",
         "",
-        f"Command: `{result['command']}`  ",
-        f"Commit {result['commit']}, {result['machine'].get('cpu')} ({result['machine'].get('cpu_count')} cores), wall time {result['wall_time_s'] / 60:.1f} min.",
+        *provenance_lines(result),
         "",
         "| row | clean | disjoint (odd images, mean over corruptions) | joint (even images) |",
         "|---|---|---|---|",

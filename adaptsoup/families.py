@@ -29,7 +29,7 @@ from .checkpoint import save_checkpoint
 from .data import load_folder
 from .errors import AdaptsoupError
 from .io import atomic_path, write_json_atomic, write_text_atomic
-from .manifest import environment, source_state
+from .manifest import environment, provenance_lines, source_state
 from .mixing import MixContext, MixOptions, get_mixer, stream_weighted_average
 from .progress import NullProgress
 from .recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid
@@ -189,9 +189,7 @@ def markdown_table(result: dict) -> str:
 
     lines = [
         f"# Ingredient families on CIFAR-10-C, severity {result['severity']} ({result['mode']} mode)", "",
-        f"Command: `{result['command']}`  ",
-        f"Commit {result['commit']}, {result['machine'].get('cpu')} ({result['machine'].get('cpu_count')} cores), "
-        f"wall time {result['wall_time_s'] / 60:.1f} min.", "",
+        *provenance_lines(result), "",
         "| row | clean | CIFAR-10-C disjoint (odd) | mean of its ingredients (disjoint) |", "|---|---|---|---|",
     ]
     ing = result["ingredients"]

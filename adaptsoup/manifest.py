@@ -80,6 +80,15 @@ def environment() -> dict[str, Any]:
     }
 
 
+def provenance_lines(result: dict[str, Any]) -> list[str]:
+    """A benchmark report's opening lines: the command, the commit it started from, the machine, the wall time."""
+    machine = result.get("machine", {})
+    dirty = " (with uncommitted changes)" if result.get("source_dirty") else ""
+    return [f"Command: `{result.get('command', '')}`  ",
+            f"Commit {result.get('commit')}{dirty}, {machine.get('cpu')} ({machine.get('cpu_count')} cores), "
+            f"wall time {result['wall_time_s'] / 60:.1f} min."]
+
+
 def file_digest(path: str | os.PathLike) -> str:
     """The first 12 hex digits of a file's SHA-1: identifies a checkpoint's exact contents."""
     digest = hashlib.sha1()

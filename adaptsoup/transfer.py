@@ -29,7 +29,7 @@ from .data import Preprocess, default_cache_dir, load_folder
 from .evaluation import run_model
 from .errors import AdaptsoupError
 from .io import atomic_path, write_json_atomic, write_text_atomic
-from .manifest import config_tag, environment, file_digest, source_state
+from .manifest import config_tag, environment, file_digest, provenance_lines, source_state
 from .mixing import MixOptions
 from .mixrun import MixRequest, mix_run
 from .models import load_model
@@ -252,8 +252,8 @@ def _uint8_folder(folder: Path, classes: list[str]) -> tuple[np.ndarray, np.ndar
 
 def markdown(result: dict) -> str:
     cols = ["stock", *METHODS]
-    lines = [f"Command: `{result['command']}`; wall time {result['wall_time_s'] / 60:.1f} min", "",
-             "k-NN top-1 (k = 16) per task:", "", "| task | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines = [f"# Label-free soups for new tasks ({result['config']['mode']} mode)", "", *provenance_lines(result), "",
+             f"k-NN top-1 (k = {result['config']['k']}) per task:", "", "| task | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, r in result["tasks"].items():
         lines.append(f"| {name} | " + " | ".join(f"{r['top1_knn'][c]:.2f}" for c in cols) + " |")
     lines += ["", "Mixture coefficients:", ""]

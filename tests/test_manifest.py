@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from adaptsoup.manifest import config_tag, git_commit, git_dirty
+from adaptsoup.manifest import config_tag, git_commit, git_dirty, provenance_lines
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -37,3 +37,11 @@ def test_outside_a_checkout_there_is_no_commit(tmp_path):
 def test_config_tag_is_stable_and_separates_settings():
     assert config_tag({"a": 1, "b": 2}, "x") == config_tag({"b": 2, "a": 1}, "x")
     assert config_tag({"a": 1}, "x") != config_tag({"a": 2}, "x")
+
+
+def test_provenance_lines_name_command_commit_machine_and_time():
+    result = {"command": "adaptsoup bench c10c --mode quick", "commit": "abc123", "source_dirty": False,
+              "machine": {"cpu": "Some CPU", "cpu_count": 2}, "wall_time_s": 90.0}
+    assert provenance_lines(result) == ["Command: `adaptsoup bench c10c --mode quick`  ",
+                                        "Commit abc123, Some CPU (2 cores), wall time 1.5 min."]
+    assert "(with uncommitted changes)" in provenance_lines({**result, "source_dirty": True})[1]
