@@ -15,14 +15,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --upgrade pip 2>&1 | $(QUIET)
 	$(PIP) install torch==2.14.1 torchvision==0.29.1 2>&1 | $(QUIET)
 	$(PIP) install -c constraints.txt -e '.[test]' 2>&1 | $(QUIET)
-	$(BIN)/python -c "import adaptsoup, adaptsoup_cli, torch, timm, onnxruntime"
+	$(BIN)/python -c "import adaptsoup, adaptsoup_cli, adaptsoup_bench, torch, timm, onnxruntime"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m adaptsoup.demo
+	$(BIN)/python -m adaptsoup_bench.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

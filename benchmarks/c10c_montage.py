@@ -14,11 +14,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from adaptsoup.corruptions import CORRUPTIONS, corrupt_batch  # noqa: E402
-from adaptsoup.data import Preprocess, load_folder  # noqa: E402
-from adaptsoup.datasets import CIFAR10_CLASSES, require_cifar10  # noqa: E402
-from adaptsoup.io import atomic_path  # noqa: E402
-from adaptsoup.models import CIFAR_MEAN, CIFAR_STD  # noqa: E402
+from adaptsoup_bench.corruptions import CORRUPTIONS, corrupt_batch  # noqa: E402
+from adaptsoup.core.data import Preprocess, load_folder  # noqa: E402
+from adaptsoup_bench.datasets import CIFAR10_CLASSES, require_cifar10  # noqa: E402
+from adaptsoup.core.io import atomic_path  # noqa: E402
+from adaptsoup.core.models import CIFAR_MEAN, CIFAR_STD  # noqa: E402
 
 
 def main() -> None:

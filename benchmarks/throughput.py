@@ -21,10 +21,10 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from adaptsoup.io import write_json_atomic, write_text_atomic  # noqa: E402
-from adaptsoup.mae import MaskedAutoencoder  # noqa: E402
-from adaptsoup.manifest import environment  # noqa: E402
-from adaptsoup.models import count_parameters, create_model  # noqa: E402
+from adaptsoup.core.io import write_json_atomic, write_text_atomic  # noqa: E402
+from adaptsoup.ssl.mae import MaskedAutoencoder  # noqa: E402
+from adaptsoup.core.manifest import environment  # noqa: E402
+from adaptsoup.core.models import count_parameters, create_model  # noqa: E402
 
 
 def matmul_rate(dtype: torch.dtype, device: str, n: int = 2048, reps: int = 10) -> float:

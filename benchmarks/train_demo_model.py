@@ -3,7 +3,7 @@
     python benchmarks/train_demo_model.py
 
 MAE pre-training (no labels, gives the MAE decoder the demo inter-trains with), then LP-FT with labels.
-Writes ``adaptsoup/assets/digits_vit_mini.safetensors`` and ``adaptsoup/assets/digits_vit_mini_mae_decoder.safetensors``.
+Writes ``benchmarks/assets/digits_vit_mini.safetensors`` and ``benchmarks/assets/digits_vit_mini_mae_decoder.safetensors``.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from adaptsoup.checkpoint import save_checkpoint  # noqa: E402
-from adaptsoup.data import Preprocess, load_folder  # noqa: E402
-from adaptsoup.digits import DIGIT_CLASSES, make_digits_folders  # noqa: E402
-from adaptsoup.evaluation import accuracy  # noqa: E402
-from adaptsoup.mae import MaskedAutoencoder  # noqa: E402
-from adaptsoup.models import create_model, model_meta, set_class_names  # noqa: E402
-from adaptsoup.training import LinearProbeConfig, TrainConfig, classification_loss, fit_linear_probe, mae_loss, steps_for_epochs, train  # noqa: E402
+from adaptsoup.core.checkpoint import save_checkpoint  # noqa: E402
+from adaptsoup.core.data import Preprocess, load_folder  # noqa: E402
+from adaptsoup_bench.digits import DIGIT_CLASSES, make_digits_folders  # noqa: E402
+from adaptsoup.core.evaluation import accuracy  # noqa: E402
+from adaptsoup.ssl.mae import MaskedAutoencoder  # noqa: E402
+from adaptsoup.core.models import create_model, model_meta, set_class_names  # noqa: E402
+from adaptsoup.train.loop import LinearProbeConfig, TrainConfig, classification_loss, fit_linear_probe, mae_loss, steps_for_epochs, train  # noqa: E402
 
-ASSETS = ROOT / "adaptsoup" / "assets"
+ASSETS = ROOT / "benchmarks" / "assets"
 
 
 def main() -> None:

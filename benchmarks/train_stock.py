@@ -28,15 +28,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from adaptsoup.checkpoint import CheckpointMeta, read_checkpoint, save_checkpoint  # noqa: E402
-from adaptsoup.data import Preprocess, default_cache_dir, load_folder  # noqa: E402
-from adaptsoup.datasets import CIFAR10_CLASSES, require_cifar10  # noqa: E402
-from adaptsoup.evaluation import accuracy  # noqa: E402
-from adaptsoup.io import write_atomic, write_json_atomic, write_text_atomic  # noqa: E402
-from adaptsoup.mae import MaskedAutoencoder  # noqa: E402
-from adaptsoup.manifest import environment, file_digest  # noqa: E402
-from adaptsoup.models import create_model, load_state_dict_strict, model_meta, set_class_names  # noqa: E402
-from adaptsoup.training import (  # noqa: E402
+from adaptsoup.core.checkpoint import CheckpointMeta, read_checkpoint, save_checkpoint  # noqa: E402
+from adaptsoup.core.data import Preprocess, default_cache_dir, load_folder  # noqa: E402
+from adaptsoup_bench.datasets import CIFAR10_CLASSES, require_cifar10  # noqa: E402
+from adaptsoup.core.evaluation import accuracy  # noqa: E402
+from adaptsoup.core.io import write_atomic, write_json_atomic, write_text_atomic  # noqa: E402
+from adaptsoup.ssl.mae import MaskedAutoencoder  # noqa: E402
+from adaptsoup.core.manifest import environment, file_digest  # noqa: E402
+from adaptsoup.core.models import create_model, load_state_dict_strict, model_meta, set_class_names  # noqa: E402
+from adaptsoup.train.loop import (  # noqa: E402
     LinearProbeConfig,
     TrainConfig,
     classification_loss,
@@ -263,7 +263,7 @@ The "deployed model" of adaptsoup's CIFAR-10 → CIFAR-10-C benchmark, trained f
 | **clean CIFAR-10 test accuracy** | **{clean:.2f}%** (10,000 test images) |
 
 Files: `{STOCK.name}` (encoder + head, adaptsoup metadata) and `{DECODER.name}` (the MAE decoder,
-original MAE key names), loadable with `adaptsoup.models.load_model` / `adaptsoup adapt --stock`.
+original MAE key names), loadable with `adaptsoup.core.models.load_model` / `adaptsoup adapt --stock`.
 """
 
 

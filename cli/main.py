@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from adaptsoup.errors import AdaptsoupError
-from adaptsoup.progress import console as progress_console
+from adaptsoup.core.progress import console as progress_console
 
 app = typer.Typer(
     name="adaptsoup",
@@ -44,10 +44,10 @@ def fail(message: str, code: int = 2) -> None:
 @app.command()
 def info(model: Path = typer.Argument(..., help="A checkpoint (.safetensors, .pt, .pth, .bin) or an ONNX file.")) -> None:
     """Show what a checkpoint or exported model holds: architecture, classes, preprocessing, provenance."""
-    from adaptsoup.checkpoint import read_checkpoint
+    from adaptsoup.core.checkpoint import read_checkpoint
 
     if model.suffix == ".onnx":
-        from adaptsoup.export import read_onnx_metadata
+        from adaptsoup.deploy.onnx import read_onnx_metadata
 
         if not model.is_file():
             fail(f"ONNX model not found: {model}")
@@ -79,9 +79,9 @@ def export(
     tolerance: float = typer.Option(1e-3, help="Largest allowed |logit difference| between ONNX and PyTorch."),
 ) -> None:
     """Export a checkpoint to ONNX, check parity in onnxruntime, optionally quantize to int8."""
-    from adaptsoup.data import Preprocess, load_folder
-    from adaptsoup.export import ParityError, export_and_check
-    from adaptsoup.models import class_names, load_model
+    from adaptsoup.core.data import Preprocess, load_folder
+    from adaptsoup.deploy.onnx import ParityError, export_and_check
+    from adaptsoup.core.models import class_names, load_model
 
     net = load_model(arch, model)
     image_set = None
@@ -111,7 +111,7 @@ def predict(
     csv: Path = typer.Option(Path("predictions.csv"), "--csv", help="Where to write path,class,probability."),
 ) -> None:
     """Run an exported model over a folder of images in onnxruntime; write a CSV of top-1 predictions."""
-    from adaptsoup.export import predict_folder
+    from adaptsoup.deploy.onnx import predict_folder
 
     report = predict_folder(onnx, images, csv)
     out.print(f"wrote {report.csv_path}: {report.images} images" + (f", {len(report.skipped)} unreadable skipped" if report.skipped else ""))
@@ -183,9 +183,9 @@ def adapt(
     """Inter-train the stock with MAE on unlabeled target images, fine-tune back on source, and mix a soup."""
     import time as _time
 
-    from adaptsoup.adapt import run_adapt
-    from adaptsoup.progress import progress_bars
-    from adaptsoup.recipe import AdaptConfig, load_recipe_file, merge
+    from adaptsoup.pipeline.adapt import run_adapt
+    from adaptsoup.core.progress import progress_bars
+    from adaptsoup.pipeline.recipe import AdaptConfig, load_recipe_file, merge
 
     if resume is not None:
         manifest = resume / "manifest.json"
@@ -230,7 +230,7 @@ def adapt(
     if tta_method is not None and tta_method not in ("sar", "tent"):
         fail(f"--tta must be sar or tent, got {tta_method!r}")
     if mix_methods:
-        from adaptsoup.mixing import NEEDS, get_mixer
+        from adaptsoup.soup.mixing import NEEDS, get_mixer
 
         for method in mix_methods:
             get_mixer(method)
@@ -242,8 +242,8 @@ def adapt(
                            command="adaptsoup " + " ".join(sys.argv[1:]))
     print_metrics(result.metrics)
     if mix_methods:
-        from adaptsoup.mixing import MixOptions
-        from adaptsoup.mixrun import MixRequest, mix_run
+        from adaptsoup.soup.mixing import MixOptions
+        from adaptsoup.soup.run import MixRequest, mix_run
 
         with progress_bars(progress) as bars:
             mixes = mix_run(MixRequest(run_dir=result.run_dir, methods=list(mix_methods), labeled=str(mix_labeled) if mix_labeled else None,
@@ -251,7 +251,7 @@ def adapt(
                             progress=bars, log=log_line)
         print_mixes({m: mixes[m] for m in mix_methods})
     if tta_method:
-        from adaptsoup.tta import TTAConfig, tta_run_dir
+        from adaptsoup.tta.stream import TTAConfig, tta_run_dir
 
         with progress_bars(progress) as bars:
             summary = tta_run_dir(str(result.soup_path), str(result.run_dir / "tta"), TTAConfig(method=tta_method, batch_size=tta_batch_size, base_lr=tta_base_lr, device=cfg.device),
@@ -290,9 +290,9 @@ def mix(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Mix a run's ingredients: Self-Seasoning without labels, seasoning/greedy/best with a few, Model Stock."""
-    from adaptsoup.mixing import MixOptions
-    from adaptsoup.mixrun import MixRequest, mix_run
-    from adaptsoup.progress import progress_bars
+    from adaptsoup.soup.mixing import MixOptions
+    from adaptsoup.soup.run import MixRequest, mix_run
+    from adaptsoup.core.progress import progress_bars
 
     if score not in ("auto", "classifier", "knn"):
         fail(f"--score must be auto, classifier or knn, got {score!r}")
@@ -335,7 +335,7 @@ def interpolate(
     steps: int = typer.Option(11, help="Points along the line, ends included."),
 ) -> None:
     """Accuracy along the straight line between two ingredients (linear mode connectivity), as JSON and PNG."""
-    from adaptsoup.mixrun import interpolate as run_interpolate
+    from adaptsoup.soup.run import interpolate as run_interpolate
 
     result = run_interpolate(run_dir, a, b, steps, str(eval_dir))
     for lam, acc in zip(result["lambda"], result["accuracy"]):
@@ -363,8 +363,8 @@ def tta(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Test-time adaptation (SAR or Tent) over a stream of images; writes online predictions and the adapted model."""
-    from adaptsoup.progress import progress_bars
-    from adaptsoup.tta import TTA_METHODS, TTAConfig, tta_run_dir
+    from adaptsoup.core.progress import progress_bars
+    from adaptsoup.tta.stream import TTA_METHODS, TTAConfig, tta_run_dir
 
     if method not in TTA_METHODS:
         fail(f"--method must be one of {', '.join(TTA_METHODS)}, got {method!r}")
@@ -429,10 +429,10 @@ def bench_c10c(
     progress: BenchProgress = True,
 ) -> None:
     """CIFAR-10 -> CIFAR-10-C: deployed, supervised soup, continued-SSL soup, Self-Soup (+ best, Self-Seasoned), + SAR."""
-    from adaptsoup.bench import C10CConfig, run_c10c
-    from adaptsoup.recipe import parse_settings
-    from adaptsoup.corruptions import CORRUPTIONS
-    from adaptsoup.progress import progress_bars
+    from adaptsoup_bench.shift import C10CConfig, run_c10c
+    from adaptsoup.pipeline.recipe import parse_settings
+    from adaptsoup_bench.corruptions import CORRUPTIONS
+    from adaptsoup.core.progress import progress_bars
 
     chosen = None
     if corruptions:
@@ -467,10 +467,10 @@ def bench_families(
     progress: BenchProgress = True,
 ) -> None:
     """Do MAE, MoCo v3, MMCR, noisy and partition ingredients mix? Family soups, all-family soups, on CIFAR-10-C."""
-    from adaptsoup.bench import BenchConfig
-    from adaptsoup.families import FamiliesConfig, run_families
-    from adaptsoup.recipe import parse_settings
-    from adaptsoup.progress import progress_bars
+    from adaptsoup_bench.shift import BenchConfig
+    from adaptsoup_bench.families import FamiliesConfig, run_families
+    from adaptsoup.pipeline.recipe import parse_settings
+    from adaptsoup.core.progress import progress_bars
 
     chosen = [f.strip() for f in families.split(",") if f.strip()] if families else None
     cfg = FamiliesConfig.for_mode(mode, severity=severity, stock=str(stock) if stock else None, decoder=str(decoder) if decoder else None,
@@ -503,9 +503,9 @@ def bench_imagenet_c(
     progress: BenchProgress = True,
 ) -> None:
     """ImageNet-C / LAION-C: the same rows and tables as c10c on the released layouts."""
-    from adaptsoup.bench import BenchConfig, run_imagenet_c
-    from adaptsoup.recipe import parse_settings
-    from adaptsoup.progress import progress_bars
+    from adaptsoup_bench.shift import BenchConfig, run_imagenet_c
+    from adaptsoup.pipeline.recipe import parse_settings
+    from adaptsoup.core.progress import progress_bars
 
     if layout not in ("auto", "imagenet-c", "laion-c"):
         fail(f"--layout must be auto, imagenet-c or laion-c, got {layout!r}")
@@ -546,10 +546,10 @@ def bench_label_free(
     progress: BenchProgress = True,
 ) -> None:
     """Label-free soups for new tasks (Table 3): SSL-only ingredients + the stock, mixed four ways, scored by k-NN."""
-    from adaptsoup.data import default_cache_dir
-    from adaptsoup.models import default_stock_path
-    from adaptsoup.progress import progress_bars
-    from adaptsoup.transfer import METHODS, LabelFreeConfig, Task, prepare_cifar_tasks, run_label_free
+    from adaptsoup.core.data import default_cache_dir
+    from adaptsoup_bench.datasets import default_stock_path
+    from adaptsoup.core.progress import progress_bars
+    from adaptsoup_bench.label_free import METHODS, LabelFreeConfig, Task, prepare_cifar_tasks, run_label_free
 
     parsed: dict = {}
     for spec in tasks or []:

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 import adaptsoup  # noqa: F401  (registers the small ViTs with timm)
-from adaptsoup.checkpoint import CheckpointMeta
-from adaptsoup.models import apply_meta, create_model
+from adaptsoup.core.checkpoint import CheckpointMeta
+from adaptsoup.core.models import apply_meta, create_model
 
 ARCH = "vit_pico_patch4_32"
 CLASS_NAMES = ["cat", "dog", "bird"]
@@ -112,8 +112,8 @@ def build_labeled_folder(root: Path) -> Path:
 
 def build_adapt_inputs(root: Path, per_class: int = 6, target: int = 12) -> Path:
     """A saved tiny stock plus ``root/source/<class>`` (labeled) and ``root/target`` (unlabeled); returns the stock."""
-    from adaptsoup.checkpoint import save_checkpoint
-    from adaptsoup.models import model_meta
+    from adaptsoup.core.checkpoint import save_checkpoint
+    from adaptsoup.core.models import model_meta
 
     model = tiny_model()
     stock = save_checkpoint(root / "stock.safetensors", model.state_dict(), model_meta(model))

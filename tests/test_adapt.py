@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from adaptsoup.adapt import run_adapt
-from adaptsoup.checkpoint import read_checkpoint, save_checkpoint
+from adaptsoup.pipeline.adapt import run_adapt
+from adaptsoup.core.checkpoint import read_checkpoint, save_checkpoint
 from adaptsoup.errors import AdaptsoupError
-from adaptsoup.mae import MaskedAutoencoder
-from adaptsoup.models import load_model, model_meta
-from adaptsoup.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
+from adaptsoup.ssl.mae import MaskedAutoencoder
+from adaptsoup.core.models import load_model, model_meta
+from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
 from helpers import CLASS_NAMES, tiny_model, write_noise_images
 
 

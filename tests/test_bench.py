@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from adaptsoup.bench import ROW_NAMES, C10CConfig, bench_work_dir, results_stem, run_c10c, sanity_checks
-from adaptsoup.checkpoint import save_checkpoint
+from adaptsoup_bench.shift import ROW_NAMES, C10CConfig, bench_work_dir, results_stem, run_c10c, sanity_checks
+from adaptsoup.core.checkpoint import save_checkpoint
 from adaptsoup.errors import AdaptsoupError
-from adaptsoup.mae import MaskedAutoencoder
-from adaptsoup.models import model_meta
+from adaptsoup.ssl.mae import MaskedAutoencoder
+from adaptsoup.core.models import model_meta
 from helpers import CLASS_NAMES, tiny_model, write_noise_images
 
 
@@ -87,9 +87,9 @@ def test_missing_stock_is_a_clear_error(tmp_path):
 
 import torch  # noqa: E402
 
-from adaptsoup.bench import BenchConfig, run_imagenet_c  # noqa: E402
-from adaptsoup.models import create_model  # noqa: E402
-from adaptsoup.shiftsets import (  # noqa: E402
+from adaptsoup_bench.shift import BenchConfig, run_imagenet_c  # noqa: E402
+from adaptsoup.core.models import create_model  # noqa: E402
+from adaptsoup_bench.shiftsets import (  # noqa: E402
     default_mapping_dir, detect_layout, imagenet_wnids, scan_shift_tree, subset_sorted, superclass_membership, superclass_scorer,
 )
 
@@ -159,7 +159,7 @@ def test_imagenet_c_and_laion_c_harness_end_to_end(tmp_path, layout):
 
 
 def test_ingredient_families_mix_across_losses(tmp_path):
-    from adaptsoup.families import FAMILIES, FamiliesConfig, run_families
+    from adaptsoup_bench.families import FAMILIES, FamiliesConfig, run_families
 
     stock = tiny_stock_and_cifar(tmp_path)
     cfg = FamiliesConfig.for_mode(
@@ -183,14 +183,14 @@ def test_ingredient_families_mix_across_losses(tmp_path):
 
 
 def test_unknown_family_is_a_clear_error():
-    from adaptsoup.families import FamiliesConfig, family_recipes
+    from adaptsoup_bench.families import FamiliesConfig, family_recipes
 
     with pytest.raises(AdaptsoupError, match="unknown ingredient famil"):
         family_recipes(FamiliesConfig(families=["mae", "simclr"]))
 
 
 def test_work_folders_are_named_by_every_setting_and_the_stock(tmp_path):
-    from adaptsoup.bench import bench_work_dir
+    from adaptsoup_bench.shift import bench_work_dir
 
     stock = tiny_stock_and_cifar(tmp_path)
     cfg = BenchConfig.for_mode("quick", stock=str(stock), work=str(tmp_path / "work"))

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from adaptsoup.checkpoint import CheckpointMeta, read_checkpoint, read_meta, save_checkpoint
+from adaptsoup.core.checkpoint import CheckpointMeta, read_checkpoint, read_meta, save_checkpoint
 from adaptsoup.errors import CheckpointError
-from adaptsoup.models import class_names, encoder_state_dict, load_model, model_meta
+from adaptsoup.core.models import class_names, encoder_state_dict, load_model, model_meta
 
 from helpers import ARCH, CLASS_NAMES, MEAN, STD, logits, random_batch
 
@@ -288,7 +288,7 @@ def test_save_checkpoint_leaves_no_temporary_file(tmp_path, pico_model):
 
 
 def test_failed_save_keeps_the_old_file_and_cleans_up(tmp_path, pico_model, monkeypatch):
-    import adaptsoup.checkpoint as checkpoint_module
+    import adaptsoup.core.checkpoint as checkpoint_module
 
     target = tmp_path / "model.safetensors"
     save_checkpoint(target, pico_model.state_dict(), model_meta(pico_model))

@@ -14,8 +14,8 @@ import pytest
 import torch
 import typer
 
-from adaptsoup.checkpoint import save_checkpoint
-from adaptsoup.models import model_meta
+from adaptsoup.core.checkpoint import save_checkpoint
+from adaptsoup.core.models import model_meta
 from adaptsoup_cli.main import app, main
 
 from helpers import ARCH, CLASS_NAMES, tiny_model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adaptsoup.corruptions import CORRUPTIONS, FAMILIES, PARAMS, corrupt32, corrupt_batch, image_seed
+from adaptsoup_bench.corruptions import CORRUPTIONS, FAMILIES, PARAMS, corrupt32, corrupt_batch, image_seed
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from adaptsoup.data import Preprocess, load_folder
+from adaptsoup.core.data import Preprocess, load_folder
 from adaptsoup.errors import AdaptsoupError
-from adaptsoup.export import (
+from adaptsoup.deploy.onnx import (
     ParityError,
     export_and_check,
     ort_session,
@@ -20,7 +20,7 @@ from adaptsoup.export import (
     preprocess_from_onnx,
     read_onnx_metadata,
 )
-from adaptsoup.models import set_class_names
+from adaptsoup.core.models import set_class_names
 
 from helpers import ARCH, MEAN, STD, logits, random_batch, tiny_model, write_noise_images
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import adaptsoup.data as data_module
-from adaptsoup.data import Preprocess, load_folder, scan_images
+import adaptsoup.core.data as data_module
+from adaptsoup.core.data import Preprocess, load_folder, scan_images
 from adaptsoup.errors import DataError
 
 from helpers import MEAN, MESSY_BAD, MESSY_GOOD, STD, write_noise_images

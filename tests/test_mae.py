@@ -8,8 +8,8 @@ import torch
 
 import adaptsoup  # noqa: F401
 from adaptsoup.errors import CheckpointError, ModelError
-from adaptsoup.mae import DecoderConfig, MaskedAutoencoder, sincos_pos_embed_2d
-from adaptsoup.models import MAE_DECODER_PREFIXES, encoder_state_dict
+from adaptsoup.ssl.mae import DecoderConfig, MaskedAutoencoder, sincos_pos_embed_2d
+from adaptsoup.core.models import MAE_DECODER_PREFIXES, encoder_state_dict
 
 VARIANTS = {
     "cls": {},

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from adaptsoup.manifest import config_tag, git_commit, git_dirty, provenance_lines
+from adaptsoup.core.manifest import config_tag, git_commit, git_dirty, provenance_lines
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 

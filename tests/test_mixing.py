@@ -9,15 +9,15 @@ import types
 import pytest
 import torch
 
-from adaptsoup.adapt import run_adapt
-from adaptsoup.checkpoint import read_checkpoint, save_checkpoint
-from adaptsoup.data import Preprocess, load_folder
+from adaptsoup.pipeline.adapt import run_adapt
+from adaptsoup.core.checkpoint import read_checkpoint, save_checkpoint
+from adaptsoup.core.data import Preprocess, load_folder
 from adaptsoup.errors import AdaptsoupError
-from adaptsoup.mixing import MixOptions, model_stock_ratio, stream_model_stock
-from adaptsoup.mixrun import MixRequest, interpolate, mix_run
-from adaptsoup.models import model_meta
-from adaptsoup.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
-from adaptsoup.seasoning import (
+from adaptsoup.soup.mixing import MixOptions, model_stock_ratio, stream_model_stock
+from adaptsoup.soup.run import MixRequest, interpolate, mix_run
+from adaptsoup.core.models import model_meta
+from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
+from adaptsoup.soup.seasoning import (
     SelfSeasonConfig, StackedIngredients, candidate_coefficients, embedding_geometry, greedy, knn_accuracy, knn_entropy, self_season,
     split_retrieval_eval,
 )

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from adaptsoup.adapt import run_adapt
-from adaptsoup.checkpoint import read_checkpoint
-from adaptsoup.noise import add_parameter_noise, class_partitions, indices_of_classes, tensor_stds
-from adaptsoup.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, inter_runs
+from adaptsoup.pipeline.adapt import run_adapt
+from adaptsoup.core.checkpoint import read_checkpoint
+from adaptsoup.pipeline.noise import add_parameter_noise, class_partitions, indices_of_classes, tensor_stds
+from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, inter_runs
 from helpers import build_adapt_inputs, tiny_model
 
 

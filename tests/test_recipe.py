@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from adaptsoup.errors import AdaptsoupError
-from adaptsoup.recipe import AdaptConfig, finetune_runs, inter_runs, load_recipe_file, merge, validate
+from adaptsoup.pipeline.recipe import AdaptConfig, finetune_runs, inter_runs, load_recipe_file, merge, validate
 
 
 def test_flags_that_were_not_given_do_not_erase_defaults_or_the_file():
@@ -68,8 +68,8 @@ def test_source_is_needed_unless_label_free():
 
 
 def test_settings_from_the_command_line_are_typed_by_their_field():
-    from adaptsoup.bench import BenchConfig
-    from adaptsoup.recipe import parse_settings
+    from adaptsoup_bench.shift import BenchConfig
+    from adaptsoup.pipeline.recipe import parse_settings
 
     got = parse_settings(["inter_lrs=1e-5, 2e-5", "ft_steps=500", "bf16=false", "sar_base_lr=none", "sar_reference_base_lr=2e-3"], BenchConfig)
     assert got == {"inter_lrs": [1e-5, 2e-5], "ft_steps": 500, "bf16": False, "sar_base_lr": None, "sar_reference_base_lr": 2e-3}
@@ -85,8 +85,8 @@ def test_settings_from_the_command_line_are_typed_by_their_field():
     ("severity=3", "use --severity"),
 ])
 def test_bad_settings_are_clear_errors(item, message):
-    from adaptsoup.bench import BenchConfig
-    from adaptsoup.recipe import parse_settings
+    from adaptsoup_bench.shift import BenchConfig
+    from adaptsoup.pipeline.recipe import parse_settings
 
     with pytest.raises(AdaptsoupError, match=message):
         parse_settings([item], BenchConfig, reserved={"severity": "--severity"})

@@ -3,7 +3,7 @@ import time
 import pytest
 import torch
 
-from adaptsoup.resources import PeakMemory, current_rss_bytes
+from adaptsoup.core.resources import PeakMemory, current_rss_bytes
 
 pytestmark = pytest.mark.skipif(current_rss_bytes() is None, reason="no /proc/self/statm on this platform")
 

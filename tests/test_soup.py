@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaptsoup.checkpoint import save_checkpoint
-from adaptsoup.mixing import SoupError, get_mixer, stream_weighted_average, weighted_average
-from adaptsoup.models import model_meta
+from adaptsoup.core.checkpoint import save_checkpoint
+from adaptsoup.soup.mixing import SoupError, get_mixer, stream_weighted_average, weighted_average
+from adaptsoup.core.models import model_meta
 from helpers import tiny_model
 
 
@@ -18,7 +18,7 @@ def _save(tmp_path, name, model):
 def test_soup_of_identical_ingredients_is_the_ingredient(tmp_path):
     model = tiny_model(seed=1)
     paths = [_save(tmp_path, f"m{i}", model) for i in range(3)]
-    from adaptsoup.mixing import MixContext
+    from adaptsoup.soup.mixing import MixContext
 
     soup = get_mixer("uniform")(MixContext(paths=paths, names=["a", "b", "c"])).state_dict
     for key, value in model.state_dict().items():

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import adaptsoup  # noqa: F401
-from adaptsoup.adapt import run_adapt
-from adaptsoup.checkpoint import read_checkpoint
-from adaptsoup.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid, inter_runs
-from adaptsoup.ssl import MMCR, MoCoV3, mmcr_loss, mocov3_loss
+from adaptsoup.pipeline.adapt import run_adapt
+from adaptsoup.core.checkpoint import read_checkpoint
+from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid, inter_runs
+from adaptsoup.ssl.contrastive import MMCR, MoCoV3, mmcr_loss, mocov3_loss
 from helpers import build_adapt_inputs
 
 

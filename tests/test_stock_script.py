@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptsoup.models import create_model
-from adaptsoup.training import TrainConfig, _load_state, _save_state, make_optimizer
+from adaptsoup.core.models import create_model
+from adaptsoup.train.loop import TrainConfig, _load_state, _save_state, make_optimizer
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "train_stock.py"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from adaptsoup.checkpoint import save_checkpoint
-from adaptsoup.mae import MaskedAutoencoder
-from adaptsoup.models import model_meta
-from adaptsoup.transfer import METHODS, LabelFreeConfig, run_label_free
+from adaptsoup.core.checkpoint import save_checkpoint
+from adaptsoup.ssl.mae import MaskedAutoencoder
+from adaptsoup.core.models import model_meta
+from adaptsoup_bench.label_free import METHODS, LabelFreeConfig, run_label_free
 from helpers import tiny_model, write_noise_images
 
 
@@ -38,9 +38,9 @@ def test_cifar_tasks_are_built_once_and_split_cleanly(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from adaptsoup.corruptions import FAMILIES, corrupt32, image_seed
-    from adaptsoup.datasets import CIFAR10_CLASSES
-    from adaptsoup.transfer import _uint8_folder, prepare_cifar_tasks
+    from adaptsoup_bench.corruptions import FAMILIES, corrupt32, image_seed
+    from adaptsoup_bench.datasets import CIFAR10_CLASSES
+    from adaptsoup_bench.label_free import _uint8_folder, prepare_cifar_tasks
 
     for i, name in enumerate(CIFAR10_CLASSES):
         write_noise_images(tmp_path / "cifar" / "train" / name, 3, seed=i)

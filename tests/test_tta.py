@@ -12,11 +12,11 @@ import timm
 import torch
 
 import adaptsoup  # noqa: F401
-from adaptsoup.checkpoint import save_checkpoint
-from adaptsoup.data import ImageSet, Preprocess, load_folder
+from adaptsoup.core.checkpoint import save_checkpoint
+from adaptsoup.core.data import ImageSet, Preprocess, load_folder
 from adaptsoup.errors import AdaptsoupError
-from adaptsoup.models import model_meta
-from adaptsoup.tta import Adapter, TTAConfig, norm_parameters, reliable, run_tta, softmax_entropy, tta_run_dir, update_ema
+from adaptsoup.core.models import model_meta
+from adaptsoup.tta.stream import Adapter, TTAConfig, norm_parameters, reliable, run_tta, softmax_entropy, tta_run_dir, update_ema
 from helpers import CLASS_NAMES, tiny_model, write_noise_images
 
 
@@ -243,7 +243,7 @@ def test_tta_run_dir_writes_predictions_checkpoint_and_manifest(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["result"]["batches"] == 4 and 0 <= manifest["result"]["online_accuracy"] <= 100
     assert "filtered_out_first" in manifest["result"] and "resets" in manifest["result"]
-    from adaptsoup.models import load_model
+    from adaptsoup.core.models import load_model
 
     adapted = load_model(None, out / "adapted.safetensors")
     assert adapted.pretrained_cfg["label_names"] == CLASS_NAMES

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .checkpoint import read_checkpoint
-from .data import ImageSet, Preprocess, eval_batches
-from .mixing import SoupError, check_compatible
+from adaptsoup.core.checkpoint import read_checkpoint
+from adaptsoup.core.data import ImageSet, Preprocess, eval_batches
+from adaptsoup.soup.mixing import SoupError, check_compatible
 
 KNN_K = 16
 KNN_TEMPERATURE = 0.07

@@ -13,7 +13,7 @@ all corruptions' even images.  Rows:
   upper bound for picking one ingredient, not a method);
 * ``self_soup_target_self_seasoned`` — its ingredients mixed by Self-Seasoning on the target images;
 * ``self_soup_target_self_seasoned_centered`` — the same with the embeddings centred per batch before the
-  cosines (``mix --center``; not in the paper — see :func:`adaptsoup.seasoning.knn_entropy`);
+  cosines (``mix --center``; not in the paper — see :func:`adaptsoup.soup.seasoning.knn_entropy`);
 * ``supervised_soup+sar`` and ``self_soup_target+sar`` — SAR over each corruption's odd images, online,
   reset between corruptions (Table 2), at the paper's learning rate for soups (base 5e-5 per 64 images);
   each corruption's record counts the samples filtered at each forward, the updates made and the resets.
@@ -34,20 +34,21 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .adapt import evaluate_checkpoints, run_adapt
-from .corruptions import CORRUPTIONS, corrupt_batch
-from .data import ImageSet, Preprocess, default_cache_dir, load_folder
-from .errors import AdaptsoupError
-from .io import atomic_path, write_json_atomic, write_text_atomic
-from .manifest import config_tag, environment, file_digest, provenance_lines, source_state
-from .mixing import MixOptions
-from .mixrun import MixRequest, mix_run
-from .models import class_names, default_stock_path, load_model
-from .evaluation import top1
-from .progress import NullProgress
-from .recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, with_overrides
-from .seasoning_methods import self_season_summary
-from .tta import TTAConfig, run_tta
+from adaptsoup.pipeline.adapt import evaluate_checkpoints, run_adapt
+from adaptsoup_bench.corruptions import CORRUPTIONS, corrupt_batch
+from adaptsoup.core.data import ImageSet, Preprocess, default_cache_dir, load_folder
+from adaptsoup.errors import AdaptsoupError
+from adaptsoup.core.io import atomic_path, write_json_atomic, write_text_atomic
+from adaptsoup.core.manifest import config_tag, environment, file_digest, provenance_lines, source_state
+from adaptsoup.soup.mixing import MixOptions
+from adaptsoup.soup.run import MixRequest, mix_run
+from adaptsoup.core.models import class_names, load_model
+from adaptsoup_bench.datasets import default_stock_path
+from adaptsoup.core.evaluation import top1
+from adaptsoup.core.progress import NullProgress
+from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, with_overrides
+from adaptsoup.soup.seasoning_methods import self_season_summary
+from adaptsoup.tta.stream import TTAConfig, run_tta
 
 TITLES = {"c10c": "CIFAR-10 → CIFAR-10-C", "imagenet-c": "ImageNet → ImageNet-C", "laion-c": "ImageNet → LAION-C"}
 ROW_NAMES = (
@@ -173,7 +174,7 @@ def run_c10c(cfg: BenchConfig, *, command: str = "", progress=None, log: Callabl
 
 def prepare_c10c(cfg: BenchConfig, *, progress=None, log: Callable[[str], None] = print) -> ShiftData:
     """The CIFAR-10-C shift of ``cfg`` (corrupted test subsets, even/odd split, clean subset) on disk and decoded."""
-    from .datasets import require_cifar10
+    from adaptsoup_bench.datasets import require_cifar10
 
     progress = progress or NullProgress()
     stock_path, decoder = _stock_and_decoder(cfg)
@@ -506,7 +507,7 @@ C10CConfig = BenchConfig  # the CIFAR-10-C name of the same settings
 def run_imagenet_c(cfg: BenchConfig, root: str, source: str, *, layout: str = "auto", mapping_dir: str | None = None,
                    command: str = "", progress=None, log: Callable[[str], None] = print) -> dict:
     """ImageNet-C or LAION-C (released layouts) with the same protocol and rows as CIFAR-10-C."""
-    from .shiftsets import default_mapping_dir, detect_layout, prepare_shift_benchmark
+    from adaptsoup_bench.shiftsets import default_mapping_dir, detect_layout, prepare_shift_benchmark
 
     progress = progress or NullProgress()
     stock_path, decoder = _stock_and_decoder(cfg)

@@ -1,6 +1,6 @@
 """Do ingredients of different kinds mix?  The CPU benchmark of the "more ingredients" work.
 
-On the CIFAR-10-C shift of :mod:`adaptsoup.bench` (same corrupted subsets, same even/odd split), several
+On the CIFAR-10-C shift of :mod:`adaptsoup_bench.shift` (same corrupted subsets, same even/odd split), several
 *families* of ingredients are made from the reference stock, each by one ``adapt`` run and each fine-tuned
 back on source:
 
@@ -23,18 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .adapt import evaluate_checkpoints, run_adapt
-from .bench import BenchConfig, bench_work_dir, mean_or_nan, prepare_c10c, results_stem, score_row
-from .checkpoint import save_checkpoint
-from .data import load_folder
-from .errors import AdaptsoupError
-from .io import atomic_path, write_json_atomic, write_text_atomic
-from .manifest import environment, provenance_lines, source_state
-from .mixing import MixContext, MixOptions, get_mixer, stream_weighted_average
-from .progress import NullProgress
-from .recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid
-from .resources import PeakMemory
-from .seasoning_methods import self_season_summary
+from adaptsoup.pipeline.adapt import evaluate_checkpoints, run_adapt
+from adaptsoup_bench.shift import BenchConfig, bench_work_dir, mean_or_nan, prepare_c10c, results_stem, score_row
+from adaptsoup.core.checkpoint import save_checkpoint
+from adaptsoup.core.data import load_folder
+from adaptsoup.errors import AdaptsoupError
+from adaptsoup.core.io import atomic_path, write_json_atomic, write_text_atomic
+from adaptsoup.core.manifest import environment, provenance_lines, source_state
+from adaptsoup.soup.mixing import MixContext, MixOptions, get_mixer, stream_weighted_average
+from adaptsoup.core.progress import NullProgress
+from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid
+from adaptsoup.core.resources import PeakMemory
+from adaptsoup.soup.seasoning_methods import self_season_summary
 
 FAMILIES = ("mae", "mocov3", "mmcr", "noisy", "partition")
 

@@ -25,19 +25,19 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import read_checkpoint, save_checkpoint
-from .data import ImageSet, Preprocess, load_folder
-from .errors import AdaptsoupError
-from .evaluation import run_model, top1
-from .mae import DecoderConfig, MaskedAutoencoder
-from .noise import add_parameter_noise, class_partitions, indices_of_classes, name_seed, tensor_stds
-from .ssl import MMCR, MoCoV3, multiview_loss
-from .manifest import Manifest, environment
-from .mixing import stream_weighted_average
-from .models import class_names, load_model, model_meta, require_vit
-from .progress import NullProgress
-from .recipe import AdaptConfig, FineTuneRun, InterRun, finetune_runs, inter_runs, validate
-from .training import LinearProbeConfig, TrainConfig, classification_loss, fit_linear_probe, mae_loss, steps_for_epochs, train
+from adaptsoup.core.checkpoint import read_checkpoint, save_checkpoint
+from adaptsoup.core.data import ImageSet, Preprocess, load_folder
+from adaptsoup.errors import AdaptsoupError
+from adaptsoup.core.evaluation import run_model, top1
+from adaptsoup.ssl.mae import DecoderConfig, MaskedAutoencoder
+from adaptsoup.pipeline.noise import add_parameter_noise, class_partitions, indices_of_classes, name_seed, tensor_stds
+from adaptsoup.ssl.contrastive import MMCR, MoCoV3, multiview_loss
+from adaptsoup.core.manifest import Manifest, environment
+from adaptsoup.soup.mixing import stream_weighted_average
+from adaptsoup.core.models import class_names, load_model, model_meta, require_vit
+from adaptsoup.core.progress import NullProgress
+from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneRun, InterRun, finetune_runs, inter_runs, validate
+from adaptsoup.train.loop import LinearProbeConfig, TrainConfig, classification_loss, fit_linear_probe, mae_loss, steps_for_epochs, train
 
 SOUP = "soup"
 SUPERVISED_SOUP = "supervised_soup"

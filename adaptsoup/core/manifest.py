@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .io import write_json_atomic
+from adaptsoup.core.io import write_json_atomic
 
 TRACKED_PACKAGES = ("adaptsoup", "torch", "torchvision", "timm", "numpy", "pillow", "safetensors", "onnx", "onnxruntime")
 

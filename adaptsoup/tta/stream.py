@@ -29,9 +29,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .data import ImageSet, Preprocess
-from .errors import AdaptsoupError
-from .models import require_vit
+from adaptsoup.core.data import ImageSet, Preprocess
+from adaptsoup.errors import AdaptsoupError
+from adaptsoup.core.models import require_vit
 
 TTA_METHODS = ("sar", "tent")
 
@@ -265,12 +265,12 @@ def tta_run_dir(model_path: str, out_dir: str, cfg: TTAConfig, *, target: str | 
     import dataclasses
     from pathlib import Path
 
-    from .checkpoint import save_checkpoint
-    from .data import load_folder
-    from .io import write_atomic
-    from .manifest import Manifest, environment
-    from .models import class_names, load_model, model_meta
-    from .progress import NullProgress
+    from adaptsoup.core.checkpoint import save_checkpoint
+    from adaptsoup.core.data import load_folder
+    from adaptsoup.core.io import write_atomic
+    from adaptsoup.core.manifest import Manifest, environment
+    from adaptsoup.core.models import class_names, load_model, model_meta
+    from adaptsoup.core.progress import NullProgress
 
     if (target is None) == (eval_labels is None):
         raise AdaptsoupError("give the stream as --target DIR (unlabeled) or --eval-labels DIR (labeled, to score), not both")

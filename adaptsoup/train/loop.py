@@ -1,6 +1,6 @@
 """Training: one resumable loop (AdamW, warm-up + cosine) used by MAE inter-training and fine-tuning.
 
-A run is a pure function of its config and data: batch order comes from :func:`adaptsoup.data.epoch_order`,
+A run is a pure function of its config and data: batch order comes from :func:`adaptsoup.core.data.epoch_order`,
 and the Python/PyTorch RNG states (augmentation, masking) are saved with the model and optimizer in the
 resume file, so a run that is cut off and resumed ends exactly where an uninterrupted one would.
 """
@@ -20,10 +20,10 @@ from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from .data import ImageSet, Preprocess, augment_batch, batch_indices, make_train_transform
-from .evaluation import run_model
-from .io import atomic_path
-from .progress import NullProgress
+from adaptsoup.core.data import ImageSet, Preprocess, augment_batch, batch_indices, make_train_transform
+from adaptsoup.core.evaluation import run_model
+from adaptsoup.core.io import atomic_path
+from adaptsoup.core.progress import NullProgress
 
 
 @dataclass

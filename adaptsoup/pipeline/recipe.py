@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import AdaptsoupError
+from adaptsoup.errors import AdaptsoupError
 
 
 @dataclass
@@ -262,7 +262,7 @@ class FineTuneRun:
 
 
 def inter_runs(cfg: InterTrainConfig, num_images: int) -> list[InterRun]:
-    from .training import steps_for_epochs
+    from adaptsoup.train.loop import steps_for_epochs
 
     runs: list[InterRun] = []
     for ssl in cfg.ssl:
@@ -299,12 +299,12 @@ def finetune_runs(cfg: FineTuneConfig) -> list[FineTuneRun]:
 
 
 def validate(cfg: AdaptConfig) -> None:
-    from .data import AUGMENTATIONS
+    from adaptsoup.core.data import AUGMENTATIONS
 
     unknown = [a for a in cfg.inter.ssl if a not in ("mae", "mocov3", "mmcr")]
     if unknown or not cfg.inter.ssl:
         raise AdaptsoupError(f"unknown self-supervised loss {', '.join(unknown) or '(none)'}; available: mae, mocov3, mmcr")
-    from .noise import NOISE_STAGES, PARTITION_MODES
+    from adaptsoup.pipeline.noise import NOISE_STAGES, PARTITION_MODES
 
     if cfg.inter.noise_stage is not None and cfg.inter.noise_stage not in NOISE_STAGES:
         raise AdaptsoupError(f"noise_stage must be one of {', '.join(NOISE_STAGES)}, got {cfg.inter.noise_stage!r}")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import require_vit
+from adaptsoup.core.models import require_vit
 
 SSL_ALGORITHMS = ("mae", "mocov3", "mmcr")
 
@@ -126,5 +126,5 @@ class MMCR(ProjectedViews):
 
 
 def multiview_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-    """Loss function for :func:`adaptsoup.training.train` with ``views > 1`` (x is [V, B, C, H, W])."""
+    """Loss function for :func:`adaptsoup.train.loop.train` with ``views > 1`` (x is [V, B, C, H, W])."""
     return module(x)

@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
-from .io import atomic_path
+from adaptsoup.errors import CheckpointError
+from adaptsoup.core.io import atomic_path
 
 META_KEY = "adaptsoup"
 SAFETENSORS_SUFFIXES = (".safetensors",)

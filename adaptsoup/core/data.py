@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DataError
+from adaptsoup.errors import DataError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 ENV_CACHE = "ADAPTSOUP_CACHE"
@@ -283,7 +283,7 @@ def load_folder(
     rel_paths = [paths[i].relative_to(root).as_posix() for i in kept]
     blob = {"images": images, "paths": rel_paths, "labels": kept_labels, "skipped": [list(s) for s in skipped]}
     if cache:
-        from .io import atomic_path
+        from adaptsoup.core.io import atomic_path
 
         try:
             with atomic_path(cache_file) as tmp:

@@ -9,12 +9,17 @@ import os
 import tarfile
 from pathlib import Path
 
-from .data import default_cache_dir
-from .errors import DataError
-from .io import atomic_path
+from adaptsoup.core.data import default_cache_dir
+from adaptsoup.errors import DataError
+from adaptsoup.core.io import atomic_path
 
 ENV_DATA = "ADAPTSOUP_DATA"
 CIFAR10_TARBALL = "cifar10-jpeg.tar.gz"
+def default_stock_path() -> Path:
+    """The CIFAR-10 reference stock shipped with the project (trained by benchmarks/train_stock.py)."""
+    return Path(__file__).resolve().parent / "stock" / "vit_tiny_patch4_32_cifar10.safetensors"
+
+
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

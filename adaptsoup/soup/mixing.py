@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checkpoint import CheckpointMeta, read_checkpoint
-from .errors import AdaptsoupError
+from adaptsoup.core.checkpoint import CheckpointMeta, read_checkpoint
+from adaptsoup.errors import AdaptsoupError
 
 StateDict = dict[str, torch.Tensor]
 
@@ -256,7 +256,7 @@ def register_mixer(name: str, needs: str = "none") -> Callable[[MixFn], MixFn]:
 
 
 def get_mixer(name: str) -> MixFn:
-    from . import seasoning_methods  # noqa: F401  (registers the data-driven methods)
+    from adaptsoup.soup import seasoning_methods  # noqa: F401  (registers the data-driven methods)
 
     if name not in MIXERS:
         raise AdaptsoupError(f"unknown mixing method {name!r}; choose one of: {', '.join(sorted(MIXERS))}")
@@ -264,7 +264,7 @@ def get_mixer(name: str) -> MixFn:
 
 
 def mixer_names() -> list[str]:
-    from . import seasoning_methods  # noqa: F401
+    from adaptsoup.soup import seasoning_methods  # noqa: F401
 
     return sorted(MIXERS)
 

@@ -6,12 +6,12 @@ import math
 
 import torch
 
-from .data import Preprocess
-from .errors import AdaptsoupError
-from .mixing import MixContext, MixResult, register_mixer
-from .models import class_names, load_model
-from .progress import NullProgress
-from .seasoning import Scorer, SelfSeasonConfig, StackedIngredients, greedy, score_each, season, self_season
+from adaptsoup.core.data import Preprocess
+from adaptsoup.errors import AdaptsoupError
+from adaptsoup.soup.mixing import MixContext, MixResult, register_mixer
+from adaptsoup.core.models import class_names, load_model
+from adaptsoup.core.progress import NullProgress
+from adaptsoup.soup.seasoning import Scorer, SelfSeasonConfig, StackedIngredients, greedy, score_each, season, self_season
 
 
 def _model_and_stack(ctx: MixContext):

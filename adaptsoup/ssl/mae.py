@@ -18,8 +18,8 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from .errors import CheckpointError
-from .models import MAE_DECODER_PREFIXES, require_vit
+from adaptsoup.errors import CheckpointError
+from adaptsoup.core.models import MAE_DECODER_PREFIXES, require_vit
 
 
 @dataclass(frozen=True)

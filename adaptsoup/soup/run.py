@@ -15,15 +15,15 @@ from typing import Callable
 
 import torch
 
-from .adapt import DEPLOYED, SOUP, SUPERVISED_SOUP, evaluate_checkpoints
-from .checkpoint import read_checkpoint, save_checkpoint
-from .data import Preprocess, load_folder
-from .errors import AdaptsoupError
-from .manifest import Manifest
-from .mixing import NEEDS, MixContext, MixOptions, get_mixer, weighted_average
-from .models import class_names, load_model, model_meta
-from .progress import NullProgress
-from .resources import PeakMemory
+from adaptsoup.pipeline.adapt import DEPLOYED, SOUP, SUPERVISED_SOUP, evaluate_checkpoints
+from adaptsoup.core.checkpoint import read_checkpoint, save_checkpoint
+from adaptsoup.core.data import Preprocess, load_folder
+from adaptsoup.errors import AdaptsoupError
+from adaptsoup.core.manifest import Manifest
+from adaptsoup.soup.mixing import NEEDS, MixContext, MixOptions, get_mixer, weighted_average
+from adaptsoup.core.models import class_names, load_model, model_meta
+from adaptsoup.core.progress import NullProgress
+from adaptsoup.core.resources import PeakMemory
 
 MIX_PLOT = "mix_coefficients.png"
 RESERVED = (SUPERVISED_SOUP,)  # soups/ names that adapt itself writes
@@ -154,7 +154,7 @@ def plot_coefficients(mixes: dict, out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from adaptsoup.core.io import atomic_path
 
     ingredients = sorted({n for c in with_coeffs.values() for n in c})
     methods = sorted(with_coeffs)
@@ -190,7 +190,7 @@ def interpolate(run_dir: Path, a: str, b: str, steps: int, eval_dir: str, *, pro
     model = load_model(None, lookup[a])
     pre = Preprocess.for_model(model)
     images = load_folder(eval_dir, pre, labeled=True, class_names=class_names(model))
-    from .evaluation import run_model, top1
+    from adaptsoup.core.evaluation import run_model, top1
 
     lambdas = [i / (steps - 1) for i in range(steps)]
     accs = []
@@ -201,7 +201,7 @@ def interpolate(run_dir: Path, a: str, b: str, steps: int, eval_dir: str, *, pro
         accs.append(top1(run_model(model, images, pre).logits, images.labels))
     result = {"a": a, "b": b, "eval": str(eval_dir), "lambda": lambdas, "accuracy": accs}
     stem = f"interpolate_{a}_{b}"
-    from .io import atomic_path, write_json_atomic
+    from adaptsoup.core.io import atomic_path, write_json_atomic
 
     write_json_atomic(run_dir / f"{stem}.json", result)
     import matplotlib

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import IMAGE_SUFFIXES, Preprocess, load_folder
-from .errors import AdaptsoupError
+from adaptsoup.core.data import IMAGE_SUFFIXES, Preprocess, load_folder
+from adaptsoup.errors import AdaptsoupError
 
 LAYOUTS = ("imagenet-c", "laion-c")
 
@@ -146,9 +146,9 @@ def prepare_shift_benchmark(root: Path, layout: str, severity: int, corruptions:
     For ImageNet models whose class names are not wnids, a copy of the stock carrying the wnids (in the
     standard order) is written so that ImageNet-C's and the source's wnid folders match its classes.
     """
-    from .checkpoint import read_checkpoint, save_checkpoint
-    from .evaluation import top1
-    from .models import class_names, load_model, model_meta, set_class_names
+    from adaptsoup.core.checkpoint import read_checkpoint, save_checkpoint
+    from adaptsoup.core.evaluation import top1
+    from adaptsoup.core.models import class_names, load_model, model_meta, set_class_names
 
     layout = detect_layout(root) if layout == "auto" else layout
     if layout not in LAYOUTS:

@@ -2,13 +2,13 @@
 
 1. scikit-learn's handwritten digits are split into a clean labeled source set and a held-out set that is
    corrupted (noise, blur, contrast) into ``./shifted_images``;
-2. the deployed model is the small ViT shipped in ``adaptsoup/assets`` (trained on the clean source by
+2. the deployed model is the small ViT shipped in ``benchmarks/assets`` (trained on the clean source by
    ``benchmarks/train_demo_model.py``), with its MAE decoder;
 3. ``adapt`` inter-trains it with MAE on the shifted images (no labels), fine-tunes back on source, and
    mixes the soup; a supervised soup (no inter-training) is built alongside as the baseline;
 4. the soup is exported to ONNX and checked against PyTorch.
 
-Run ``python -m adaptsoup.demo --help`` for options.
+Run ``python -m adaptsoup_bench.demo --help`` for options.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import argparse
 import time
 from pathlib import Path
 
-from .adapt import DEPLOYED, SOUP, SUPERVISED_SOUP, run_adapt
-from .data import Preprocess, load_folder
-from .digits import DIGIT_CLASSES, make_digits_folders
-from .export import export_and_check
-from .models import load_model
-from .progress import console, progress_bars
-from .recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
+from adaptsoup.pipeline.adapt import DEPLOYED, SOUP, SUPERVISED_SOUP, run_adapt
+from adaptsoup.core.data import Preprocess, load_folder
+from adaptsoup_bench.digits import DIGIT_CLASSES, make_digits_folders
+from adaptsoup.deploy.onnx import export_and_check
+from adaptsoup.core.models import load_model
+from adaptsoup.core.progress import console, progress_bars
+from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_MODEL = ASSETS / "digits_vit_mini.safetensors"
@@ -41,7 +41,7 @@ def demo_config(source: Path, shifted: Path, out: Path) -> AdaptConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m adaptsoup.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m adaptsoup_bench.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=".", help="where demo_data/, shifted_images/ and runs/ are written")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"[bold]2. adapt[/bold]: {DEMO_MODEL.name} -> {out}")
     with progress_bars(not args.no_progress) as bars:
         result = run_adapt(cfg, progress=bars, echo=lambda line: console.print(line, markup=False, highlight=False),
-                           command="python -m adaptsoup.demo")
+                           command="python -m adaptsoup_bench.demo")
     console.print("[bold]3. export[/bold]: soup -> ONNX")
     soup = load_model(None, result.soup_path)
     images = load_folder(shifted, Preprocess.for_model(soup), labeled=True, class_names=DIGIT_CLASSES)

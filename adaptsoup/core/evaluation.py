@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import ImageSet, Preprocess, eval_batches
+from adaptsoup.core.data import ImageSet, Preprocess, eval_batches
 
 
 @dataclass

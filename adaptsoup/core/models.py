@@ -1,7 +1,7 @@
 """Models: adaptsoup's small CPU-scale ViTs (registered with timm) and the one model loader.
 
 Everything is built with ``pretrained=False``: adaptsoup never downloads weights.  Weights come from a
-local file through :mod:`adaptsoup.checkpoint`.
+local file through :mod:`adaptsoup.core.checkpoint`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from .checkpoint import CheckpointMeta, read_checkpoint
-from .errors import CheckpointError, ModelError
+from adaptsoup.core.checkpoint import CheckpointMeta, read_checkpoint
+from adaptsoup.errors import CheckpointError, ModelError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -289,7 +289,3 @@ def require_vit(model: nn.Module, purpose: str = "this operation") -> VisionTran
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
-
-def default_stock_path() -> Path:
-    """The CIFAR-10 reference stock shipped with the project (trained by benchmarks/train_stock.py)."""
-    return Path(__file__).resolve().parent.parent / "benchmarks" / "stock" / "vit_tiny_patch4_32_cifar10.safetensors"

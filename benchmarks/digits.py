@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .io import atomic_path
+from adaptsoup.core.io import atomic_path
 
 DIGIT_CLASSES = [str(i) for i in range(10)]
 SOURCE_FRACTION = 0.6

@@ -24,18 +24,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .adapt import run_adapt
-from .data import Preprocess, default_cache_dir, load_folder
-from .evaluation import run_model
-from .errors import AdaptsoupError
-from .io import atomic_path, write_json_atomic, write_text_atomic
-from .manifest import config_tag, environment, file_digest, provenance_lines, source_state
-from .mixing import MixOptions
-from .mixrun import MixRequest, mix_run
-from .models import load_model
-from .progress import NullProgress
-from .recipe import AdaptConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid, with_overrides
-from .seasoning import knn_predict
+from adaptsoup.pipeline.adapt import run_adapt
+from adaptsoup.core.data import Preprocess, default_cache_dir, load_folder
+from adaptsoup.core.evaluation import run_model
+from adaptsoup.errors import AdaptsoupError
+from adaptsoup.core.io import atomic_path, write_json_atomic, write_text_atomic
+from adaptsoup.core.manifest import config_tag, environment, file_digest, provenance_lines, source_state
+from adaptsoup.soup.mixing import MixOptions
+from adaptsoup.soup.run import MixRequest, mix_run
+from adaptsoup.core.models import load_model
+from adaptsoup.core.progress import NullProgress
+from adaptsoup.pipeline.recipe import AdaptConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid, with_overrides
+from adaptsoup.soup.seasoning import knn_predict
 
 METHODS = ("uniform", "best", "season", "self-season", "self-season-centered")
 CENTERED = "self-season-centered"  # Self-Seasoning on batch-centred embeddings (mix --center), beside the paper's
@@ -161,9 +161,9 @@ def prepare_cifar_tasks(root: str | Path, cifar: str | Path | None = None, *, tr
     """
     from PIL import Image
 
-    from .corruptions import FAMILIES, corrupt_batch
-    from .datasets import CIFAR10_CLASSES, require_cifar10
-    from .digits import DIGIT_CLASSES, digits_arrays, split_indices
+    from adaptsoup_bench.corruptions import FAMILIES, corrupt_batch
+    from adaptsoup_bench.datasets import CIFAR10_CLASSES, require_cifar10
+    from adaptsoup_bench.digits import DIGIT_CLASSES, digits_arrays, split_indices
 
     root = Path(root)
     progress = progress or NullProgress()

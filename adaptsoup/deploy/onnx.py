@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ImageSet, Preprocess, load_folder
-from .errors import AdaptsoupError
-from .io import atomic_path, write_atomic
-from .models import model_meta
+from adaptsoup.core.data import ImageSet, Preprocess, load_folder
+from adaptsoup.errors import AdaptsoupError
+from adaptsoup.core.io import atomic_path, write_atomic
+from adaptsoup.core.models import model_meta
 
 DEFAULT_OPSET = 18
 PARITY_TOLERANCE = 1e-3

@@ -1,0 +1,3 @@
+"""Mixing ingredients into one model: streaming averages, stacked ingredients, the k-NN entropy, and
+the mixing methods (uniform, Model Stock, Self-Seasoning, seasoning, greedy, best).
+"""

@@ -1,0 +1,2 @@
+"""Self-supervised inter-training losses (no labels): MAE, MoCo v3, MMCR.
+"""

@@ -1,0 +1,2 @@
+"""The resumable training loop, and LP-FT's linear probe.
+"""
