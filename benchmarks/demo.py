@@ -17,7 +17,8 @@ import argparse
 import time
 from pathlib import Path
 
-from adaptsoup.pipeline.adapt import DEPLOYED, SOUP, SUPERVISED_SOUP, run_adapt
+from adaptsoup.core.run_dir import DEPLOYED, SOUP, SUPERVISED_SOUP
+from adaptsoup.pipeline.adapt import run_adapt
 from adaptsoup.core.data import Preprocess, load_folder
 from adaptsoup_bench.digits import DIGIT_CLASSES, make_digits_folders
 from adaptsoup.deploy.onnx import export_and_check

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from adaptsoup.pipeline.adapt import evaluate_checkpoints, run_adapt
+from adaptsoup.core.evaluation import evaluate_checkpoints
+from adaptsoup.pipeline.adapt import run_adapt
 from adaptsoup_bench.shift import BenchConfig, bench_work_dir, mean_or_nan, prepare_c10c, results_stem, score_row
 from adaptsoup.core.checkpoint import save_checkpoint
 from adaptsoup.core.data import load_folder

@@ -34,7 +34,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from adaptsoup.pipeline.adapt import evaluate_checkpoints, run_adapt
+from adaptsoup.core.evaluation import evaluate_checkpoints
+from adaptsoup.pipeline.adapt import run_adapt
 from adaptsoup_bench.corruptions import CORRUPTIONS, corrupt_batch
 from adaptsoup.core.data import ImageSet, Preprocess, default_cache_dir, load_folder
 from adaptsoup.errors import AdaptsoupError

@@ -25,7 +25,10 @@ from adaptsoup_bench.digits import DIGIT_CLASSES, make_digits_folders  # noqa: E
 from adaptsoup.core.evaluation import accuracy  # noqa: E402
 from adaptsoup.ssl.mae import MaskedAutoencoder  # noqa: E402
 from adaptsoup.core.models import create_model, model_meta, set_class_names  # noqa: E402
-from adaptsoup.train.loop import LinearProbeConfig, TrainConfig, classification_loss, fit_linear_probe, mae_loss, steps_for_epochs, train  # noqa: E402
+from adaptsoup.train.loop import TrainConfig, train  # noqa: E402
+from adaptsoup.train.losses import classification_loss, mae_loss  # noqa: E402
+from adaptsoup.train.lpft import LinearProbeConfig, fit_linear_probe  # noqa: E402
+from adaptsoup.train.optim import steps_for_epochs  # noqa: E402
 
 ASSETS = ROOT / "benchmarks" / "assets"
 

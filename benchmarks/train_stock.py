@@ -36,15 +36,10 @@ from adaptsoup.core.io import write_atomic, write_json_atomic, write_text_atomic
 from adaptsoup.ssl.mae import MaskedAutoencoder  # noqa: E402
 from adaptsoup.core.manifest import environment, file_digest  # noqa: E402
 from adaptsoup.core.models import create_model, load_state_dict_strict, model_meta, set_class_names  # noqa: E402
-from adaptsoup.train.loop import (  # noqa: E402
-    LinearProbeConfig,
-    TrainConfig,
-    classification_loss,
-    fit_linear_probe,
-    mae_loss,
-    steps_for_epochs,
-    train,
-)
+from adaptsoup.train.loop import TrainConfig, train  # noqa: E402
+from adaptsoup.train.losses import classification_loss, mae_loss  # noqa: E402
+from adaptsoup.train.lpft import LinearProbeConfig, fit_linear_probe  # noqa: E402
+from adaptsoup.train.optim import steps_for_epochs  # noqa: E402
 
 ARCH = "vit_tiny_patch4_32"
 OUT = ROOT / "benchmarks" / "stock"

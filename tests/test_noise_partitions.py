@@ -9,8 +9,9 @@ import torch
 
 from adaptsoup.pipeline.adapt import run_adapt
 from adaptsoup.core.checkpoint import read_checkpoint
-from adaptsoup.pipeline.noise import add_parameter_noise, class_partitions, indices_of_classes, tensor_stds
-from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, inter_runs
+from adaptsoup.pipeline.diversity import add_parameter_noise, class_partitions, indices_of_classes, tensor_stds
+from adaptsoup.pipeline.plan import inter_runs
+from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
 from helpers import build_adapt_inputs, tiny_model
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from adaptsoup.errors import AdaptsoupError
-from adaptsoup.pipeline.recipe import AdaptConfig, finetune_runs, inter_runs, load_recipe_file, merge, validate
+from adaptsoup.pipeline.plan import finetune_runs, inter_runs
+from adaptsoup.pipeline.recipe import AdaptConfig, load_recipe_file, merge, validate
 
 
 def test_flags_that_were_not_given_do_not_erase_defaults_or_the_file():

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 import adaptsoup  # noqa: F401
 from adaptsoup.pipeline.adapt import run_adapt
 from adaptsoup.core.checkpoint import read_checkpoint
-from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid, inter_runs
-from adaptsoup.ssl.contrastive import MMCR, MoCoV3, mmcr_loss, mocov3_loss
+from adaptsoup.pipeline.plan import inter_runs
+from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid
+from adaptsoup.ssl.mmcr import MMCR, mmcr_loss
+from adaptsoup.ssl.mocov3 import MoCoV3, mocov3_loss
 from helpers import build_adapt_inputs
 
 

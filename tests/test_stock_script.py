@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from adaptsoup.core.models import create_model
-from adaptsoup.train.loop import TrainConfig, _load_state, _save_state, make_optimizer
+from adaptsoup.train.loop import load_train_state, save_train_state
+from adaptsoup.train.optim import make_optimizer
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "train_stock.py"
 
@@ -35,7 +36,7 @@ def _args(**changes) -> argparse.Namespace:
 def _model_and_optimizer():
     torch.manual_seed(0)
     model = create_model("vit_pico_patch4_32", num_classes=10)
-    optimizer = make_optimizer(model, TrainConfig(steps=3, lr=1e-3, batch_size=4))
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999))
     return model, optimizer
 
 
@@ -46,7 +47,7 @@ def test_fine_tuning_state_round_trips_through_the_committable_files(stock_scrip
     work = tmp_path / "work"
     work.mkdir()
     (work / "manifest.json").write_text(json.dumps({"phases": {"linear_probe": {"test_acc": 47.7}}, "args": vars(_args())}))
-    _save_state(work / "ft_state.pt", 7, model, optimizer, [1.0, 0.5], 123.0)
+    save_train_state(work / "ft_state.pt", 7, model, optimizer, [1.0, 0.5], 123.0)
     stock_script.save_wip_ft_state(work)
     assert all(p.stat().st_size < 25 * 2**20 for p in (tmp_path / "wip").iterdir())
 
@@ -54,7 +55,7 @@ def test_fine_tuning_state_round_trips_through_the_committable_files(stock_scrip
     elsewhere.mkdir()
     assert stock_script.restore_wip_ft_state(elsewhere, _args())
     model2, optimizer2 = _model_and_optimizer()
-    step, losses, wall = _load_state(elsewhere / "ft_state.pt", model2, optimizer2)
+    step, losses, wall = load_train_state(elsewhere / "ft_state.pt", model2, optimizer2)
     assert (step, losses, wall) == (7, [1.0, 0.5], 123.0)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
     s1, s2 = optimizer.state_dict(), optimizer2.state_dict()
@@ -68,7 +69,7 @@ def test_a_state_of_another_recipe_or_mae_phase_is_refused(stock_script, tmp_pat
     work = tmp_path / "work"
     work.mkdir()
     (work / "manifest.json").write_text(json.dumps({"phases": {}, "args": vars(_args())}))
-    _save_state(work / "ft_state.pt", 3, model, optimizer, [], 1.0)
+    save_train_state(work / "ft_state.pt", 3, model, optimizer, [], 1.0)
     stock_script.save_wip_ft_state(work)
     other = tmp_path / "other"
     other.mkdir()

@@ -1,13 +1,17 @@
-"""One evaluation loop: logits, pre-logits features and top-1 accuracy of a model over an ImageSet."""
+"""One evaluation loop: logits, pre-logits features and top-1 accuracy of a model over an ImageSet, and the
+scores of many checkpoints on many labeled sets."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from adaptsoup.core.data import ImageSet, Preprocess, eval_batches
+from adaptsoup.core.models import load_model
+from adaptsoup.core.progress import NullProgress
 
 
 @dataclass
@@ -69,3 +73,30 @@ def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: 
         sel = labels == c
         out.append(float((pred[sel] == c).float().mean().item() * 100.0) if sel.any() else float("nan"))
     return out
+
+
+def evaluate_checkpoints(candidates: dict[str, Path], evals: dict[str, ImageSet], pre: Preprocess, *,
+                         arches: dict[str, str | None] | None = None, device: str = "cpu", bf16: bool = False, progress=None,
+                         known: dict | None = None, score=top1) -> dict[str, dict[str, float]]:
+    """Score each checkpoint on each labeled set: ``{eval_name: {model_name: score}}``, one model in memory.
+
+    Pairs already in ``known`` are kept, not recomputed.  ``arches`` names the timm architecture of
+    candidates whose checkpoint carries no adaptsoup metadata.  ``score(logits, labels)`` turns logits
+    into a percentage (default: top-1 over the model's classes).
+    """
+    progress = progress or NullProgress()
+    arches = arches or {}
+    metrics: dict[str, dict[str, float]] = {k: dict(v) for k, v in (known or {}).items()}
+    todo = {n: [e for e in evals if n not in metrics.get(e, {})] for n in candidates}  # only what is not known yet
+    todo = {n: missing for n, missing in todo.items() if missing}
+    task = progress.add_task("evaluate", total=sum(len(m) for m in todo.values()))
+    for name, missing in todo.items():
+        model = load_model(arches.get(name), candidates[name])
+        for eval_name in missing:
+            images = evals[eval_name]
+            logits = run_model(model, images, pre, device=device, bf16=bf16).logits
+            metrics.setdefault(eval_name, {})[name] = score(logits, images.labels)
+            progress.advance(task)
+        del model
+    progress.remove_task(task)
+    return metrics

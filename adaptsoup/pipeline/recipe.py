@@ -8,7 +8,6 @@ cosine, batch 128) at learning rates {1e-5, 2e-5, 3e-5, 4e-5}; fine-tuning back 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -96,8 +95,11 @@ class AdaptConfig:
     arch: str | None = None
     evals: list[str] = field(default_factory=list)
     vanilla: int = 0
-    mix: list[str] = field(default_factory=list)
-    tta: str | None = None
+    mix: list[str] = field(default_factory=list)  # mixing methods run after the soups; TTA adapts the last one's soup
+    mix_labeled: str | None = None  # a few labeled images, for the mixing methods that need them
+    tta: str | None = None  # sar or tent: test-time adaptation of the soup over the target
+    tta_batch_size: int = 64
+    tta_base_lr: float | None = None  # per 64 images; default: the method's reference
     max_source_images: int = 0  # 0: all
     max_target_images: int = 0
     seed: int = 0
@@ -232,97 +234,14 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Grids
-
-
-@dataclass(frozen=True)
-class InterRun:
-    """One inter-training run of the grid."""
-
-    name: str
-    lr: float
-    mask_ratio: float
-    decoder_depth: int
-    steps: int
-    seed: int
-    ssl: str = "mae"
-    temperature: float | None = None  # MoCo v3
-    lam: float | None = None  # MMCR
-    batch_size: int = 0  # 0: the config's batch size
-    noise: float = 0.0  # parameter-noise multiplier (at ``noise_stage``)
-    partition: int | None = None  # index of the source-class partition it is inter-trained on
-
-
-@dataclass(frozen=True)
-class FineTuneRun:
-    name: str
-    lr: float
-    seed: int
-
-
-def inter_runs(cfg: InterTrainConfig, num_images: int) -> list[InterRun]:
-    from adaptsoup.train.loop import steps_for_epochs
-
-    runs: list[InterRun] = []
-    for ssl in cfg.ssl:
-        if ssl == "mae":
-            grid = [dict(lr=lr, mask_ratio=r, decoder_depth=d, steps=st, seed=se)
-                    for lr, r, d, st, se in itertools.product(cfg.lrs, cfg.mask_ratios, cfg.decoder_depths, cfg.steps, cfg.seeds)]
-        elif ssl == "mocov3":
-            grid = [dict(lr=lr, temperature=t, batch_size=b, steps=st, seed=se)
-                    for lr, t, b, st, se in itertools.product(cfg.lrs, cfg.mocov3.temperatures, cfg.mocov3.batch_sizes, cfg.steps, cfg.seeds)]
-        elif ssl == "mmcr":
-            grid = [dict(lr=lr, lam=lam, steps=st, seed=se)
-                    for lr, lam, st, se in itertools.product(cfg.lrs, cfg.mmcr.lambdas, cfg.steps, cfg.seeds)]
-        else:
-            raise AdaptsoupError(f"unknown self-supervised loss {ssl!r}; available: mae, mocov3, mmcr")
-        for i, params in enumerate(grid):
-            batch = int(params.pop("batch_size", 0) or 0)
-            steps = int(params.pop("steps")) or steps_for_epochs(cfg.epochs, num_images, batch or cfg.batch_size)
-            runs.append(InterRun(
-                name=f"{ssl}{i:02d}", lr=float(params.pop("lr")), mask_ratio=float(params.pop("mask_ratio", 0.0)),
-                decoder_depth=int(params.pop("decoder_depth", 0)), steps=steps, seed=int(params.pop("seed")), ssl=ssl,
-                temperature=params.get("temperature"), lam=params.get("lam"), batch_size=batch,
-            ))
-    if cfg.partitions:
-        runs = [dataclasses.replace(r, name=f"{r.name}-p{p}", partition=p) for r in runs for p in range(cfg.partitions)]
-    if cfg.noise_stage and len(cfg.noise_multipliers) > 1:
-        runs = [dataclasses.replace(r, name=f"{r.name}-n{k}", noise=float(m)) for r in runs for k, m in enumerate(cfg.noise_multipliers)]
-    elif cfg.noise_stage:
-        runs = [dataclasses.replace(r, noise=float(cfg.noise_multipliers[0])) for r in runs]
-    return runs
-
-
-def finetune_runs(cfg: FineTuneConfig) -> list[FineTuneRun]:
-    return [FineTuneRun(f"ft{j:02d}", float(lr), int(seed)) for j, (lr, seed) in enumerate(itertools.product(cfg.lrs, cfg.seeds))]
-
-
 def validate(cfg: AdaptConfig) -> None:
-    from adaptsoup.core.data import AUGMENTATIONS
-
-    unknown = [a for a in cfg.inter.ssl if a not in ("mae", "mocov3", "mmcr")]
-    if unknown or not cfg.inter.ssl:
-        raise AdaptsoupError(f"unknown self-supervised loss {', '.join(unknown) or '(none)'}; available: mae, mocov3, mmcr")
-    from adaptsoup.pipeline.noise import NOISE_STAGES, PARTITION_MODES
-
-    if cfg.inter.noise_stage is not None and cfg.inter.noise_stage not in NOISE_STAGES:
-        raise AdaptsoupError(f"noise_stage must be one of {', '.join(NOISE_STAGES)}, got {cfg.inter.noise_stage!r}")
-    if any(float(m) < 0 for m in cfg.inter.noise_multipliers):
-        raise AdaptsoupError(f"noise multipliers must be >= 0, got {cfg.inter.noise_multipliers}")
-    if cfg.inter.partitions < 0 or cfg.inter.partition_mode not in PARTITION_MODES or cfg.inter.partition_loss not in ("mae", "supervised"):
-        raise AdaptsoupError("partitions must be >= 0, partition_mode range or random, partition_loss mae or supervised")
-    if cfg.inter.partitions and cfg.inter.partition_loss == "supervised" and cfg.inter.ssl != ["mae"]:
-        raise AdaptsoupError("supervised partition inter-training replaces the SSL loss: use it with ssl = ['mae'] (the default)")
-    if cfg.inter.mmcr.views < 2:
-        raise AdaptsoupError("MMCR needs at least 2 views per image")
-    if cfg.inter.data not in ("target", "source"):
-        raise AdaptsoupError(f"inter.data must be 'target' or 'source', got {cfg.inter.data!r}")
+    """Refuse a recipe that cannot run, before any work is done."""
+    _validate_inter(cfg.inter)
     for name, values in (("inter.lrs", cfg.inter.lrs), ("finetune.lrs", cfg.finetune.lrs)):
         if not values or any(float(v) <= 0 for v in values):
             raise AdaptsoupError(f"{name} must be a non-empty list of positive learning rates, got {values}")
-    if any(not 0 <= float(r) < 1 for r in cfg.inter.mask_ratios):
-        raise AdaptsoupError(f"mask ratios must be in [0, 1), got {cfg.inter.mask_ratios}")
+    from adaptsoup.core.data import AUGMENTATIONS
+
     for aug in (cfg.inter.augment, cfg.finetune.augment, cfg.inter.contrastive_augment):
         if aug not in AUGMENTATIONS:
             raise AdaptsoupError(f"unknown augmentation {aug!r}; choose one of {', '.join(AUGMENTATIONS)}")
@@ -333,9 +252,53 @@ def validate(cfg: AdaptConfig) -> None:
     needs_source = cfg.finetune_back or cfg.inter.data == "source" or cfg.inter.partitions
     if needs_source and not cfg.source:
         raise AdaptsoupError("a labeled --source folder is needed (for fine-tuning back, or as inter-training data)")
-    if cfg.device not in ("cpu",) and not cfg.device.startswith("cuda"):
-        raise AdaptsoupError(f"unknown device {cfg.device!r}; use cpu or cuda")
-    if cfg.device.startswith("cuda"):
+    _validate_after_soups(cfg)
+    _validate_device(cfg.device)
+
+
+def _validate_inter(inter: InterTrainConfig) -> None:
+    from adaptsoup.pipeline.diversity import NOISE_STAGES, PARTITION_MODES
+    from adaptsoup.ssl.registry import SSL_LOSSES
+
+    unknown = [a for a in inter.ssl if a not in SSL_LOSSES]
+    if unknown or not inter.ssl:
+        raise AdaptsoupError(f"unknown self-supervised loss {', '.join(unknown) or '(none)'}; available: {', '.join(SSL_LOSSES)}")
+    if inter.noise_stage is not None and inter.noise_stage not in NOISE_STAGES:
+        raise AdaptsoupError(f"noise_stage must be one of {', '.join(NOISE_STAGES)}, got {inter.noise_stage!r}")
+    if any(float(m) < 0 for m in inter.noise_multipliers):
+        raise AdaptsoupError(f"noise multipliers must be >= 0, got {inter.noise_multipliers}")
+    if inter.partitions < 0 or inter.partition_mode not in PARTITION_MODES or inter.partition_loss not in ("mae", "supervised"):
+        raise AdaptsoupError("partitions must be >= 0, partition_mode range or random, partition_loss mae or supervised")
+    if inter.partitions and inter.partition_loss == "supervised" and inter.ssl != ["mae"]:
+        raise AdaptsoupError("supervised partition inter-training replaces the SSL loss: use it with ssl = ['mae'] (the default)")
+    if inter.mmcr.views < 2:
+        raise AdaptsoupError("MMCR needs at least 2 views per image")
+    if inter.data not in ("target", "source"):
+        raise AdaptsoupError(f"inter.data must be 'target' or 'source', got {inter.data!r}")
+    if any(not 0 <= float(r) < 1 for r in inter.mask_ratios):
+        raise AdaptsoupError(f"mask ratios must be in [0, 1), got {inter.mask_ratios}")
+
+
+def _validate_after_soups(cfg: AdaptConfig) -> None:
+    """The ``mix`` methods exist and have the labels they need; ``tta`` is a known method."""
+    from adaptsoup.soup.mixing import NEEDS, get_mixer
+    from adaptsoup.tta.stream import TTA_METHODS
+
+    for method in cfg.mix:
+        get_mixer(method)
+    needing = [m for m in cfg.mix if NEEDS.get(m) == "labels"]
+    if needing and not cfg.mix_labeled:
+        raise AdaptsoupError(f"mix {', '.join(needing)} needs a few labels: add --mix-labeled DIR (mix_labeled in a recipe)")
+    if cfg.tta is not None and cfg.tta not in TTA_METHODS:
+        raise AdaptsoupError(f"--tta must be one of {', '.join(TTA_METHODS)}, got {cfg.tta!r}")
+    if cfg.tta_batch_size < 1:
+        raise AdaptsoupError(f"tta_batch_size must be >= 1, got {cfg.tta_batch_size}")
+
+
+def _validate_device(device: str) -> None:
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise AdaptsoupError(f"unknown device {device!r}; use cpu or cuda")
+    if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():

@@ -15,7 +15,8 @@ from typing import Callable
 
 import torch
 
-from adaptsoup.pipeline.adapt import DEPLOYED, SOUP, SUPERVISED_SOUP, evaluate_checkpoints
+from adaptsoup.core.evaluation import evaluate_checkpoints
+from adaptsoup.core.run_dir import DEPLOYED, SOUP, SUPERVISED_SOUP
 from adaptsoup.core.checkpoint import read_checkpoint, save_checkpoint
 from adaptsoup.core.data import Preprocess, load_folder
 from adaptsoup.errors import AdaptsoupError

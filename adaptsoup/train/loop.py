@@ -1,4 +1,4 @@
-"""Training: one resumable loop (AdamW, warm-up + cosine) used by MAE inter-training and fine-tuning.
+"""Training: one resumable loop (AdamW, warm-up + cosine) used by inter-training and fine-tuning.
 
 A run is a pure function of its config and data: batch order comes from :func:`adaptsoup.core.data.epoch_order`,
 and the Python/PyTorch RNG states (augmentation, masking) are saved with the model and optimizer in the
@@ -7,7 +7,6 @@ resume file, so a run that is cut off and resumed ends exactly where an uninterr
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
@@ -16,14 +15,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from timm.optim import param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from adaptsoup.core.data import ImageSet, Preprocess, augment_batch, batch_indices, make_train_transform
-from adaptsoup.core.evaluation import run_model
 from adaptsoup.core.io import atomic_path
 from adaptsoup.core.progress import NullProgress
+from adaptsoup.train.losses import LossFn
+from adaptsoup.train.optim import make_optimizer, make_scheduler
 
 
 @dataclass
@@ -58,34 +56,11 @@ class TrainResult:
     images_per_s: float = 0.0
     resumed_from: int = 0
 
-
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
-def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no weight decay on biases, norms, tokens and position embeddings."""
-    no_decay = set()
-    if hasattr(module, "no_weight_decay"):
-        no_decay = set(module.no_weight_decay())
-    groups = param_groups_weight_decay(module, cfg.weight_decay, no_weight_decay_list=no_decay)
-    groups = [g for g in groups if g["params"]]
-    if not groups:
-        raise ValueError("nothing to train: every parameter is frozen")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> CosineLRScheduler:
-    """timm's cosine schedule in optimizer steps, with linear warm-up over ``warmup_frac`` of them."""
-    warmup = int(round(cfg.warmup_frac * cfg.steps))
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=max(1, cfg.steps - warmup),
-        lr_min=cfg.lr * cfg.min_lr_ratio,
-        warmup_t=warmup,
-        warmup_lr_init=cfg.lr * 1e-3,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
+    def record(self, cfg: TrainConfig) -> dict:
+        """The manifest's record of this run: its config, time, throughput and losses."""
+        return {"config": cfg.to_dict(), "wall_s": round(self.wall_s, 2), "images_per_s": round(self.images_per_s, 1),
+                "final_loss": self.losses[-1] if self.losses else None, "losses": [round(x, 5) for x in self.losses],
+                "resumed_from_step": self.resumed_from}
 
 
 def train(
@@ -108,17 +83,16 @@ def train(
     progress = progress or NullProgress()
     device = torch.device(cfg.device)
     module.to(device)
-    optimizer = make_optimizer(module, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
+    optimizer = make_optimizer(module, cfg.lr, cfg.weight_decay, cfg.betas)
+    scheduler = make_scheduler(optimizer, cfg.steps, cfg.lr, cfg.warmup_frac, cfg.min_lr_ratio)
     transform = make_train_transform(preprocess, cfg.augment, cfg.crop_scale)
-    labels = data.labels
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     start_step, losses, wall_before = 0, [], 0.0
     state_path = Path(state_path) if state_path else None
     if state_path is not None and state_path.is_file():
-        start_step, losses, wall_before = _load_state(state_path, module, optimizer)
+        start_step, losses, wall_before = load_train_state(state_path, module, optimizer)
     result = TrainResult(steps=cfg.steps, losses=losses, resumed_from=start_step)
     if start_step >= cfg.steps:
         return result
@@ -134,31 +108,22 @@ def train(
     for step in range(start_step, cfg.steps):
         idx = next(batches)
         scheduler.step_update(step)
-        if cfg.views > 1:
-            x = torch.stack([augment_batch(data.images[idx], preprocess, transform) for _ in range(cfg.views)]).to(device)
-        else:
-            x = augment_batch(data.images[idx], preprocess, transform).to(device, non_blocking=True)
-        y = labels[idx].to(device) if labels is not None else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = loss_fn(module, x, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{description}: loss became {loss.item()} at step {step}; lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
-        optimizer.step()
+        x, y = _batch(data, idx, preprocess, transform, cfg.views, device)
+        try:
+            loss = _optimizer_step(module, loss_fn, x, y, optimizer, cfg, device)
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"{description}: {exc} (step {step})") from None
         seen += len(idx)
-        window.append(float(loss.item()))
+        window.append(loss)
         if on_step is not None:
-            on_step(step, window[-1])
+            on_step(step, loss)
         if len(window) >= log_every or step == cfg.steps - 1:
             losses.append(sum(window) / len(window))
             window = []
         elapsed = time.perf_counter() - t0
-        progress.update(task, advance=1, info=f"loss {losses[-1] if losses else loss.item():.4f}  {seen / max(elapsed, 1e-9):.0f} img/s")
+        progress.update(task, advance=1, info=f"loss {losses[-1] if losses else loss:.4f}  {seen / max(elapsed, 1e-9):.0f} img/s")
         if state_path is not None and time.monotonic() - last_save > cfg.checkpoint_every_s and step + 1 < cfg.steps:
-            _save_state(state_path, step + 1, module, optimizer, losses, wall_before + time.perf_counter() - t0)
+            save_train_state(state_path, step + 1, module, optimizer, losses, wall_before + time.perf_counter() - t0)
             last_save = time.monotonic()
     elapsed = time.perf_counter() - t0
     result.images_per_s = seen / max(elapsed, 1e-9)
@@ -171,8 +136,38 @@ def train(
     return result
 
 
-def _save_state(path: Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, losses: list[float],
-                wall_s: float) -> None:
+def _batch(data: ImageSet, idx: torch.Tensor, preprocess: Preprocess, transform, views: int,
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The augmented images of ``idx`` (``[views, B, C, H, W]`` when ``views > 1``) and their labels, on ``device``."""
+    if views > 1:
+        x = torch.stack([augment_batch(data.images[idx], preprocess, transform) for _ in range(views)]).to(device)
+    else:
+        x = augment_batch(data.images[idx], preprocess, transform).to(device, non_blocking=True)
+    y = data.labels[idx].to(device) if data.labels is not None else None
+    return x, y
+
+
+def _optimizer_step(module: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor | None, optimizer: torch.optim.Optimizer,
+                    cfg: TrainConfig, device: torch.device) -> float:
+    """One step: loss (under bf16 autocast if asked), backward, gradient clipping, update; returns the loss."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        loss = loss_fn(module, x, y)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss.item()}; lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return float(loss.item())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The resume file: model, optimizer, RNG states, losses so far
+
+
+def save_train_state(path: Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, losses: list[float],
+                     wall_s: float) -> None:
     state = {
         "wall_s": wall_s,
         "step": step,
@@ -186,7 +181,8 @@ def _save_state(path: Path, step: int, module: nn.Module, optimizer: torch.optim
         torch.save(state, tmp)
 
 
-def _load_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[float], float]:
+def load_train_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[float], float]:
+    """Restore ``module``, ``optimizer`` and the RNG states; returns (next step, losses so far, wall time so far)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     module.load_state_dict(state["module"])
     optimizer.load_state_dict(state["optimizer"])
@@ -199,73 +195,3 @@ def _load_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer)
 def _python_rng_state():
     version, internal, gauss = random.getstate()
     return [version, list(internal), gauss]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Losses
-
-
-def classification_loss(label_smoothing: float = 0.1) -> LossFn:
-    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-
-    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        if y is None:
-            raise ValueError("fine-tuning needs labels")
-        return criterion(model(x).float(), y)
-
-    return loss_fn
-
-
-def mae_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-    loss, _, _ = module(x)
-    return loss
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Linear probe (the LP of LP-FT)
-
-
-@dataclass
-class LinearProbeConfig:
-    weight_decay: float = 1e-4
-    max_iter: int = 200
-    batch_size: int = 256
-    device: str = "cpu"
-    bf16: bool = False
-
-
-def fit_linear_probe(model: nn.Module, data: ImageSet, preprocess: Preprocess, cfg: LinearProbeConfig) -> dict[str, float]:
-    """Set ``model``'s head to the L2-regularised logistic-regression solution on frozen features.
-
-    Features are extracted once (no augmentation); the head is fit by full-batch L-BFGS, which converges to
-    the linear-probe optimum in seconds.  Returns the probe's training loss and accuracy.
-    """
-    if data.labels is None:
-        raise ValueError("the linear probe needs labels")
-    feats = run_model(model, data, preprocess, want_logits=False, want_features=True, batch_size=cfg.batch_size, device=cfg.device, bf16=cfg.bf16).features
-    feats = feats.double()
-    labels = data.labels
-    head = model.get_classifier()
-    num_classes = head.out_features
-    w = torch.zeros(num_classes, feats.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=cfg.max_iter, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(feats @ w.T + b, labels) + cfg.weight_decay * 0.5 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        head.weight.copy_(w.to(head.weight.dtype))
-        head.bias.copy_(b.to(head.bias.dtype))
-        logits = feats @ w.T + b
-        loss = float(nn.functional.cross_entropy(logits, labels))
-        acc = float((logits.argmax(1) == labels).double().mean() * 100)
-    return {"train_loss": loss, "train_acc": acc, "feature_dim": int(feats.shape[1])}
-
-
-def steps_for_epochs(epochs: float, num_images: int, batch_size: int) -> int:
-    return max(1, int(math.ceil(epochs * num_images / max(1, min(batch_size, num_images)))))

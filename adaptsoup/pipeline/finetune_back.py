@@ -1,0 +1,94 @@
+"""Stage 2, fine-tuning back: each ingredient of the plan is its inter-trained encoder (or, for vanilla
+ingredients, the stock) fine-tuned on the labeled source with LP-FT, written as ``ingredients/<name>.safetensors``.
+Without fine-tuning back, the inter-trained encoders themselves are the ingredients.  Existing ingredients
+are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from adaptsoup.core.checkpoint import save_checkpoint
+from adaptsoup.core.models import load_model, model_meta
+from adaptsoup.pipeline.context import RunContext
+from adaptsoup.pipeline.plan import Ingredient, Plan, start_checkpoint
+from adaptsoup.train.loop import TrainConfig
+from adaptsoup.train.lpft import LinearProbeConfig, linear_probe_then_finetune
+from adaptsoup.train.optim import steps_for_epochs
+
+
+def finetune_back(ctx: RunContext, plan: Plan) -> None:
+    """Make every ingredient that does not exist yet; record each in the manifest's ``ingredients``."""
+    with ctx.timed("fine_tune", accumulate=True):
+        task = ctx.progress.add_task("ingredients", total=len(plan.ingredients))
+        for done, ing in enumerate(plan.ingredients, start=1):
+            if not ctx.run_dir.ingredient(ing.name).is_file():
+                if ing.finetune is None:
+                    keep_encoder(ctx, ing)
+                else:
+                    finetune_one(ctx, ing)
+            ctx.progress.update(task, completed=done)
+        ctx.progress.remove_task(task)
+
+
+def keep_encoder(ctx: RunContext, ing: Ingredient) -> None:
+    """A label-free ingredient: the inter-trained encoder as it is (noisy at ``before_finetune``/``before_mix``)."""
+    start = start_checkpoint(ctx.cfg, ctx.run_dir, ing.inter)
+    model = load_model(start.arch, start.path)
+    if ctx.cfg.inter.noise_stage in ("before_finetune", "before_mix"):
+        ctx.add_noise(model, ing.inter.noise, ing.name)
+    out = ctx.run_dir.ingredient(ing.name)
+    save_checkpoint(out, model.state_dict(), model_meta(model, made_by="adaptsoup adapt", stage="inter-train only", kind="ssl-only",
+                                                          parents=[str(start.path)], inter=dataclasses.asdict(ing.inter)))
+    ctx.manifest.update("ingredients", ing.name, {"kind": "ssl-only", "inter": ing.inter.name, "finetune": None,
+                                                  "path": ctx.run_dir.relative(out), "status": "done"})
+
+
+def finetune_one(ctx: RunContext, ing: Ingredient) -> None:
+    """LP-FT of one ingredient on the source, resumable from its state file."""
+    cfg, ft = ctx.cfg, ctx.cfg.finetune
+    noise_stage = cfg.inter.noise_stage
+    start = start_checkpoint(cfg, ctx.run_dir, ing.inter)
+    model = load_model(start.arch, start.path)
+    if noise_stage == "before_finetune" and ing.inter is not None:
+        ctx.add_noise(model, ing.inter.noise, ing.inter.name)  # one seed per parent: its N fine-tunings share the noisy encoder
+    source = ctx.inputs.source
+    tcfg = TrainConfig(
+        steps=ft.steps or steps_for_epochs(ft.epochs, len(source), ft.batch_size), lr=ing.finetune.lr, batch_size=ft.batch_size,
+        weight_decay=ft.weight_decay, warmup_frac=ft.warmup_frac, augment=ft.augment, seed=_finetune_seed(ing),
+        bf16=cfg.bf16, device=cfg.device, checkpoint_every_s=cfg.checkpoint_every_s,
+    )
+    parent = ing.inter.name if ing.inter else "stock"
+    ctx.log(f"fine-tune {ing.name}: LP-FT on source, lr {ing.finetune.lr:g}, {tcfg.steps} steps")
+    probe, result = linear_probe_then_finetune(
+        model, source, ctx.inputs.preprocess, LinearProbeConfig(weight_decay=ft.probe_weight_decay, device=cfg.device, bf16=cfg.bf16), tcfg,
+        label_smoothing=ft.label_smoothing, probe_cache=ctx.run_dir.probe(parent), state_path=ctx.run_dir.state(ing.name),
+        progress=ctx.progress, description=f"fine-tune {ing.name}", on_step=ctx.step_hook(ing.name),
+        on_probe=lambda p: ctx.log(f"linear probe on {parent}: train accuracy {p['train_acc']:.1f}% ({p['wall_s']:.0f}s)"),
+    )
+    model.cpu()
+    if noise_stage == "before_mix" and ing.inter is not None:
+        ctx.add_noise(model, ing.inter.noise, ing.name)
+    _save_ingredient(ctx, ing, model, start.path, {
+        "linear_probe": probe, "train": result.record(tcfg),
+        "noise": {"stage": noise_stage, "multiplier": ing.inter.noise} if (noise_stage and ing.inter) else None,
+    })
+
+
+def _finetune_seed(ing: Ingredient) -> int:
+    """The fine-tuning's seed, offset by its parent inter-training run's (vanilla ingredients: not offset)."""
+    return ing.finetune.seed + (1000 * (ing.inter.seed + 1) if ing.inter else 0)
+
+
+def _save_ingredient(ctx: RunContext, ing: Ingredient, model: nn.Module, parent, record: dict) -> None:
+    out = ctx.run_dir.ingredient(ing.name)
+    meta = model_meta(model, made_by="adaptsoup adapt", stage="fine-tune", kind=ing.kind, parents=[str(parent)],
+                      finetune=dataclasses.asdict(ing.finetune), inter=dataclasses.asdict(ing.inter) if ing.inter else None)
+    save_checkpoint(out, model.state_dict(), meta)
+    ctx.manifest.update("ingredients", ing.name, {
+        "kind": ing.kind, "inter": ing.inter.name if ing.inter else None, "finetune": dataclasses.asdict(ing.finetune),
+        "linear_probe": record["linear_probe"], "train": record["train"], "path": ctx.run_dir.relative(out), "status": "done",
+        "noise": record["noise"],
+    })
