@@ -151,7 +151,7 @@ def adapt(
     eval_dirs: Optional[List[Path]] = typer.Option(None, "--eval", help="Labeled folder to report top-1 on (repeatable)."),
     vanilla: Optional[int] = typer.Option(None, help="Also fine-tune the stock this many times without inter-training (supervised soup)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Recipe file (.toml or .yaml); flags override it."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory with its recorded recipe."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory with its recorded recipe (only --mix/--tta settings may change)."),
     ssl: Optional[str] = typer.Option(None, "--ssl", help="Self-supervised losses, comma-separated: mae, mocov3, mmcr (per-algorithm grids in --config)."),
     inter_lrs: Optional[str] = typer.Option(None, help="Inter-training learning rates, comma-separated (grid axis)."),
     mask_ratios: Optional[str] = typer.Option(None, help="MAE mask ratios (grid axis)."),
@@ -172,94 +172,52 @@ def adapt(
     seed: Optional[int] = typer.Option(None, help="Seed of data subsets and decoder warm-up."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="Train under bf16 autocast."),
-    tta_method: Optional[str] = typer.Option(None, "--tta", help="Stack test-time adaptation (sar or tent) on the soup over the target."),
-    tta_batch_size: int = typer.Option(64, "--tta-batch-size", min=1, help="With --tta: images per adaptation step."),
+    tta_method: Optional[str] = typer.Option(None, "--tta", help="Stack test-time adaptation (sar or tent) over the target on the soup: the last --mix soup, else the uniform one."),
+    tta_batch_size: Optional[int] = typer.Option(None, "--tta-batch-size", min=1, help="With --tta: images per adaptation step (default 64)."),
     tta_base_lr: Optional[float] = typer.Option(None, "--tta-base-lr", help="With --tta: learning rate per 64 images (default: SAR 1e-3, Tent 2.5e-4, their references)."),
-    mix_methods: Optional[List[str]] = typer.Option(None, "--mix", help="Also mix with this method at the end (repeatable)."),
+    mix_methods: Optional[List[str]] = typer.Option(None, "--mix", help="Also mix with this method at the end (repeatable; replaces the recipe's mix)."),
     mix_labeled: Optional[Path] = typer.Option(None, help="Few-label folder for --mix season/greedy/best."),
     finetune_back: Optional[bool] = typer.Option(None, "--finetune/--no-finetune", help="Fine-tune back on --source (default), or keep the inter-trained encoders as label-free ingredients."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Inter-train the stock with MAE on unlabeled target images, fine-tune back on source, and mix a soup."""
-    import time as _time
-
-    from adaptsoup.pipeline.adapt import run_adapt
     from adaptsoup.core.progress import progress_bars
-    from adaptsoup.pipeline.recipe import AdaptConfig, load_recipe_file, merge
+    from adaptsoup.pipeline.job import AdaptRequest, run_adapt_job
 
-    if resume is not None:
-        manifest = resume / "manifest.json"
-        if not manifest.is_file():
-            fail(f"--resume {resume}: no manifest.json there (not an adapt run directory)")
-        import json
-
-        raw = json.loads(manifest.read_text())["config"]
-        given = [n for n, v in (("--model", model), ("--target", target), ("--source", source), ("--config", config)) if v is not None]
-        if given:
-            fail(f"--resume takes the recipe recorded in {manifest}; do not also pass {', '.join(given)}")
-        cfg = AdaptConfig.from_dict(raw)
-    else:
-        raw = load_recipe_file(config) if config else {}
-        flags = {
-            "model": str(model) if model else None, "target": str(target) if target else None,
-            "source": str(source) if source else None, "out": str(out_dir) if out_dir else None,
-            "stock": str(stock) if stock else None, "arch": arch,
-            "evals": [str(e) for e in eval_dirs] if eval_dirs else None, "vanilla": vanilla,
-            "max_source_images": max_source_images, "max_target_images": max_target_images, "seed": seed,
-            "device": device, "bf16": bf16, "finetune_back": finetune_back,
-            "inter": {
-                "ssl": [a.strip() for a in ssl.split(",") if a.strip()] if ssl else None,
-                "lrs": _floats(inter_lrs, "--inter-lrs"), "mask_ratios": _floats(mask_ratios, "--mask-ratios"),
-                "decoder_depths": _ints(decoder_depths, "--decoder-depths"), "steps": _ints(inter_steps, "--inter-steps"),
-                "seeds": _ints(inter_seeds, "--inter-seeds"), "epochs": inter_epochs, "augment": inter_augment,
-                "decoder_warmup_steps": decoder_warmup_steps, "batch_size": batch_size,
-            },
-            "finetune": {
-                "lrs": _floats(ft_lrs, "--ft-lrs"), "seeds": _ints(ft_seeds, "--ft-seeds"), "epochs": ft_epochs,
-                "steps": ft_steps, "augment": ft_augment, "batch_size": batch_size,
-            },
-        }
-        cfg = AdaptConfig.from_dict(merge(raw, flags))
-        missing = [f"--{n}" for n in ("model", "target", "source") if not getattr(cfg, n) and (n != "source" or cfg.finetune_back)]
-        if missing:
-            fail(f"missing {', '.join(missing)} (or give them in --config)")
-        if not cfg.out:
-            cfg.out = str(Path("runs") / _time.strftime("adapt-%Y%m%d-%H%M%S"))
-        if (Path(cfg.out) / "manifest.json").is_file():
-            fail(f"{cfg.out} already holds a run: use --resume {cfg.out} to continue it, or another --out")
-    if tta_method is not None and tta_method not in ("sar", "tent"):
-        fail(f"--tta must be sar or tent, got {tta_method!r}")
-    if mix_methods:
-        from adaptsoup.soup.mixing import NEEDS, get_mixer
-
-        for method in mix_methods:
-            get_mixer(method)
-        needing = [m for m in mix_methods if NEEDS.get(m) == "labels"]
-        if needing and mix_labeled is None:
-            fail(f"--mix {', '.join(needing)} needs a few labels: add --mix-labeled DIR")
+    settings = {
+        "model": _path(model), "target": _path(target), "source": _path(source), "out": _path(out_dir), "stock": _path(stock),
+        "arch": arch, "evals": [str(e) for e in eval_dirs] if eval_dirs else None, "vanilla": vanilla,
+        "max_source_images": max_source_images, "max_target_images": max_target_images, "seed": seed,
+        "device": device, "bf16": bf16, "finetune_back": finetune_back,
+        "mix": list(mix_methods) if mix_methods else None, "mix_labeled": _path(mix_labeled),
+        "tta": tta_method, "tta_batch_size": tta_batch_size, "tta_base_lr": tta_base_lr,
+        "inter": {
+            "ssl": [a.strip() for a in ssl.split(",") if a.strip()] if ssl else None,
+            "lrs": _floats(inter_lrs, "--inter-lrs"), "mask_ratios": _floats(mask_ratios, "--mask-ratios"),
+            "decoder_depths": _ints(decoder_depths, "--decoder-depths"), "steps": _ints(inter_steps, "--inter-steps"),
+            "seeds": _ints(inter_seeds, "--inter-seeds"), "epochs": inter_epochs, "augment": inter_augment,
+            "decoder_warmup_steps": decoder_warmup_steps, "batch_size": batch_size,
+        },
+        "finetune": {
+            "lrs": _floats(ft_lrs, "--ft-lrs"), "seeds": _ints(ft_seeds, "--ft-seeds"), "epochs": ft_epochs,
+            "steps": ft_steps, "augment": ft_augment, "batch_size": batch_size,
+        },
+    }
+    request = AdaptRequest(settings=settings, recipe_file=config, resume=resume, command="adaptsoup " + " ".join(sys.argv[1:]))
     with progress_bars(progress) as bars:
-        result = run_adapt(cfg, progress=bars, echo=log_line,
-                           command="adaptsoup " + " ".join(sys.argv[1:]))
+        result = run_adapt_job(request, progress=bars, echo=log_line)
     print_metrics(result.metrics)
-    if mix_methods:
-        from adaptsoup.soup.mixing import MixOptions
-        from adaptsoup.soup.run import MixRequest, mix_run
-
-        with progress_bars(progress) as bars:
-            mixes = mix_run(MixRequest(run_dir=result.run_dir, methods=list(mix_methods), labeled=str(mix_labeled) if mix_labeled else None,
-                                       options=MixOptions(device=cfg.device, bf16=cfg.bf16)),
-                            progress=bars, log=log_line)
-        print_mixes({m: mixes[m] for m in mix_methods})
-    if tta_method:
-        from adaptsoup.tta.stream import TTAConfig, tta_run_dir
-
-        with progress_bars(progress) as bars:
-            summary = tta_run_dir(str(result.soup_path), str(result.run_dir / "tta"), TTAConfig(method=tta_method, batch_size=tta_batch_size, base_lr=tta_base_lr, device=cfg.device),
-                                  target=cfg.target, progress=bars,
-                                  log=log_line)
-        out.print(f"{tta_method} on the soup: {result.run_dir / 'tta' / 'adapted.safetensors'} ({summary['resets']} reset(s))")
+    if result.mixes:
+        print_mixes(result.mixes)
+    if result.tta:
+        tta = result.tta
+        out.print(f"{tta['method']} on the {tta['soup']} soup: {result.run_dir / tta['adapted']} ({tta['resets']} reset(s))")
     out.print(f"soup: {result.soup_path}")
     out.print(f"manifest: {result.manifest_path}")
+
+
+def _path(value: Optional[Path]) -> Optional[str]:
+    return str(value) if value is not None else None
 
 
 @app.command()
