@@ -85,10 +85,12 @@ def open_run(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | N
     manifest.data.setdefault("ingredients", {})
     manifest.save()
     deployed = require_vit(load_model(cfg.arch, cfg.model), "adapt")
-    ctx = RunContext(cfg, run_dir, manifest, log, deployed, inputs=None, progress=progress, on_step=on_step, started=started)
-    with ctx.timed("load_data"):
-        ctx.inputs = load_inputs(cfg, Preprocess.for_model(deployed), class_names(deployed), progress)
-        manifest.data["data"] = ctx.inputs.records()
+    t0 = time.perf_counter()
+    inputs = load_inputs(cfg, Preprocess.for_model(deployed), class_names(deployed), progress)
+    manifest.data["data"] = inputs.records()
+    manifest.data["timings_s"]["load_data"] = time.perf_counter() - t0
+    manifest.save()
+    ctx = RunContext(cfg, run_dir, manifest, log, deployed, inputs, progress=progress, on_step=on_step, started=started)
     for line in ctx.inputs.skipped_lines():
         log(line)
     source = ctx.inputs.source

@@ -1,2 +1,2 @@
-"""Self-supervised inter-training losses (no labels): MAE, MoCo v3, MMCR.
+"""Self-supervised inter-training losses (no labels): MAE, MoCo v3, MMCR, and their registry by name.
 """

@@ -1,2 +1,2 @@
-"""The resumable training loop, and LP-FT's linear probe.
+"""Training: the resumable loop, its optimiser and schedule, the loss functions, and LP-FT.
 """
