@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from torch import nn
-
 from adaptsoup.core.checkpoint import save_checkpoint
 from adaptsoup.core.models import load_model, model_meta
 from adaptsoup.pipeline.context import RunContext
@@ -71,8 +69,13 @@ def finetune_one(ctx: RunContext, ing: Ingredient) -> None:
     model.cpu()
     if noise_stage == "before_mix" and ing.inter is not None:
         ctx.add_noise(model, ing.inter.noise, ing.name)
-    _save_ingredient(ctx, ing, model, start.path, {
-        "linear_probe": probe, "train": result.record(tcfg),
+    out = ctx.run_dir.ingredient(ing.name)
+    meta = model_meta(model, made_by="adaptsoup adapt", stage="fine-tune", kind=ing.kind, parents=[str(start.path)],
+                      finetune=dataclasses.asdict(ing.finetune), inter=dataclasses.asdict(ing.inter) if ing.inter else None)
+    save_checkpoint(out, model.state_dict(), meta)
+    ctx.manifest.update("ingredients", ing.name, {
+        "kind": ing.kind, "inter": ing.inter.name if ing.inter else None, "finetune": dataclasses.asdict(ing.finetune),
+        "linear_probe": probe, "train": result.record(tcfg), "path": ctx.run_dir.relative(out), "status": "done",
         "noise": {"stage": noise_stage, "multiplier": ing.inter.noise} if (noise_stage and ing.inter) else None,
     })
 
@@ -80,15 +83,3 @@ def finetune_one(ctx: RunContext, ing: Ingredient) -> None:
 def _finetune_seed(ing: Ingredient) -> int:
     """The fine-tuning's seed, offset by its parent inter-training run's (vanilla ingredients: not offset)."""
     return ing.finetune.seed + (1000 * (ing.inter.seed + 1) if ing.inter else 0)
-
-
-def _save_ingredient(ctx: RunContext, ing: Ingredient, model: nn.Module, parent, record: dict) -> None:
-    out = ctx.run_dir.ingredient(ing.name)
-    meta = model_meta(model, made_by="adaptsoup adapt", stage="fine-tune", kind=ing.kind, parents=[str(parent)],
-                      finetune=dataclasses.asdict(ing.finetune), inter=dataclasses.asdict(ing.inter) if ing.inter else None)
-    save_checkpoint(out, model.state_dict(), meta)
-    ctx.manifest.update("ingredients", ing.name, {
-        "kind": ing.kind, "inter": ing.inter.name if ing.inter else None, "finetune": dataclasses.asdict(ing.finetune),
-        "linear_probe": record["linear_probe"], "train": record["train"], "path": ctx.run_dir.relative(out), "status": "done",
-        "noise": record["noise"],
-    })
