@@ -230,11 +230,9 @@ def adapt(
     if tta_method is not None and tta_method not in ("sar", "tent"):
         fail(f"--tta must be sar or tent, got {tta_method!r}")
     if mix_methods:
-        from adaptsoup.soup.mixing import NEEDS, get_mixer
+        from adaptsoup.soup import methods as mixing_methods
 
-        for method in mix_methods:
-            get_mixer(method)
-        needing = [m for m in mix_methods if NEEDS.get(m) == "labels"]
+        needing = [m for m in mix_methods if mixing_methods.get(m).needs == "labels"]
         if needing and mix_labeled is None:
             fail(f"--mix {', '.join(needing)} needs a few labels: add --mix-labeled DIR")
     with progress_bars(progress) as bars:
@@ -242,12 +240,11 @@ def adapt(
                            command="adaptsoup " + " ".join(sys.argv[1:]))
     print_metrics(result.metrics)
     if mix_methods:
-        from adaptsoup.soup.mixing import MixOptions
         from adaptsoup.soup.run import MixRequest, mix_run
 
         with progress_bars(progress) as bars:
             mixes = mix_run(MixRequest(run_dir=result.run_dir, methods=list(mix_methods), labeled=str(mix_labeled) if mix_labeled else None,
-                                       options=MixOptions(device=cfg.device, bf16=cfg.bf16)),
+                                       options=mix_options(mix_methods, {"bf16": cfg.bf16}), device=cfg.device),
                             progress=bars, log=log_line)
         print_mixes({m: mixes[m] for m in mix_methods})
     if tta_method:
@@ -290,20 +287,26 @@ def mix(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Mix a run's ingredients: Self-Seasoning without labels, seasoning/greedy/best with a few, Model Stock."""
-    from adaptsoup.soup.mixing import MixOptions
     from adaptsoup.soup.run import MixRequest, mix_run
     from adaptsoup.core.progress import progress_bars
 
     if score not in ("auto", "classifier", "knn"):
         fail(f"--score must be auto, classifier or knn, got {score!r}")
-    options = MixOptions(epochs=epochs, subset=subset, batch_size=batch_size, lr=lr, min_lr=min_lr, k=k, temperature=temperature,
-                         center=center, samples=samples, split=split, seed=seed, greedy_tie=greedy_tie, score=score, include_stock=include_stock, bf16=bf16, device=device)
+    flags = {"epochs": epochs, "subset": subset, "batch_size": batch_size, "lr": lr, "min_lr": min_lr, "k": k, "temperature": temperature,
+             "center": center, "samples": samples, "split": split, "seed": seed, "tie": greedy_tie, "score": score, "bf16": bf16}
     req = MixRequest(run_dir=run_dir, methods=list(methods), target=str(target) if target else None,
                      labeled=str(labeled) if labeled else None, evals=[str(e) for e in eval_dirs] if eval_dirs else None,
-                     ingredients=ingredients, options=options, save_as=save_as)
+                     ingredients=ingredients, options=mix_options(methods, flags), include_stock=include_stock, device=device, save_as=save_as)
     with progress_bars(progress) as bars:
         mixes = mix_run(req, progress=bars, log=log_line)
     print_mixes({key: mixes[key] for _, key in req.keys()})
+
+
+def mix_options(method_names: List[str], flags: dict) -> dict:
+    """Each selected mixing method's options dataclass, filled from the flat ``mix`` flags it has a field for."""
+    from adaptsoup.soup import methods as mixing_methods
+
+    return {name: mixing_methods.get(name).options_from(flags) for name in dict.fromkeys(method_names)}
 
 
 def print_mixes(mixes: dict) -> None:

@@ -33,7 +33,7 @@ from adaptsoup.ssl.mae import DecoderConfig, MaskedAutoencoder
 from adaptsoup.pipeline.noise import add_parameter_noise, class_partitions, indices_of_classes, name_seed, tensor_stds
 from adaptsoup.ssl.contrastive import MMCR, MoCoV3, multiview_loss
 from adaptsoup.core.manifest import Manifest, environment
-from adaptsoup.soup.mixing import stream_weighted_average
+from adaptsoup.soup.average import stream_weighted_average
 from adaptsoup.core.models import class_names, load_model, model_meta, require_vit
 from adaptsoup.core.progress import NullProgress
 from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneRun, InterRun, finetune_runs, inter_runs, validate
