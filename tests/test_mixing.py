@@ -292,3 +292,19 @@ def test_interpolation_ends_are_the_ingredients(small_run):
     assert res["accuracy"][0] == pytest.approx(scores["mae00-ft00"])
     assert res["accuracy"][-1] == pytest.approx(scores["mae01-ft01"])
     assert (run / "interpolate_mae00-ft00_mae01-ft01.png").is_file()
+
+
+def test_the_mix_command_gives_each_method_the_flags_it_takes(small_run, capsys):
+    from adaptsoup_cli.main import main, mix_options
+
+    options = mix_options(["greedy", "self-season", "uniform"], {"tie": "keep", "epochs": 3, "k": 7, "samples": 9})
+    assert (options["greedy"].tie, options["greedy"].k) == ("keep", 7)
+    assert (options["self-season"].epochs, options["self-season"].k) == (3, 7)
+    assert set(options) == {"greedy", "self-season", "uniform"}
+    run = small_run / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["mix", str(run), "--method", "greedy", "--as", "greedy-keep", "--greedy-tie", "keep", "--k", "3",
+              "--labeled", str(small_run / "labeled"), "--eval", str(small_run / "labeled"), "--no-progress"])
+    assert exit_info.value.code in (None, 0), capsys.readouterr()
+    record = json.loads((run / "manifest.json").read_text())["mixes"]["greedy-keep"]
+    assert record["options"] == {"score": "auto", "k": 3, "split": 0.5, "seed": 0, "tie": "keep"}

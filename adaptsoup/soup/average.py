@@ -25,11 +25,13 @@ def stream_weighted_average(paths: Sequence[str | os.PathLike], weights: Weights
 
     Returns the averaged state dict (in each tensor's original dtype) and the first ingredient's metadata.
 
-    Memory, measured for float32 ingredients: the peak RSS rises by about 4.0 times one ingredient's size
-    (the float64 sums are 2, the file being read 1, and reading it costs 1 more while the file is
-    mapped), whatever the number of ingredients.  Measured by ``python -m adaptsoup_bench.soup_memory``
-    (4 ingredients of 100 MB each, :class:`~adaptsoup.core.resources.PeakMemory`); it was 5.25 when the
-    first ingredient's whole state dict was kept beside the sums.
+    Memory, in units of one float32 ingredient's state dict: the float64 sums are 2 units and the file
+    being read (memory-mapped, paged in as it is summed) 1 more, whatever the number of ingredients.
+    Measured: the peak RSS rose by 3.2 to 4.2 units over repeated runs (the extra unit, when it comes, is
+    freed temporaries the allocator keeps), against 5.25 to 5.5 when the first ingredient's whole state
+    dict was kept beside the sums and each tensor was copied to float64 before adding.  Command:
+    ``python -m adaptsoup_bench.soup_memory`` (4 ingredients of 100 MB each, one fresh process per
+    measurement, :class:`~adaptsoup.core.resources.PeakMemory`).
     """
     if not paths:
         raise SoupError("no ingredients to mix")

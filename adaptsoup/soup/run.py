@@ -198,14 +198,14 @@ def plot_coefficients(mixes: dict, out: Path) -> Path | None:
     from adaptsoup.core.io import atomic_path
 
     ingredients = sorted({n for c in with_coeffs.values() for n in c})
-    methods = sorted(with_coeffs)
-    grid = torch.tensor([[with_coeffs[m].get(n, 0.0) for m in methods] for n in ingredients])
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(methods), 1.0 + 0.35 * len(ingredients)))
+    columns = sorted(with_coeffs)
+    grid = torch.tensor([[with_coeffs[m].get(n, 0.0) for m in columns] for n in ingredients])
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(columns), 1.0 + 0.35 * len(ingredients)))
     im = ax.imshow(grid.numpy(), cmap="viridis", vmin=0.0, vmax=max(1e-9, float(grid.max())), aspect="auto")
-    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
     ax.set_yticks(range(len(ingredients)), ingredients)
     for i in range(len(ingredients)):
-        for j in range(len(methods)):
+        for j in range(len(columns)):
             ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w" if grid[i, j] < grid.max() / 2 else "k", fontsize=7)
     fig.colorbar(im, ax=ax, label="coefficient")
     ax.set_title("mixture coefficients")
@@ -242,22 +242,29 @@ def interpolate(run_dir: Path, a: str, b: str, steps: int, eval_dir: str, *, pro
         accs.append(top1(run_model(model, images, pre).logits, images.labels))
     result = {"a": a, "b": b, "eval": str(eval_dir), "lambda": lambdas, "accuracy": accs}
     stem = f"interpolate_{a}_{b}"
-    from adaptsoup.core.io import atomic_path, write_json_atomic
+    from adaptsoup.core.io import write_json_atomic
 
     write_json_atomic(run_dir / f"{stem}.json", result)
+    result["png"] = str(plot_interpolation(result, run_dir / f"{stem}.png"))
+    return result
+
+
+def plot_interpolation(result: dict, out: Path) -> Path:
+    """Accuracy against λ, as :func:`interpolate` measured it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from adaptsoup.core.io import atomic_path
+
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(lambdas, accs, marker="o")
-    ax.set_xlabel(f"λ  (0 = {a}, 1 = {b})")
-    ax.set_ylabel(f"top-1 on {Path(eval_dir).name} (%)")
+    ax.plot(result["lambda"], result["accuracy"], marker="o")
+    ax.set_xlabel(f"λ  (0 = {result['a']}, 1 = {result['b']})")
+    ax.set_ylabel(f"top-1 on {Path(result['eval']).name} (%)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(run_dir / f"{stem}.png") as tmp:
+    with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    result["png"] = str(run_dir / f"{stem}.png")
-    return result
+    return out

@@ -36,9 +36,10 @@ class StackedIngredients:
     """The float tensors of M ingredients stacked once as ``[M, *shape]``; ``mix(α)`` gives Σ α_i θ_i.
 
     Each ingredient file is copied into its slot of the preallocated stack and freed before the next is
-    read.  Memory, measured by ``python -m adaptsoup_bench.soup_memory`` (4 float32 ingredients of 100 MB):
-    the stack is M units and loading it raises the peak RSS by about M + 1 units (5.1 for M = 4); it was
-    8.1 when the ingredients were gathered in lists and then stacked (two copies of the stack).
+    read.  Memory, in units of one ingredient: the stack is M, the file being read 1 more.  Measured by
+    ``python -m adaptsoup_bench.soup_memory`` (4 float32 ingredients of 100 MB): loading raises the peak
+    RSS by 5.1 units (M + 1); it was 8.1 when the ingredients were gathered in lists and then stacked
+    (two copies of the stack, plus the first ingredient kept for the compatibility checks).
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
