@@ -23,7 +23,7 @@ from adaptsoup.core.manifest import Manifest
 from adaptsoup.core.models import class_names, load_model, model_meta
 from adaptsoup.core.progress import NullProgress
 from adaptsoup.core.resources import PeakMemory
-from adaptsoup.soup import methods
+from adaptsoup.soup import methods as mixing_methods
 from adaptsoup.soup.average import weighted_average
 from adaptsoup.soup.registry import MixContext
 
@@ -49,12 +49,12 @@ class MixRequest:
         return [(self.methods[0], self.save_as)] if self.save_as else [(m, m) for m in self.methods]
 
     def options_for(self, method: str) -> Any:
-        return self.options.get(method) or methods.get(method).default_options()
+        return self.options.get(method) or mixing_methods.get(method).default_options()
 
     def check(self) -> None:
         """Unknown methods, options for a method not requested, and a bad ``save_as`` fail before any work."""
         for method in self.methods:
-            methods.get(method)
+            mixing_methods.get(method)
         stray = sorted(set(self.options) - set(self.methods))
         if stray:
             raise AdaptsoupError(f"options given for {', '.join(stray)}, which is not among the methods to run")
@@ -65,7 +65,7 @@ class MixRequest:
 
     def needing(self, data: str) -> list[str]:
         """The requested methods that need ``data`` ("target" or "labels")."""
-        return [m for m in self.methods if methods.get(m).needs == data]
+        return [m for m in self.methods if mixing_methods.get(m).needs == data]
 
 
 def load_run(run_dir: Path) -> Manifest:
@@ -147,7 +147,7 @@ def mix_one(method: str, key: str, options: Any, context: MixContext, meta, run_
     """Run one method, write ``soups/<key>.safetensors`` and return its manifest record."""
     t0 = time.perf_counter()
     with PeakMemory() as memory:
-        result = methods.get(method)(context, options)
+        result = mixing_methods.get(method)(context, options)
     wall = time.perf_counter() - t0
     out = run_dir / "soups" / f"{key}.safetensors"
     provenance = {"made_by": "adaptsoup mix", "stage": "soup", "method": method, "saved_as": key, "parents": context.names,
