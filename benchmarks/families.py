@@ -31,11 +31,13 @@ from adaptsoup.core.data import load_folder
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.core.io import atomic_path, write_json_atomic, write_text_atomic
 from adaptsoup.core.manifest import environment, provenance_lines, source_state
-from adaptsoup.soup.mixing import MixContext, MixOptions, get_mixer, stream_weighted_average
+from adaptsoup.soup import methods
+from adaptsoup.soup.average import stream_weighted_average
+from adaptsoup.soup.registry import MixContext
 from adaptsoup.core.progress import NullProgress
 from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid
 from adaptsoup.core.resources import PeakMemory
-from adaptsoup.soup.seasoning_methods import self_season_summary
+from adaptsoup.soup.methods.self_season import SelfSeasonOptions, self_season_summary
 
 FAMILIES = ("mae", "mocov3", "mmcr", "noisy", "partition")
 
@@ -127,15 +129,14 @@ def run_families(cfg: FamiliesConfig, *, command: str = "", progress=None, log: 
     timings["mix_all_uniform"] = time.perf_counter() - t0
     target = load_folder(data.target, data.preprocess, progress=progress, description="decode target")
     t0 = time.perf_counter()
-    options = MixOptions(epochs=b.self_season_epochs, subset=b.self_season_subset, seed=b.seed, bf16=b.bf16, device=b.device)
+    options = SelfSeasonOptions(epochs=b.self_season_epochs, subset=b.self_season_subset, seed=b.seed, bf16=b.bf16)
+    context = MixContext(paths=paths, names=names, stock_path=data.stock, target=target, device=b.device, progress=progress, log=log)
     with PeakMemory() as memory:
-        seasoned = get_mixer("self-season")(MixContext(paths=paths, names=names, stock_path=data.stock, target=target,
-                                                       options=options, progress=progress, log=log))
+        seasoned = methods.get("self-season")(context, options)
     all_seasoned = save_checkpoint(work / "all_self_seasoned.safetensors", seasoned.state_dict, soup_meta("self-season", seasoned.coefficients))
     timings["mix_all_self_season"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    centered = get_mixer("self-season")(MixContext(paths=paths, names=names, stock_path=data.stock, target=target,
-                                                   options=dataclasses.replace(options, center=True), progress=progress, log=log))
+    centered = methods.get("self-season")(context, dataclasses.replace(options, center=True))
     all_centered = save_checkpoint(work / "all_self_seasoned_centered.safetensors", centered.state_dict,
                                    soup_meta("self-season --center", centered.coefficients))
     timings["mix_all_self_season_centered"] = time.perf_counter() - t0

@@ -30,12 +30,14 @@ from adaptsoup.core.evaluation import run_model
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.core.io import atomic_path, write_json_atomic, write_text_atomic
 from adaptsoup.core.manifest import config_tag, environment, file_digest, provenance_lines, source_state
-from adaptsoup.soup.mixing import MixOptions
 from adaptsoup.soup.run import MixRequest, mix_run
 from adaptsoup.core.models import load_model
 from adaptsoup.core.progress import NullProgress
 from adaptsoup.pipeline.recipe import AdaptConfig, InterTrainConfig, MMCRGrid, MoCoV3Grid, with_overrides
-from adaptsoup.soup.seasoning import knn_predict
+from adaptsoup.soup.knn import knn_predict
+from adaptsoup.soup.methods.best import BestOptions
+from adaptsoup.soup.methods.season import SeasonOptions
+from adaptsoup.soup.methods.self_season import SelfSeasonOptions
 
 METHODS = ("uniform", "best", "season", "self-season", "self-season-centered")
 CENTERED = "self-season-centered"  # Self-Seasoning on batch-centred embeddings (mix --center), beside the paper's
@@ -115,12 +117,13 @@ def run_label_free(stock: str, decoder: str | None, tasks: dict[str, Task | tupl
         run = run_adapt(AdaptConfig(model=stock, stock=decoder, target=train_dir, out=str(work_dir / "runs" / f"{name}-{tag}"), finetune_back=False,
                                     max_target_images=cfg.max_train_images, seed=cfg.seed, bf16=cfg.bf16, device=cfg.device, inter=inter),
                         progress=progress, echo=log, command=command)
-        options = MixOptions(epochs=cfg.self_season_epochs, subset=cfg.self_season_subset, k=cfg.k, samples=cfg.samples, score="knn",
-                             include_stock=True, seed=cfg.seed, bf16=cfg.bf16, device=cfg.device)
+        self_season = SelfSeasonOptions(epochs=cfg.self_season_epochs, subset=cfg.self_season_subset, k=cfg.k, seed=cfg.seed, bf16=cfg.bf16)
+        options = {"self-season": self_season, "season": SeasonOptions(score="knn", k=cfg.k, seed=cfg.seed, samples=cfg.samples),
+                   "best": BestOptions(score="knn", k=cfg.k, seed=cfg.seed)}
         mix_run(MixRequest(run_dir=run.run_dir, methods=[m for m in METHODS if m != CENTERED], labeled=task.labeled or train_dir,
-                           evals=[], options=options), progress=progress, log=log)
-        mixes = mix_run(MixRequest(run_dir=run.run_dir, methods=["self-season"], evals=[], save_as=CENTERED,
-                                   options=dataclasses.replace(options, center=True)), progress=progress, log=log)
+                           evals=[], options=options, include_stock=True, device=cfg.device), progress=progress, log=log)
+        mixes = mix_run(MixRequest(run_dir=run.run_dir, methods=["self-season"], evals=[], save_as=CENTERED, include_stock=True, device=cfg.device,
+                                   options={"self-season": dataclasses.replace(self_season, center=True)}), progress=progress, log=log)
         train = load_folder(train_dir, pre, labeled=True)
         test = load_folder(test_dir, pre, labeled=True, class_names=train.class_names)
         scores = {"stock": knn_transfer_accuracy(Path(stock), train, test, pre, cfg.k, cfg.device)}

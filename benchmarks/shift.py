@@ -13,7 +13,7 @@ all corruptions' even images.  Rows:
   upper bound for picking one ingredient, not a method);
 * ``self_soup_target_self_seasoned`` — its ingredients mixed by Self-Seasoning on the target images;
 * ``self_soup_target_self_seasoned_centered`` — the same with the embeddings centred per batch before the
-  cosines (``mix --center``; not in the paper — see :func:`adaptsoup.soup.seasoning.knn_entropy`);
+  cosines (``mix --center``; not in the paper — see :func:`adaptsoup.soup.knn.knn_entropy`);
 * ``supervised_soup+sar`` and ``self_soup_target+sar`` — SAR over each corruption's odd images, online,
   reset between corruptions (Table 2), at the paper's learning rate for soups (base 5e-5 per 64 images);
   each corruption's record counts the samples filtered at each forward, the updates made and the resets.
@@ -41,14 +41,13 @@ from adaptsoup.core.data import ImageSet, Preprocess, default_cache_dir, load_fo
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.core.io import atomic_path, write_json_atomic, write_text_atomic
 from adaptsoup.core.manifest import config_tag, environment, file_digest, provenance_lines, source_state
-from adaptsoup.soup.mixing import MixOptions
 from adaptsoup.soup.run import MixRequest, mix_run
 from adaptsoup.core.models import class_names, load_model
 from adaptsoup_bench.datasets import default_stock_path
 from adaptsoup.core.evaluation import top1
 from adaptsoup.core.progress import NullProgress
 from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, with_overrides
-from adaptsoup.soup.seasoning_methods import self_season_summary
+from adaptsoup.soup.methods.self_season import SelfSeasonOptions, self_season_summary
 from adaptsoup.tta.stream import TTAConfig, run_tta
 
 TITLES = {"c10c": "CIFAR-10 → CIFAR-10-C", "imagenet-c": "ImageNet → ImageNet-C", "laion-c": "ImageNet → LAION-C"}
@@ -259,12 +258,14 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
                      progress=progress, echo=log, command=command)
     timings["adapt_cont_ssl"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    season_options = MixOptions(epochs=cfg.self_season_epochs, subset=cfg.self_season_subset, seed=cfg.seed, bf16=cfg.bf16, device=cfg.device)
-    mix_run(MixRequest(run_dir=self_run.run_dir, methods=["self-season"], evals=[], options=season_options), progress=progress, log=log)
+    season_options = SelfSeasonOptions(epochs=cfg.self_season_epochs, subset=cfg.self_season_subset, seed=cfg.seed, bf16=cfg.bf16)
+    mix_run(MixRequest(run_dir=self_run.run_dir, methods=["self-season"], evals=[], options={"self-season": season_options}, device=cfg.device),
+            progress=progress, log=log)
     timings["self_season"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     mixes = mix_run(MixRequest(run_dir=self_run.run_dir, methods=["self-season"], evals=[], save_as=CENTERED,
-                               options=dataclasses.replace(season_options, center=True)), progress=progress, log=log)
+                               options={"self-season": dataclasses.replace(season_options, center=True)}, device=cfg.device),
+                    progress=progress, log=log)
     timings["self_season_centered"] = time.perf_counter() - t0
 
     # -- evaluation of every checkpoint on clean, odd (disjoint) and even (joint) images -------------------------

@@ -248,20 +248,26 @@ def mix(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Mix a run's ingredients: Self-Seasoning without labels, seasoning/greedy/best with a few, Model Stock."""
-    from adaptsoup.soup.mixing import MixOptions
     from adaptsoup.soup.run import MixRequest, mix_run
     from adaptsoup.core.progress import progress_bars
 
     if score not in ("auto", "classifier", "knn"):
         fail(f"--score must be auto, classifier or knn, got {score!r}")
-    options = MixOptions(epochs=epochs, subset=subset, batch_size=batch_size, lr=lr, min_lr=min_lr, k=k, temperature=temperature,
-                         center=center, samples=samples, split=split, seed=seed, greedy_tie=greedy_tie, score=score, include_stock=include_stock, bf16=bf16, device=device)
+    flags = {"epochs": epochs, "subset": subset, "batch_size": batch_size, "lr": lr, "min_lr": min_lr, "k": k, "temperature": temperature,
+             "center": center, "samples": samples, "split": split, "seed": seed, "tie": greedy_tie, "score": score, "bf16": bf16}
     req = MixRequest(run_dir=run_dir, methods=list(methods), target=str(target) if target else None,
                      labeled=str(labeled) if labeled else None, evals=[str(e) for e in eval_dirs] if eval_dirs else None,
-                     ingredients=ingredients, options=options, save_as=save_as)
+                     ingredients=ingredients, options=mix_options(methods, flags), include_stock=include_stock, device=device, save_as=save_as)
     with progress_bars(progress) as bars:
         mixes = mix_run(req, progress=bars, log=log_line)
     print_mixes({key: mixes[key] for _, key in req.keys()})
+
+
+def mix_options(method_names: List[str], flags: dict) -> dict:
+    """Each selected mixing method's options dataclass, filled from the flat ``mix`` flags it has a field for."""
+    from adaptsoup.soup import methods as mixing_methods
+
+    return {name: mixing_methods.get(name).options_from(flags) for name in dict.fromkeys(method_names)}
 
 
 def print_mixes(mixes: dict) -> None:

@@ -13,14 +13,17 @@ from adaptsoup.pipeline.adapt import run_adapt
 from adaptsoup.core.checkpoint import read_checkpoint, save_checkpoint
 from adaptsoup.core.data import Preprocess, load_folder
 from adaptsoup.errors import AdaptsoupError
-from adaptsoup.soup.mixing import MixOptions, model_stock_ratio, stream_model_stock
+from adaptsoup.soup.methods.greedy import greedy
+from adaptsoup.soup.methods.model_stock import model_stock_ratio, stream_model_stock
+from adaptsoup.soup.methods.season import SeasonOptions, candidate_coefficients
+from adaptsoup.soup.methods.self_season import SelfSeasonOptions, descend, self_season
 from adaptsoup.soup.run import MixRequest, interpolate, mix_run
 from adaptsoup.core.models import model_meta
 from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
-from adaptsoup.soup.seasoning import (
-    SelfSeasonConfig, StackedIngredients, candidate_coefficients, embedding_geometry, greedy, knn_accuracy, knn_entropy, self_season,
-    split_retrieval_eval,
-)
+from adaptsoup.soup.knn import embedding_geometry, knn_accuracy, knn_entropy, split_retrieval_eval
+from adaptsoup.soup.registry import MixContext
+from adaptsoup.soup import methods
+from adaptsoup.soup.stacked import StackedIngredients
 from helpers import CLASS_NAMES, tiny_model, write_noise_images
 
 
@@ -95,6 +98,44 @@ def test_model_stock_orthogonal_deltas_give_the_stock(tmp_path):
     assert torch.allclose(state["w"], stock["w"])
 
 
+def test_model_stock_leaves_out_an_ingredient_identical_to_the_stock(tmp_path):
+    # with the stock as a third ingredient its zero delta made every cosine NaN, so t = 0: the soup was the stock
+    stock = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0]), "idx": torch.tensor([0, 1])}
+    a = {"w": stock["w"] + torch.tensor([1.0, 1.0, 0.0, 0.0]), "idx": stock["idx"]}
+    b = {"w": stock["w"] + torch.tensor([1.0, 0.0, 1.0, 0.0]), "idx": stock["idx"]}
+    pa, pb, ps = _save(tmp_path, "a", a, None), _save(tmp_path, "b", b, None), _save(tmp_path, "s", stock, None)
+    want, _ = stream_model_stock([pa, pb], ps)
+    # cos = 1/2 between the two deltas: t = 2·(1/2) / (1 + 1/2) = 2/3 of the way from the stock to their mean
+    assert torch.allclose(want["w"].double(), stock["w"].double() + 2 / 3 * torch.tensor([1.0, 0.5, 0.5, 0.0], dtype=torch.float64))
+    messages = []
+    ctx = MixContext(paths=[pa, pb, ps], names=["a", "b", "stock"], stock_path=ps, log=messages.append)
+    result = methods.get("model-stock")(ctx)
+    assert all(torch.equal(result.state_dict[k], want[k]) for k in want)
+    assert result.info["excluded"] == ["stock"] and result.info["t_mean"] == pytest.approx(2 / 3)
+    assert len(messages) == 1 and "left out stock" in messages[0]
+    with pytest.raises(AdaptsoupError, match="at least 2 ingredients that differ from the stock; s.safetensors"):
+        stream_model_stock([pa, ps], ps)
+
+
+def test_self_season_keeps_the_epoch_with_the_lowest_mean_loss():
+    # the loss pushes logit 0 up at a constant rate (Adam steps of exactly the learning rate); a bonus makes
+    # epoch 1 (the second) the lowest whatever the logits, so its logits are kept, not the last epoch's
+    calls = []
+
+    def batch_loss(logits, idx):
+        calls.append(len(idx))
+        return -logits[0] + (-100.0 if len(calls) == 2 else 0.0)
+
+    options = SelfSeasonOptions(epochs=4, batch_size=4, lr=0.1, min_lr=0.01)
+    path = descend(3, 4, options, batch_loss, torch.Generator().manual_seed(0))
+    assert path.steps == 4 and path.best_epoch == 1
+    assert path.epoch_losses[1] == min(path.epoch_losses)
+    # two cosine-scheduled steps: lr(0) = 0.1, lr(1) = 0.01 + 0.09·(1 + cos(π/4))/2
+    assert path.best_logits[0].item() == pytest.approx(0.1 + 0.01 + 0.09 * (1 + math.cos(math.pi / 4)) / 2, abs=1e-6)
+    assert path.last_logits[0].item() > path.best_logits[0].item()
+    assert path.best_logits[1:].abs().max() == 0 and path.last_logits[1:].abs().max() == 0
+
+
 def test_model_stock_ratio_formula_and_guards():
     assert model_stock_ratio(0.5, 2) == (pytest.approx(2 * 0.5 / 1.5), False)
     assert model_stock_ratio(1.0000001, 3) == (pytest.approx(1.0), False)  # rounding, not a clamp
@@ -160,7 +201,7 @@ def test_self_season_lowers_its_loss(tmp_path):
     write_noise_images(tmp_path / "target", 32, seed=5)
     pre = Preprocess.for_model(model)
     target = load_folder(tmp_path / "target", pre, cache=False)
-    res = self_season(model, stack, target, pre, SelfSeasonConfig(epochs=15, batch_size=32, lr=0.3, min_lr=0.03))
+    res = self_season(model, stack, target, pre, SelfSeasonOptions(epochs=15, batch_size=32, lr=0.3, min_lr=0.03))
     assert res.steps == 15
     assert res.losses[-1] < res.initial_loss
     assert sum(res.coefficients) == pytest.approx(1.0, abs=1e-6)
@@ -194,7 +235,7 @@ def small_run(tmp_path_factory):
 
 def test_mix_run_writes_soups_coefficients_and_plot(small_run):
     run = small_run / "run"
-    opts = MixOptions(epochs=2, batch_size=16, samples=5)
+    opts = {"self-season": SelfSeasonOptions(epochs=2, batch_size=16), "season": SeasonOptions(samples=5)}
     mixes = mix_run(MixRequest(run_dir=run, methods=["uniform", "self-season", "season", "greedy", "best", "model-stock"],
                                labeled=str(small_run / "labeled"), options=opts), log=lambda m: None)
     manifest = json.loads((run / "manifest.json").read_text())
@@ -212,6 +253,10 @@ def test_mix_run_writes_soups_coefficients_and_plot(small_run):
     b, _ = read_checkpoint(run / "soup.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert mixes["best"]["coefficients"][mixes["best"]["info"]["chosen"]] == 1.0
+    assert mixes["self-season"]["options"]["epochs"] == 2 and mixes["season"]["options"]["samples"] == 5
+    info = mixes["self-season"]["info"]
+    assert info["best_epoch_loss"] == min(info["epoch_losses"]) == info["epoch_losses"][info["best_epoch"]]
+    assert sum(info["last_epoch_coefficients"]) == pytest.approx(1.0, abs=1e-6)
     assert (run / "mix_coefficients.png").stat().st_size > 1000
 
 
@@ -247,3 +292,19 @@ def test_interpolation_ends_are_the_ingredients(small_run):
     assert res["accuracy"][0] == pytest.approx(scores["mae00-ft00"])
     assert res["accuracy"][-1] == pytest.approx(scores["mae01-ft01"])
     assert (run / "interpolate_mae00-ft00_mae01-ft01.png").is_file()
+
+
+def test_the_mix_command_gives_each_method_the_flags_it_takes(small_run, capsys):
+    from adaptsoup_cli.main import main, mix_options
+
+    options = mix_options(["greedy", "self-season", "uniform"], {"tie": "keep", "epochs": 3, "k": 7, "samples": 9})
+    assert (options["greedy"].tie, options["greedy"].k) == ("keep", 7)
+    assert (options["self-season"].epochs, options["self-season"].k) == (3, 7)
+    assert set(options) == {"greedy", "self-season", "uniform"}
+    run = small_run / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["mix", str(run), "--method", "greedy", "--as", "greedy-keep", "--greedy-tie", "keep", "--k", "3",
+              "--labeled", str(small_run / "labeled"), "--eval", str(small_run / "labeled"), "--no-progress"])
+    assert exit_info.value.code in (None, 0), capsys.readouterr()
+    record = json.loads((run / "manifest.json").read_text())["mixes"]["greedy-keep"]
+    assert record["options"] == {"score": "auto", "k": 3, "split": 0.5, "seed": 0, "tie": "keep"}

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from adaptsoup.core.checkpoint import save_checkpoint
-from adaptsoup.soup.mixing import SoupError, get_mixer, stream_weighted_average, weighted_average
+from adaptsoup.soup import methods
+from adaptsoup.soup.average import stream_weighted_average, weighted_average
+from adaptsoup.soup.checks import SoupError
+from adaptsoup.soup.registry import MixContext
+from adaptsoup.soup.stacked import StackedIngredients
 from adaptsoup.core.models import model_meta
 from helpers import tiny_model
 
@@ -18,9 +22,7 @@ def _save(tmp_path, name, model):
 def test_soup_of_identical_ingredients_is_the_ingredient(tmp_path):
     model = tiny_model(seed=1)
     paths = [_save(tmp_path, f"m{i}", model) for i in range(3)]
-    from adaptsoup.soup.mixing import MixContext
-
-    soup = get_mixer("uniform")(MixContext(paths=paths, names=["a", "b", "c"])).state_dict
+    soup = methods.get("uniform")(MixContext(paths=paths, names=["a", "b", "c"])).state_dict
     for key, value in model.state_dict().items():
         assert torch.allclose(soup[key], value, atol=1e-7), key
 
@@ -73,4 +75,44 @@ def test_unknown_mixer_lists_the_known_ones():
     from adaptsoup.errors import AdaptsoupError
 
     with pytest.raises(AdaptsoupError, match="uniform"):
-        get_mixer("nope")
+        methods.get("nope")
+
+
+def test_streamed_average_is_bit_identical_to_the_in_memory_one(tmp_path):
+    models = [tiny_model(seed=s) for s in (1, 2, 3, 4)]
+    paths = [_save(tmp_path, f"m{i}", m) for i, m in enumerate(models)]
+    weights = [0.1, 0.2, 0.3, 0.4]
+    streamed, _ = stream_weighted_average(paths, weights)
+    in_memory = weighted_average([m.state_dict() for m in models], weights)
+    assert set(streamed) == set(in_memory)
+    for key, value in in_memory.items():
+        assert streamed[key].dtype == value.dtype and torch.equal(streamed[key], value), key
+
+
+def test_stacked_ingredients_hold_each_ingredient_in_its_slot(tmp_path):
+    models = [tiny_model(seed=s) for s in (1, 2, 3)]
+    stack = StackedIngredients([_save(tmp_path, f"m{i}", m) for i, m in enumerate(models)])
+    for i, model in enumerate(models):
+        for key, value in model.state_dict().items():
+            held = stack.stacked[key][i] if key in stack.stacked else stack.constants[key]
+            assert torch.equal(held, value), (i, key)
+    one_hot = stack.state_dict(torch.tensor([0.0, 1.0, 0.0]))
+    assert all(torch.equal(one_hot[k], v) for k, v in models[1].state_dict().items())
+
+
+def test_every_method_is_registered_with_its_own_options():
+    assert methods.names() == ["best", "greedy", "model-stock", "season", "self-season", "uniform"]
+    needs = {name: methods.get(name).needs for name in methods.names()}
+    assert needs == {"best": "labels", "greedy": "labels", "model-stock": "none", "season": "labels", "self-season": "target", "uniform": "none"}
+    greedy = methods.get("greedy").options_from({"tie": "keep", "k": 5, "epochs": 3})  # epochs is not greedy's: ignored
+    assert (greedy.tie, greedy.k, greedy.score) == ("keep", 5, "auto")
+    assert methods.get("self-season").options_from({"epochs": 3, "samples": 9}).epochs == 3
+
+
+def test_a_method_refuses_another_methods_options(tmp_path):
+    from adaptsoup.errors import AdaptsoupError
+    from adaptsoup.soup.methods.season import SeasonOptions
+
+    paths = [_save(tmp_path, "a", tiny_model(seed=1)), _save(tmp_path, "b", tiny_model(seed=2))]
+    with pytest.raises(AdaptsoupError, match="uniform takes UniformOptions, not SeasonOptions"):
+        methods.get("uniform")(MixContext(paths=paths, names=["a", "b"]), SeasonOptions())

@@ -281,12 +281,10 @@ def _validate_inter(inter: InterTrainConfig) -> None:
 
 def _validate_after_soups(cfg: AdaptConfig) -> None:
     """The ``mix`` methods exist and have the labels they need; ``tta`` is a known method."""
-    from adaptsoup.soup.mixing import NEEDS, get_mixer
+    from adaptsoup.soup import methods as mixing_methods
     from adaptsoup.tta.stream import TTA_METHODS
 
-    for method in cfg.mix:
-        get_mixer(method)
-    needing = [m for m in cfg.mix if NEEDS.get(m) == "labels"]
+    needing = [m for m in cfg.mix if mixing_methods.get(m).needs == "labels"]
     if needing and not cfg.mix_labeled:
         raise AdaptsoupError(f"mix {', '.join(needing)} needs a few labels: add --mix-labeled DIR (mix_labeled in a recipe)")
     if cfg.tta is not None and cfg.tta not in TTA_METHODS:

@@ -14,7 +14,8 @@ from adaptsoup.core.models import model_meta
 from adaptsoup.core.run_dir import SOUP, SUPERVISED_SOUP
 from adaptsoup.pipeline.context import RunContext
 from adaptsoup.pipeline.plan import Plan
-from adaptsoup.soup.mixing import MixOptions, stream_weighted_average
+from adaptsoup.soup import methods as mixing_methods
+from adaptsoup.soup.average import stream_weighted_average
 from adaptsoup.soup.run import MixRequest, mix_run
 
 
@@ -47,7 +48,8 @@ def mixed_soups(ctx: RunContext) -> dict:
         return {}
     ctx.manifest.save()  # mix_run reads and writes the manifest itself
     request = MixRequest(run_dir=ctx.run_dir.root, methods=list(cfg.mix), labeled=cfg.mix_labeled,
-                         options=MixOptions(device=cfg.device, bf16=cfg.bf16))
+                         options={m: mixing_methods.get(m).options_from({"bf16": cfg.bf16}) for m in dict.fromkeys(cfg.mix)},
+                         device=cfg.device)
     mixes = mix_run(request, progress=ctx.progress, log=ctx.log)
     ctx.reload_manifest()
     return {method: mixes[method] for method in cfg.mix}
