@@ -48,7 +48,8 @@ from adaptsoup.core.evaluation import top1
 from adaptsoup.core.progress import NullProgress
 from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, with_overrides
 from adaptsoup.soup.seasoning_methods import self_season_summary
-from adaptsoup.tta.stream import TTAConfig, run_tta
+from adaptsoup.tta.adapter import TTAConfig
+from adaptsoup.tta.stream import run_tta
 
 TITLES = {"c10c": "CIFAR-10 → CIFAR-10-C", "imagenet-c": "ImageNet → ImageNet-C", "laion-c": "ImageNet → LAION-C"}
 ROW_NAMES = (
