@@ -48,7 +48,8 @@ from adaptsoup.core.evaluation import top1
 from adaptsoup.core.progress import NullProgress
 from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig, with_overrides
 from adaptsoup.soup.methods.self_season import SelfSeasonOptions, self_season_summary
-from adaptsoup.tta.stream import TTAConfig, run_tta
+from adaptsoup.tta.adapter import TTAConfig
+from adaptsoup.tta.stream import run_tta
 
 TITLES = {"c10c": "CIFAR-10 → CIFAR-10-C", "imagenet-c": "ImageNet → ImageNet-C", "laion-c": "ImageNet → LAION-C"}
 ROW_NAMES = (
@@ -360,6 +361,15 @@ def sar_base(row: dict) -> str | None:
     return row["name"][: -len("+sar")] if row["name"].endswith("+sar") else None
 
 
+def sar_base_lr(row: dict, config: dict) -> float | None:
+    """The base lr a SAR row ran at (None: SAR's reference); results written before rows recorded it ran at
+    the config's lr for the row's suffix (``+sar``: ``sar_base_lr``)."""
+    if "sar_base_lr" in row:
+        return row["sar_base_lr"]
+    suffix = row["name"][len(sar_base(row)):]
+    return config.get(SAR_ROWS.get(suffix, ""))
+
+
 def score_row(name: str, key: str, metrics: dict[str, dict[str, float]], corruptions: list[str]) -> dict:
     """One table row from :func:`evaluate_checkpoints` metrics: clean, disjoint (odd) and joint (even) means."""
     odd = {c: metrics[f"odd/{c}"][key] for c in corruptions}
@@ -447,7 +457,8 @@ def markdown_table(result: dict) -> str:
             change = result.get("checks", {}).get(f"{with_sar['name']}_change", {})
             worst = f"{change['worst']:+.2f} ({change['worst_corruption']})" if change else "—"
             below = (", ".join(change["below_tolerance"]) or "none") if change else "—"
-            lr = f"{with_sar['sar_base_lr']:g}" if with_sar.get("sar_base_lr") is not None else "reference"
+            base_lr = sar_base_lr(with_sar, result["config"])
+            lr = f"{base_lr:g}" if base_lr is not None else "reference"
             lines.append(f"| {n} | {lr} | {fmt(r['disjoint'])} | {fmt(with_sar['disjoint'])} | "
                          f"{with_sar['disjoint'] - r['disjoint']:+.2f} | {worst} | {below} |")
     checks = result.get("checks", {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -93,28 +94,34 @@ from adaptsoup_bench.shiftsets import (  # noqa: E402
     default_mapping_dir, detect_layout, imagenet_wnids, scan_shift_tree, subset_sorted, superclass_membership, superclass_scorer,
 )
 
-needs_mapping = pytest.mark.skipif(not (default_mapping_dir() / "category_mapping.json").is_file(),
-                                   reason="../shared/reference/laion-c (ImageNet class index, LAION-C mapping) is not on this machine")
+# LAION-C's fruit and fish superclasses and their 18 ImageNet classes (+1 outside them), renumbered 0-18: a 19-way
+# model stands in for a 1000-way one (tests/fixtures/laion-c/README.md)
+MAPPING = Path(__file__).resolve().parent / "fixtures" / "laion-c"
 
 
 def _imagenet_stock(tmp_path):
     torch.manual_seed(0)
-    model = create_model("vit_pico_patch4_32", num_classes=1000)
+    model = create_model("vit_pico_patch4_32", num_classes=len(imagenet_wnids(MAPPING)))
     return save_checkpoint(tmp_path / "in1k.safetensors", model.state_dict(), model_meta(model))
 
 
-@needs_mapping
+def test_the_default_mapping_is_the_shared_reference():
+    assert default_mapping_dir().parts[-3:] == ("shared", "reference", "laion-c")
+
+
 def test_superclass_scoring_averages_member_probabilities():
-    names, member = superclass_membership(default_mapping_dir())
-    assert len(names) == 16 and int(member.sum()) == 285
-    wnids = imagenet_wnids(default_mapping_dir())
+    names, member = superclass_membership(MAPPING)
+    assert names == ["fruit", "fish"] and member.shape == (19, 2) and int(member.sum()) == 18
+    wnids = imagenet_wnids(MAPPING)
     fish = names.index("fish")
-    logits = torch.full((2, 1000), -10.0)
+    logits = torch.full((2, len(wnids)), -10.0)
     logits[0, wnids.index("n01440764")] = 10.0  # tench: a fish
     logits[1, wnids.index("n01440764")] = 10.0
     score = superclass_scorer(member)
     assert score(logits, torch.tensor([fish, fish])) == 100.0
-    assert score(logits, torch.tensor([fish, (fish + 1) % 16])) == 50.0
+    assert score(logits, torch.tensor([fish, 1 - fish])) == 50.0
+    with pytest.raises(AdaptsoupError, match="19-way"):
+        score(torch.zeros(1, 1000), torch.tensor([fish]))
 
 
 def test_layouts_are_detected_and_split_by_sorted_position(tmp_path):
@@ -135,7 +142,6 @@ def test_layouts_are_detected_and_split_by_sorted_position(tmp_path):
     assert few == subset_sorted(files, 4, seed=0) and subset_sorted(files, 0, seed=0) == files
 
 
-@needs_mapping
 @pytest.mark.parametrize("layout", ["imagenet-c", "laion-c"])
 def test_imagenet_c_and_laion_c_harness_end_to_end(tmp_path, layout):
     stock = _imagenet_stock(tmp_path)
@@ -149,7 +155,7 @@ def test_imagenet_c_and_laion_c_harness_end_to_end(tmp_path, layout):
     cfg = BenchConfig(mode="quick", stock=str(stock), out=str(tmp_path / "results"), work=str(tmp_path / "work"), corruptions=[],
                       source_images=0, inter_lrs=[1e-3], inter_steps=2, ft_lrs=[1e-3], ft_steps=2, vanilla=1, batch_size=4,
                       self_season_epochs=1, self_season_subset=0, sar_batch=4, bf16=False)
-    result = run_imagenet_c(cfg, str(tmp_path / "root"), str(tmp_path / "source"), log=lambda m: None)
+    result = run_imagenet_c(cfg, str(tmp_path / "root"), str(tmp_path / "source"), mapping_dir=str(MAPPING), log=lambda m: None)
     assert result["benchmark"] == layout
     assert [r["name"] for r in result["rows"]] == list(ROW_NAMES)
     assert all(r["clean"] is None for r in result["rows"])

@@ -235,3 +235,50 @@ def test_bench_rejects_bad_input_in_one_line(capsys, tmp_path, args, fragment):
     code, _, err = run_cli(capsys, "bench", *args, *extra)
     assert code == 2
     assert_one_line_error(err, fragment)
+
+
+@pytest.mark.parametrize("command", [["c10c"], ["families"], ["label-free", "--preset", "cifar"],
+                                     ["imagenet-c", "--root", ".", "--model", "m.safetensors", "--source", "."]])
+@pytest.mark.parametrize("missing", ["sklearn", "imagecorruptions"])
+def test_bench_without_its_extra_says_how_to_install_it(capsys, monkeypatch, tmp_path, command, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # as if the [bench] extra were not installed
+    code, _, err = run_cli(capsys, "bench", *command, "--work", str(tmp_path), "--no-progress")
+    assert code == 2
+    assert_one_line_error(err, missing, "pip install 'adaptsoup[bench]'")
+
+
+def _help_defaults(help_text: str) -> dict[str, str]:
+    """``{"quick": "100", "full": "400"}`` from a flag's help "...; quick 100, full 400." (or "quick and full X")."""
+    import re
+
+    both = re.search(r"quick and full ([0-9.e+-]*[0-9])", help_text)
+    if both:
+        return {"quick": both.group(1), "full": both.group(1)}
+    found = re.search(r"quick ([0-9.e+-]*[0-9]), full ([0-9.e+-]*[0-9])", help_text)
+    return {"quick": found.group(1), "full": found.group(2)}
+
+
+def test_label_free_help_states_the_defaults_its_config_uses():
+    """The defaults --help shows are LabelFreeConfig's (the help said lr 1e-4 while 2e-5 ran)."""
+    from adaptsoup_bench.label_free import LabelFreeConfig
+
+    command = typer.main.get_command(app).commands["bench"].commands["label-free"]
+    helps = {param.name: param.help for param in command.params}
+    for field in ("lr", "steps", "mmcr_views", "samples", "self_season_epochs", "train_images", "test_images", "labeled_images"):
+        shown = _help_defaults(helps[field])
+        for mode in ("quick", "full"):
+            assert float(shown[mode]) == getattr(LabelFreeConfig.for_mode(mode), field), (field, mode, helps[field])
+
+
+def test_cli_modules_import_neither_torch_nor_the_benchmarks_themselves():
+    """Each command module defers torch, timm and adaptsoup_bench to the commands' bodies."""
+    import ast
+
+    cli_dir = Path(__file__).resolve().parent.parent / "cli"
+    for path in sorted(cli_dir.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
+        heavy = {n for n in names if n.split(".")[0] in ("torch", "timm", "adaptsoup_bench", "sklearn", "imagecorruptions")}
+        assert not heavy, f"{path.name} imports {heavy} at module level"

@@ -12,14 +12,9 @@ import torch
 
 from adaptsoup.core.data import Preprocess, load_folder
 from adaptsoup.errors import AdaptsoupError
-from adaptsoup.deploy.onnx import (
-    ParityError,
-    export_and_check,
-    ort_session,
-    predict_folder,
-    preprocess_from_onnx,
-    read_onnx_metadata,
-)
+from adaptsoup.deploy.onnx import ParityError, export_and_check, preprocess_from_onnx, read_onnx_metadata
+from adaptsoup.deploy.predict import predict_folder
+from adaptsoup.deploy.runtime import ort_session
 from adaptsoup.core.models import set_class_names
 
 from helpers import ARCH, MEAN, STD, logits, random_batch, tiny_model, write_noise_images
@@ -153,3 +148,24 @@ def test_not_an_adaptsoup_onnx(tmp_path):
         read_onnx_metadata(path)
     with pytest.raises(AdaptsoupError, match="not found"):
         predict_folder(tmp_path / "missing.onnx", tmp_path, tmp_path / "p.csv")
+
+
+def test_exporter_fallback_says_why_and_reports_the_opset_it_wrote(tmp_path, monkeypatch):
+    """When the torch.export-based exporter fails, the report gives the opset in the file (17), not the one asked for."""
+    import onnx
+
+    real_export = torch.onnx.export
+
+    def dynamo_fails(*args, dynamo=False, **kwargs):
+        if dynamo:
+            raise RuntimeError("torch.export could not trace this model\nmore detail")
+        return real_export(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", dynamo_fails)
+    lines: list[str] = []
+    report = export_and_check(tiny_model(seed=1), tmp_path / "m.onnx", opset=18, log=lines.append)
+    assert report.exporter == "torchscript"
+    declared = {o.domain: o.version for o in onnx.load(str(tmp_path / "m.onnx")).opset_import}
+    assert report.opset == declared.get("", declared.get("ai.onnx")) == 17
+    assert report.fallback_reason == "RuntimeError: torch.export could not trace this model"
+    assert len(lines) == 1 and "torch.export could not trace this model" in lines[0] and "opset 17" in lines[0]

@@ -43,5 +43,13 @@ def test_provenance_lines_name_command_commit_machine_and_time():
     result = {"command": "adaptsoup bench c10c --mode quick", "commit": "abc123", "source_dirty": False,
               "machine": {"cpu": "Some CPU", "cpu_count": 2}, "wall_time_s": 90.0}
     assert provenance_lines(result) == ["Command: `adaptsoup bench c10c --mode quick`  ",
-                                        "Commit abc123, Some CPU (2 cores), wall time 1.5 min."]
+                                        "Commit abc123 (clean checkout), Some CPU (2 cores), wall time 1.5 min."]
+    assert "(with uncommitted changes)" in provenance_lines({**result, "source_dirty": True})[1]
+
+
+def test_provenance_lines_always_state_the_checkout():
+    """Clean, dirty, or (in results older than the record) unknown: a report never stays silent about it."""
+    result = {"command": "c", "commit": "abc123", "machine": {}, "wall_time_s": 60.0}
+    assert "(checkout state not recorded)" in provenance_lines(result)[1]
+    assert "(clean checkout)" in provenance_lines({**result, "source_dirty": False})[1]
     assert "(with uncommitted changes)" in provenance_lines({**result, "source_dirty": True})[1]

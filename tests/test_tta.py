@@ -16,7 +16,10 @@ from adaptsoup.core.checkpoint import save_checkpoint
 from adaptsoup.core.data import ImageSet, Preprocess, load_folder
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.core.models import model_meta
-from adaptsoup.tta.stream import Adapter, TTAConfig, norm_parameters, reliable, run_tta, softmax_entropy, tta_run_dir, update_ema
+from adaptsoup.tta.adapter import Adapter, TTAConfig, norm_parameters
+from adaptsoup.tta.entropy import softmax_entropy
+from adaptsoup.tta.sar import reliable, update_ema
+from adaptsoup.tta.stream import run_tta, tta_run_dir
 from helpers import CLASS_NAMES, tiny_model, write_noise_images
 
 

@@ -80,13 +80,24 @@ def environment() -> dict[str, Any]:
     }
 
 
+def tree_state(source_dirty: bool | None) -> str:
+    """How a report names the state of the checkout a run started from (unrecorded in older results)."""
+    if source_dirty is None:
+        return "checkout state not recorded"
+    return "with uncommitted changes" if source_dirty else "clean checkout"
+
+
 def provenance_lines(result: dict[str, Any]) -> list[str]:
-    """A benchmark report's opening lines: the command, the commit it started from, the machine, the wall time."""
+    """A benchmark report's opening lines: the command, the commit it started from and whether the checkout
+    had uncommitted changes (always said, so a dirty run is never mistaken for the commit's), the machine,
+    the wall time, then any notes kept with the result."""
     machine = result.get("machine", {})
-    dirty = " (with uncommitted changes)" if result.get("source_dirty") else ""
-    return [f"Command: `{result.get('command', '')}`  ",
-            f"Commit {result.get('commit')}{dirty}, {machine.get('cpu')} ({machine.get('cpu_count')} cores), "
-            f"wall time {result['wall_time_s'] / 60:.1f} min."]
+    lines = [f"Command: `{result.get('command', '')}`  ",
+             f"Commit {result.get('commit')} ({tree_state(result.get('source_dirty'))}), {machine.get('cpu')} "
+             f"({machine.get('cpu_count')} cores), wall time {result['wall_time_s'] / 60:.1f} min."]
+    for note in result.get("notes", []):  # what a reader must know that the run could not record (e.g. a rename)
+        lines += ["", f"> {note}"]
+    return lines
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -1,2 +1,3 @@
-"""Deployment: ONNX export with parity checks, int8 quantization and folder prediction.
+"""Deployment: ``onnx`` (export, metadata, parity), ``quantize`` (int8), ``predict`` (a folder through an exported
+model), ``runtime`` (the onnxruntime session they share).
 """

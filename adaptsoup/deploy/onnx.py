@@ -1,27 +1,27 @@
-"""Deployment: export to ONNX (dynamic batch, metadata), parity check in onnxruntime, int8 quantization,
-and prediction over an image folder with the exported model."""
+"""Export to ONNX: dynamic batch, class names and preprocessing as metadata, parity with PyTorch checked in
+onnxruntime (and, optionally, an int8 copy, see :mod:`adaptsoup.deploy.quantize`)."""
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from adaptsoup.core.data import ImageSet, Preprocess, load_folder
-from adaptsoup.errors import AdaptsoupError
-from adaptsoup.core.io import atomic_path, write_atomic
+from adaptsoup.core.data import ImageSet, Preprocess
+from adaptsoup.core.io import atomic_path
 from adaptsoup.core.models import model_meta
+from adaptsoup.deploy.quantize import quantize_and_compare
+from adaptsoup.deploy.runtime import onnx_logits, ort_session, quiet
+from adaptsoup.errors import AdaptsoupError
 
 DEFAULT_OPSET = 18
+TORCHSCRIPT_MAX_OPSET = 17  # the TorchScript exporter's newest opset
 PARITY_TOLERANCE = 1e-3
 
 
@@ -32,7 +32,7 @@ class ParityError(AdaptsoupError):
 @dataclass
 class ExportReport:
     path: str
-    opset: int
+    opset: int  # as written in the file (the TorchScript fallback writes at most 17)
     exporter: str
     max_abs_diff: float
     top1_agreement: float
@@ -44,9 +44,19 @@ class ExportReport:
     int8_accuracy: float | None = None
     size_bytes: int = 0
     int8_size_bytes: int | None = None
+    fallback_reason: str | None = None  # why the torch.export-based exporter was not used
+
+
+@dataclass
+class OnnxExport:
+    path: Path
+    exporter: str  # "dynamo" (torch.export-based) or "torchscript" (the fallback)
+    opset: int  # the default-domain opset the file declares
+    fallback_reason: str | None = None
 
 
 def onnx_metadata(model: nn.Module) -> dict[str, str]:
+    """The model's class names, preprocessing and provenance as ONNX metadata properties."""
     meta = model_meta(model)
     return {
         "adaptsoup.arch": meta.arch,
@@ -60,11 +70,29 @@ def onnx_metadata(model: nn.Module) -> dict[str, str]:
     }
 
 
-def export_onnx(model: nn.Module, out_path: str | os.PathLike, opset: int = DEFAULT_OPSET) -> tuple[Path, str]:
+def written_opset(proto) -> int:
+    """The default-domain (``ai.onnx``) opset an ONNX model declares."""
+    return next(int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamo: bool) -> None:
+    common = dict(input_names=["input"], output_names=["logits"], dynamo=dynamo)
+    with quiet():
+        if dynamo:
+            torch.onnx.export(model, (example,), str(path), opset_version=opset, external_data=False, verbose=False,
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), **common)
+        else:
+            torch.onnx.export(model, (example,), str(path), opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **common)
+
+
+def export_onnx(model: nn.Module, out_path: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                log: Callable[[str], None] = print) -> OnnxExport:
     """Write ``model`` as ONNX with input ``input`` [batch, 3, H, W] (normalised) and output ``logits``.
 
-    Uses the torch.export-based exporter, falling back to the TorchScript one; class names and
-    preprocessing go into the model's metadata.  The file is written atomically.
+    Uses the torch.export-based exporter; if it fails, says why through ``log`` and falls back to the
+    TorchScript one (opset at most 17).  Class names and preprocessing go into the model's metadata; the
+    opset reported is the one the file declares.  The file is written atomically.
     """
     import onnx
 
@@ -72,23 +100,14 @@ def export_onnx(model: nn.Module, out_path: str | os.PathLike, opset: int = DEFA
     _, h, w = model_meta(model).input_size
     example = torch.randn(2, 3, h, w)
     out_path = Path(out_path)
-    exporter = "dynamo"
+    exporter, reason = "dynamo", None
     with atomic_path(out_path) as tmp:
         try:
-            with _quiet():
-                torch.onnx.export(
-                    model, (example,), str(tmp), input_names=["input"], output_names=["logits"],
-                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=opset, dynamo=True,
-                    external_data=False, verbose=False,
-                )
-        except Exception:  # noqa: BLE001 - fall back to the TorchScript exporter
+            _torch_export(model, example, tmp, opset, dynamo=True)
+        except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript exporter, and say why
             exporter = "torchscript"
-            with _quiet():
-                torch.onnx.export(
-                    model, (example,), str(tmp), input_names=["input"], output_names=["logits"],
-                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=min(opset, 17),
-                    dynamo=False,
-                )
+            reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+            _torch_export(model, example, tmp, opset, dynamo=False)
         proto = onnx.load(str(tmp))
         for key, value in onnx_metadata(model).items():
             entry = proto.metadata_props.add()
@@ -96,29 +115,11 @@ def export_onnx(model: nn.Module, out_path: str | os.PathLike, opset: int = DEFA
         proto.producer_name = "adaptsoup"
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
-    return out_path, exporter
-
-
-@contextlib.contextmanager
-def _quiet():
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        import logging
-
-        level = logging.getLogger("torch").level
-        logging.getLogger("torch").setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            logging.getLogger("torch").setLevel(level)
-
-
-def ort_session(path: str | os.PathLike):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    written = written_opset(proto)
+    if reason is not None:
+        log(f"ONNX export: the torch.export-based exporter failed ({reason}); "
+            f"wrote opset {written} with the TorchScript exporter instead of opset {opset}")
+    return OnnxExport(path=out_path, exporter=exporter, opset=written, fallback_reason=reason)
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, object]:
@@ -138,15 +139,10 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, object]:
 
 
 def preprocess_from_onnx(path: str | os.PathLike) -> Preprocess:
+    """The :class:`Preprocess` an exported model expects, from its metadata."""
     meta = read_onnx_metadata(path)
     _, h, w = meta["input_size"]
     return Preprocess(size=(int(h), int(w)), mean=meta["mean"], std=meta["std"], crop_pct=meta["crop_pct"], interpolation=meta["interpolation"])
-
-
-def onnx_logits(session, batch: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: batch[i : i + batch_size].astype(np.float32)})[0] for i in range(0, len(batch), batch_size)]
-    return np.concatenate(outs, axis=0)
 
 
 def parity_batch(model: nn.Module, images: ImageSet | None, batch_size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -166,94 +162,35 @@ def export_and_check(
     quantize: str | None = None,
     opset: int = DEFAULT_OPSET,
     tolerance: float = PARITY_TOLERANCE,
+    log: Callable[[str], None] = print,
 ) -> ExportReport:
     """Export, then compare onnxruntime with PyTorch on a real batch; optionally add an int8 model.
 
     Raises :class:`ParityError` when the largest absolute logit difference exceeds ``tolerance``.
     """
-    path, exporter = export_onnx(model, out_path, opset=opset)
+    if quantize not in (None, "int8"):
+        raise AdaptsoupError(f"unknown quantization {quantize!r}; only 'int8' (dynamic) is supported")
+    exported = export_onnx(model, out_path, opset=opset, log=log)
     batch = parity_batch(model, images)
     with torch.no_grad():
         reference = model.eval()(batch).float().numpy()
-    session = ort_session(path)
+    session = ort_session(exported.path)
     got = onnx_logits(session, batch.numpy())
     diff = float(np.abs(got - reference).max())
     report = ExportReport(
-        path=str(path), opset=opset, exporter=exporter, max_abs_diff=diff,
+        path=str(exported.path), opset=exported.opset, exporter=exported.exporter, max_abs_diff=diff,
         top1_agreement=float((got.argmax(1) == reference.argmax(1)).mean() * 100), batch_size=int(batch.shape[0]),
-        size_bytes=path.stat().st_size,
+        size_bytes=exported.path.stat().st_size, fallback_reason=exported.fallback_reason,
     )
     labeled = images is not None and images.labels is not None
+    full = Preprocess.for_model(model).normalize(images.images).numpy() if labeled else None
+    labels = images.labels.numpy() if labeled else None
     if labeled:
-        full = Preprocess.for_model(model).normalize(images.images).numpy()
-        report.fp32_accuracy = float((onnx_logits(session, full).argmax(1) == images.labels.numpy()).mean() * 100)
+        report.fp32_accuracy = float((onnx_logits(session, full).argmax(1) == labels).mean() * 100)
     if diff > tolerance:
         raise ParityError(f"ONNX/PyTorch parity failed: max |logit difference| {diff:.2e} > {tolerance:.0e}")
-    if quantize is not None:
-        if quantize != "int8":
-            raise AdaptsoupError(f"unknown quantization {quantize!r}; only 'int8' (dynamic) is supported")
-        qpath = quantize_int8(path)
-        qsession = ort_session(qpath)
-        qgot = onnx_logits(qsession, batch.numpy())
-        report.quantized_path = str(qpath)
-        report.int8_size_bytes = qpath.stat().st_size
-        report.int8_max_abs_diff = float(np.abs(qgot - got).max())
-        report.int8_top1_agreement = float((qgot.argmax(1) == got.argmax(1)).mean() * 100)
-        if labeled:
-            report.int8_accuracy = float((onnx_logits(qsession, full).argmax(1) == images.labels.numpy()).mean() * 100)
+    if quantize == "int8":
+        int8 = quantize_and_compare(exported.path, batch.numpy(), got, full, labels)
+        report.quantized_path, report.int8_size_bytes = int8.path, int8.size_bytes
+        report.int8_max_abs_diff, report.int8_top1_agreement, report.int8_accuracy = int8.max_abs_diff, int8.top1_agreement, int8.accuracy
     return report
-
-
-def quantize_int8(path: str | os.PathLike) -> Path:
-    """onnxruntime dynamic quantization (int8 weights, MatMul/Gemm) to ``NAME.int8.onnx``, atomically."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    import tempfile
-
-    path = Path(path)
-    out = path.with_name(path.stem + ".int8.onnx")
-    with atomic_path(out) as tmp, tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        pre = Path(scratch) / "pre.onnx"
-        with _quiet():
-            try:
-                quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
-                source = pre
-            except Exception:  # noqa: BLE001 - pre-processing is an optimisation only
-                source = path
-            quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-    return out
-
-
-@dataclass
-class PredictReport:
-    csv_path: str
-    images: int
-    skipped: list[tuple[str, str]]
-    accuracy: float | None = None
-
-
-def predict_folder(onnx_path: str | os.PathLike, images_dir: str | os.PathLike, csv_path: str | os.PathLike, batch_size: int = 256) -> PredictReport:
-    """Run an exported model over every image under ``images_dir``; write ``path,class,probability`` CSV."""
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise AdaptsoupError(f"ONNX model not found: {onnx_path}")
-    meta = read_onnx_metadata(onnx_path)
-    pre = preprocess_from_onnx(onnx_path)
-    images = load_folder(images_dir, pre, cache=False)
-    session = ort_session(onnx_path)
-    logits = onnx_logits(session, pre.normalize(images.images).numpy(), batch_size)
-    logits = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    names = meta["class_names"] or [str(i) for i in range(probs.shape[1])]
-    top = probs.argmax(1)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "class", "probability"])
-            for rel, k, p in zip(images.paths, top, probs[np.arange(len(top)), top]):
-                writer.writerow([rel, names[int(k)], f"{float(p):.6f}"])
-
-    write_atomic(csv_path, write)
-    return PredictReport(csv_path=str(csv_path), images=len(images), skipped=images.skipped)

@@ -282,7 +282,7 @@ def _validate_inter(inter: InterTrainConfig) -> None:
 def _validate_after_soups(cfg: AdaptConfig) -> None:
     """The ``mix`` methods exist and have the labels they need; ``tta`` is a known method."""
     from adaptsoup.soup import methods as mixing_methods
-    from adaptsoup.tta.stream import TTA_METHODS
+    from adaptsoup.tta.adapter import TTA_METHODS
 
     needing = [m for m in cfg.mix if mixing_methods.get(m).needs == "labels"]
     if needing and not cfg.mix_labeled:

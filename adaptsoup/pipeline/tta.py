@@ -6,7 +6,8 @@ from __future__ import annotations
 from adaptsoup.core.run_dir import SOUP
 from adaptsoup.pipeline.context import RunContext
 from adaptsoup.pipeline.recipe import AdaptConfig
-from adaptsoup.tta.stream import TTAConfig, tta_run_dir
+from adaptsoup.tta.adapter import TTAConfig
+from adaptsoup.tta.stream import tta_run_dir
 
 
 def soup_to_adapt(cfg: AdaptConfig) -> str:

@@ -1,0 +1,60 @@
+"""``adaptsoup export`` and ``adaptsoup predict``: ONNX out of a checkpoint, predictions out of an ONNX model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from adaptsoup_cli.common import err, fail, log_line, out
+
+
+def export(
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to export (adaptsoup .safetensors, or a state dict with --arch)."),
+    onnx: Path = typer.Option(..., "--onnx", "-o", help="Where to write the ONNX model."),
+    arch: Optional[str] = typer.Option(None, help="timm architecture, if the checkpoint carries no adaptsoup metadata."),
+    images: Optional[Path] = typer.Option(None, help="Image folder for the parity batch (and accuracy, if labeled)."),
+    labeled: bool = typer.Option(False, help="--images is an ImageFolder layout: also report accuracy."),
+    quantize: Optional[str] = typer.Option(None, help="'int8': also write NAME.int8.onnx (onnxruntime dynamic quantization)."),
+    opset: int = typer.Option(18, min=17, help="ONNX opset (17 or newer)."),
+    tolerance: float = typer.Option(1e-3, help="Largest allowed |logit difference| between ONNX and PyTorch."),
+) -> None:
+    """Export a checkpoint to ONNX, check parity in onnxruntime, optionally quantize to int8."""
+    from adaptsoup.core.data import Preprocess, load_folder
+    from adaptsoup.core.models import class_names, load_model
+    from adaptsoup.deploy.onnx import ParityError, export_and_check
+
+    net = load_model(arch, model)
+    image_set = None
+    if images is not None:
+        pre = Preprocess.for_model(net)
+        image_set = load_folder(images, pre, labeled=labeled, class_names=class_names(net) if labeled else None)
+    try:
+        report = export_and_check(net, onnx, images=image_set, quantize=quantize, opset=opset, tolerance=tolerance, log=log_line)
+    except ParityError as exc:
+        fail(str(exc), code=1)
+    out.print(f"wrote {report.path} ({report.size_bytes / 1e6:.2f} MB, opset {report.opset}, {report.exporter} exporter)")
+    out.print(f"parity on {report.batch_size} images: max |logit diff| {report.max_abs_diff:.2e}, top-1 agreement {report.top1_agreement:.1f}%")
+    if report.fp32_accuracy is not None:
+        out.print(f"fp32 accuracy: {report.fp32_accuracy:.2f}%")
+    if report.quantized_path:
+        out.print(
+            f"wrote {report.quantized_path} ({report.int8_size_bytes / 1e6:.2f} MB): top-1 agreement with fp32 "
+            f"{report.int8_top1_agreement:.1f}%, max |logit diff| {report.int8_max_abs_diff:.2e}"
+            + (f", accuracy {report.int8_accuracy:.2f}%" if report.int8_accuracy is not None else "")
+        )
+
+
+def predict(
+    onnx: Path = typer.Option(..., "--onnx", help="An ONNX model exported by adaptsoup."),
+    images: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    csv: Path = typer.Option(Path("predictions.csv"), "--csv", help="Where to write path,class,probability."),
+) -> None:
+    """Run an exported model over a folder of images in onnxruntime; write a CSV of top-1 predictions."""
+    from adaptsoup.deploy.predict import predict_folder
+
+    report = predict_folder(onnx, images, csv)
+    out.print(f"wrote {report.csv_path}: {report.images} images" + (f", {len(report.skipped)} unreadable skipped" if report.skipped else ""))
+    for path, reason in report.skipped[:10]:
+        err.print(f"  skipped {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
