@@ -295,7 +295,8 @@ def test_interpolation_ends_are_the_ingredients(small_run):
 
 
 def test_the_mix_command_gives_each_method_the_flags_it_takes(small_run, capsys):
-    from adaptsoup_cli.main import main, mix_options
+    from adaptsoup_cli.main import main
+    from adaptsoup_cli.mix import mix_options
 
     options = mix_options(["greedy", "self-season", "uniform"], {"tie": "keep", "epochs": 3, "k": 7, "samples": 9})
     assert (options["greedy"].tie, options["greedy"].k) == ("keep", 7)

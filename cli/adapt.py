@@ -1,0 +1,92 @@
+"""``adaptsoup adapt``: the flags of an adapt job, handed to :func:`adaptsoup.pipeline.job.run_adapt_job`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from adaptsoup_cli.common import command_line, log_line, out, print_metrics
+from adaptsoup_cli.common import parse_floats as _floats
+from adaptsoup_cli.common import parse_ints as _ints
+from adaptsoup_cli.mix import print_mixes
+
+
+def adapt(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="The deployed classifier checkpoint (the stock)."),
+    target: Optional[Path] = typer.Option(None, "--target", "-t", help="Folder of unlabeled shifted images (searched recursively)."),
+    source: Optional[Path] = typer.Option(None, "--source", "-s", help="Labeled source folder, <class_name>/<image> layout."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/adapt-<time>)."),
+    stock: Optional[Path] = typer.Option(None, "--stock", help="MAE pre-trained checkpoint with a decoder (original MAE key names)."),
+    arch: Optional[str] = typer.Option(None, help="timm architecture, if --model carries no adaptsoup metadata."),
+    eval_dirs: Optional[List[Path]] = typer.Option(None, "--eval", help="Labeled folder to report top-1 on (repeatable)."),
+    vanilla: Optional[int] = typer.Option(None, help="Also fine-tune the stock this many times without inter-training (supervised soup)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Recipe file (.toml or .yaml); flags override it."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory with its recorded recipe (only --mix/--tta settings may change)."),
+    ssl: Optional[str] = typer.Option(None, "--ssl", help="Self-supervised losses, comma-separated: mae, mocov3, mmcr (per-algorithm grids in --config)."),
+    inter_lrs: Optional[str] = typer.Option(None, help="Inter-training learning rates, comma-separated (grid axis)."),
+    mask_ratios: Optional[str] = typer.Option(None, help="MAE mask ratios (grid axis)."),
+    decoder_depths: Optional[str] = typer.Option(None, help="MAE decoder depths, 0 = sized for the encoder (grid axis)."),
+    inter_steps: Optional[str] = typer.Option(None, help="Inter-training steps (grid axis); default from --inter-epochs."),
+    inter_seeds: Optional[str] = typer.Option(None, help="Inter-training seeds (grid axis)."),
+    inter_epochs: Optional[float] = typer.Option(None, help="Inter-training epochs over the target when no steps are given."),
+    inter_augment: Optional[str] = typer.Option(None, help="Inter-training augmentation: none, crop-flip or 3a."),
+    decoder_warmup_steps: Optional[int] = typer.Option(None, help="Steps to warm up a fresh decoder with the encoder frozen."),
+    ft_lrs: Optional[str] = typer.Option(None, help="Fine-tuning learning rates, comma-separated (N = count x seeds)."),
+    ft_seeds: Optional[str] = typer.Option(None, help="Fine-tuning seeds."),
+    ft_epochs: Optional[float] = typer.Option(None, help="Fine-tuning epochs over the source."),
+    ft_steps: Optional[int] = typer.Option(None, help="Fine-tuning steps (overrides --ft-epochs)."),
+    ft_augment: Optional[str] = typer.Option(None, help="Fine-tuning augmentation: none, crop-flip or 3a (DeiT III 3-Augment)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size of inter-training and fine-tuning (paper: 128)."),
+    max_source_images: Optional[int] = typer.Option(None, help="Use a seeded random subset of this many source images."),
+    max_target_images: Optional[int] = typer.Option(None, help="Use a seeded random subset of this many target images."),
+    seed: Optional[int] = typer.Option(None, help="Seed of data subsets and decoder warm-up."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="Train under bf16 autocast."),
+    tta_method: Optional[str] = typer.Option(None, "--tta", help="Stack test-time adaptation (sar or tent) over the target on the soup: the last --mix soup, else the uniform one."),
+    tta_batch_size: Optional[int] = typer.Option(None, "--tta-batch-size", min=1, help="With --tta: images per adaptation step (default 64)."),
+    tta_base_lr: Optional[float] = typer.Option(None, "--tta-base-lr", help="With --tta: learning rate per 64 images (default: SAR 1e-3, Tent 2.5e-4, their references)."),
+    mix_methods: Optional[List[str]] = typer.Option(None, "--mix", help="Also mix with this method at the end (repeatable; replaces the recipe's mix)."),
+    mix_labeled: Optional[Path] = typer.Option(None, help="Few-label folder for --mix season/greedy/best."),
+    finetune_back: Optional[bool] = typer.Option(None, "--finetune/--no-finetune", help="Fine-tune back on --source (default), or keep the inter-trained encoders as label-free ingredients."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Inter-train the stock with MAE on unlabeled target images, fine-tune back on source, and mix a soup."""
+    from adaptsoup.core.progress import progress_bars
+    from adaptsoup.pipeline.job import AdaptRequest, run_adapt_job
+
+    settings = {
+        "model": _path(model), "target": _path(target), "source": _path(source), "out": _path(out_dir), "stock": _path(stock),
+        "arch": arch, "evals": [str(e) for e in eval_dirs] if eval_dirs else None, "vanilla": vanilla,
+        "max_source_images": max_source_images, "max_target_images": max_target_images, "seed": seed,
+        "device": device, "bf16": bf16, "finetune_back": finetune_back,
+        "mix": list(mix_methods) if mix_methods else None, "mix_labeled": _path(mix_labeled),
+        "tta": tta_method, "tta_batch_size": tta_batch_size, "tta_base_lr": tta_base_lr,
+        "inter": {
+            "ssl": [a.strip() for a in ssl.split(",") if a.strip()] if ssl else None,
+            "lrs": _floats(inter_lrs, "--inter-lrs"), "mask_ratios": _floats(mask_ratios, "--mask-ratios"),
+            "decoder_depths": _ints(decoder_depths, "--decoder-depths"), "steps": _ints(inter_steps, "--inter-steps"),
+            "seeds": _ints(inter_seeds, "--inter-seeds"), "epochs": inter_epochs, "augment": inter_augment,
+            "decoder_warmup_steps": decoder_warmup_steps, "batch_size": batch_size,
+        },
+        "finetune": {
+            "lrs": _floats(ft_lrs, "--ft-lrs"), "seeds": _ints(ft_seeds, "--ft-seeds"), "epochs": ft_epochs,
+            "steps": ft_steps, "augment": ft_augment, "batch_size": batch_size,
+        },
+    }
+    request = AdaptRequest(settings=settings, recipe_file=config, resume=resume, command=command_line())
+    with progress_bars(progress) as bars:
+        result = run_adapt_job(request, progress=bars, echo=log_line)
+    print_metrics(result.metrics)
+    if result.mixes:
+        print_mixes(result.mixes)
+    if result.tta:
+        tta = result.tta
+        out.print(f"{tta['method']} on the {tta['soup']} soup: {result.run_dir / tta['adapted']} ({tta['resets']} reset(s))")
+    out.print(f"soup: {result.soup_path}")
+    out.print(f"manifest: {result.manifest_path}")
+
+
+def _path(value: Optional[Path]) -> Optional[str]:
+    return str(value) if value is not None else None
