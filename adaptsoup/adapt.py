@@ -9,6 +9,10 @@
 4. optionally add ``vanilla`` supervised ingredients (the stock fine-tuned without inter-training): their
    uniform average is the "supervised soup" baseline.
 
+Two protocols: ``deployed`` (the default) inter-trains and fine-tunes the deployed, already fine-tuned model;
+``pretrained`` (``AdaptConfig.pretrained``, the paper's) starts every inter-training and every vanilla
+fine-tuning from a pre-trained MAE encoder instead (:func:`initial_model`).
+
 Every artefact is written atomically into the run directory, and every training run checkpoints its state,
 so ``resume`` skips what is finished and continues what was cut off.
 """
@@ -34,7 +38,7 @@ from .noise import add_parameter_noise, class_partitions, indices_of_classes, na
 from .ssl import MMCR, MoCoV3, multiview_loss
 from .manifest import Manifest, environment
 from .mixing import stream_weighted_average
-from .models import class_names, load_model, model_meta, require_vit
+from .models import class_names, encoder_state_dict, load_model, load_state_dict_strict, model_arch, model_meta, require_vit
 from .progress import NullProgress
 from .recipe import AdaptConfig, FineTuneRun, InterRun, finetune_runs, inter_runs, validate
 from .training import LinearProbeConfig, TrainConfig, classification_loss, fit_linear_probe, mae_loss, steps_for_epochs, train
@@ -139,6 +143,10 @@ def run_adapt(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | 
             continue
         if images.skipped:
             log(f"{label}: skipped {len(images.skipped)} unreadable file(s): " + ", ".join(f"{p} ({r})" for p, r in images.skipped[:5]) + (" ..." if len(images.skipped) > 5 else ""))
+    manifest.data["protocol"] = protocol(cfg)
+    manifest.save()
+    log(f"protocol {protocol(cfg)}: inter-training and vanilla fine-tuning start from "
+        + (f"the pre-trained encoder {cfg.pretrained}" if cfg.pretrained else f"the deployed model {cfg.model}"))
     log(f"stock {cfg.model}: {model_meta(stock).arch}, {stock.num_classes} classes; target {len(target)} images"
         + (f", source {len(source)} labeled" if source is not None else ", no source (label-free ingredients)"))
 
@@ -166,7 +174,7 @@ def run_adapt(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | 
         needed = any(ing.inter == run and not (run_dir / "ingredients" / ing.path_name).is_file() for ing in ingredients)
         if out.is_file() or not needed:
             continue
-        encoder = load_model(cfg.arch, cfg.model)
+        encoder = initial_model(cfg)
         if noise_stage == "before_inter":
             noisy(encoder, run.noise, run.name)
         run_data = inter_data
@@ -201,7 +209,8 @@ def run_adapt(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | 
         res = train(mae, loss_fn, run_data, pre, tcfg, state_path=run_dir / "state" / f"{run.name}.pt", progress=progress,
                     description=f"inter-train {run.name}", on_step=_step_hook(on_step, run.name))
         encoder = mae.encoder.cpu()
-        meta = model_meta(encoder, made_by="adaptsoup adapt", stage="inter-train", ssl=run.ssl, parents=[str(cfg.model)], run=dataclasses.asdict(run))
+        meta = model_meta(encoder, made_by="adaptsoup adapt", stage="inter-train", ssl=run.ssl, parents=[str(cfg.pretrained or cfg.model)],
+                          run=dataclasses.asdict(run))
         save_checkpoint(out, encoder.state_dict(), meta)
         manifest.update("inter", run.name, {**dataclasses.asdict(run), "train": _train_record(res, tcfg), "path": str(out.relative_to(run_dir))})
         del mae, encoder
@@ -216,8 +225,8 @@ def run_adapt(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | 
             done += 1
             progress.update(overall, completed=done)
             continue
-        parent = run_dir / "inter" / f"{ing.inter.name}.safetensors" if ing.inter else Path(cfg.model)
-        model = load_model(cfg.arch if ing.inter is None else None, parent)
+        parent = run_dir / "inter" / f"{ing.inter.name}.safetensors" if ing.inter else Path(cfg.pretrained or cfg.model)
+        model = load_model(None, parent) if ing.inter else initial_model(cfg)
         if ing.finetune is None:  # label-free: the inter-trained encoder is the ingredient
             if noise_stage in ("before_finetune", "before_mix"):
                 noisy(model, ing.inter.noise, ing.name)
@@ -300,10 +309,12 @@ def write_soup(out: Path, paths: list[Path], stock: nn.Module, method: str = "un
 
 def evaluate_checkpoints(candidates: dict[str, Path], evals: dict[str, ImageSet], pre: Preprocess, *, arch: str | None = None,
                          device: str = "cpu", bf16: bool = False, progress=None, known: dict | None = None,
-                         score=top1) -> dict[str, dict[str, float]]:
+                         score=top1, predictions: dict | None = None) -> dict[str, dict[str, float]]:
     """Top-1 of each checkpoint on each labeled set: ``{eval_name: {model_name: accuracy}}``, one model in memory.
 
     ``score(logits, labels)`` turns logits into a percentage (default: top-1 over the model's classes).
+    ``predictions``, if given, is filled with each evaluated model's per-image arg-max class:
+    ``{eval_name: {model_name: int64 [N]}}`` (only for what is evaluated now, not what ``known`` held).
     """
     progress = progress or NullProgress()
     metrics: dict[str, dict[str, float]] = {k: dict(v) for k, v in (known or {}).items()}
@@ -316,6 +327,8 @@ def evaluate_checkpoints(candidates: dict[str, Path], evals: dict[str, ImageSet]
             images = evals[eval_name]
             logits = run_model(model, images, pre, device=device, bf16=bf16).logits
             metrics.setdefault(eval_name, {})[name] = score(logits, images.labels)
+            if predictions is not None:
+                predictions.setdefault(eval_name, {})[name] = logits.argmax(dim=1)
             progress.advance(task)
         del model
     progress.remove_task(task)
@@ -327,7 +340,35 @@ def _decoder_config(encoder: nn.Module, depth: int) -> DecoderConfig:
     return dataclasses.replace(cfg, depth=depth) if depth else cfg
 
 
+def protocol(cfg: AdaptConfig) -> str:
+    """``"pretrained"`` (ingredients start from a pre-trained encoder, the paper's) or ``"deployed"``."""
+    return "pretrained" if cfg.pretrained else "deployed"
+
+
+def initial_model(cfg: AdaptConfig) -> nn.Module:
+    """What every inter-training and every vanilla fine-tuning starts from.
+
+    The deployed model (``cfg.model``) as it is; or, with ``cfg.pretrained``, the deployed model's
+    architecture, classes and preprocessing carrying the pre-trained checkpoint's encoder weights, with a
+    zeroed head (the pre-trained file's head, if any, is dropped: the linear probe of LP-FT sets it).
+    """
+    model = load_model(cfg.arch, cfg.model)
+    if not cfg.pretrained:
+        return model
+    source = load_model(model_arch(model), cfg.pretrained, num_classes=model.num_classes, reset_head=True)
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    state.update({k: torch.zeros_like(v) for k, v in model.state_dict().items() if k.startswith("head.")})
+    load_state_dict_strict(model, state, source=f"--pretrained {cfg.pretrained}")
+    return model
+
+
 def _decoder_state(cfg: AdaptConfig, log: RunLog) -> dict[str, torch.Tensor] | None:
+    """The MAE decoder's weights: the pre-trained checkpoint's if it holds decoder keys, else ``--stock``'s."""
+    if cfg.pretrained:
+        state, _ = read_checkpoint(cfg.pretrained)
+        if len(encoder_state_dict(state)) < len(state):
+            log(f"MAE decoder: loaded from the pre-trained checkpoint {cfg.pretrained}")
+            return state
     if not cfg.stock:
         log("MAE decoder: none given (--stock); a fresh decoder is warmed up with the encoder frozen")
         return None
@@ -416,7 +457,7 @@ def _warm_up_heads(module: nn.Module, run: InterRun, cfg: AdaptConfig, views: in
 
 def _linear_probe(model: nn.Module, source: ImageSet, pre: Preprocess, cfg: AdaptConfig, run_dir: Path, ing: Ingredient, log: RunLog) -> dict:
     """LP of LP-FT: the head is set to the linear-probe solution (computed once per parent, then reused)."""
-    parent = ing.inter.name if ing.inter else "stock"
+    parent = ing.inter.name if ing.inter else ("pretrained" if cfg.pretrained else "stock")
     cache = run_dir / "inter" / f"{parent}.probe.safetensors"
     if cache.is_file():
         state, meta = read_checkpoint(cache)
