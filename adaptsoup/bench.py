@@ -66,7 +66,8 @@ from .tta import TTAConfig, run_tta
 TITLES = {"c10c": "CIFAR-10 → CIFAR-10-C", "imagenet-c": "ImageNet → ImageNet-C", "laion-c": "ImageNet → LAION-C"}
 ROW_NAMES = (
     "deployed", "supervised_soup", "cont_ssl_soup", "self_soup_target", "self_soup_target_best_ingredient",
-    "self_soup_target_self_seasoned", "self_soup_target_self_seasoned_centered", "supervised_soup+sar", "self_soup_target+sar",
+    "self_soup_target_self_seasoned", "self_soup_target_self_seasoned_centered", "self_plus_supervised_soup", "self_plus_deployed_soup",
+    "supervised_soup+sar", "self_soup_target+sar",
     "supervised_soup+sar_reference_lr", "self_soup_target+sar_reference_lr",
 )
 SAR_ROWS = {"+sar": "sar_base_lr", "+sar_reference_lr": "sar_reference_base_lr"}  # row suffix -> the config's base lr
@@ -125,6 +126,7 @@ class BenchConfig:
     cont_ssl: bool = True  # the continued-SSL soup row (False: left out, to save its inter-training)
     centered: bool = True  # the centred Self-Seasoning row
     sar: bool = True  # the SAR rows (Table 2)
+    joint: bool = True  # evaluate the rows on the even (target) images too ("joint"); False saves that evaluation
     bootstrap_resamples: int = 10000
 
     @classmethod
@@ -148,9 +150,9 @@ class BenchConfig:
         return cfg
 
 
-EVALUATION_ONLY = ("cont_ssl", "centered", "sar", "bootstrap_resamples")  # choose rows, shape no data and no run
+EVALUATION_ONLY = ("cont_ssl", "centered", "sar", "joint", "bootstrap_resamples")  # choose rows, shape no data and no run
 NEW_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BenchConfig)
-                if f.name in ("protocol", "pretrained", "split", "cont_ssl", "centered", "sar", "bootstrap_resamples")}
+                if f.name in ("protocol", "pretrained", "split", *EVALUATION_ONLY)}
 
 
 def split_pool(labels: torch.Tensor, split: str) -> np.ndarray:
@@ -444,7 +446,7 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
 
     # -- evaluation of every checkpoint on clean, odd (disjoint) and even (joint) images -------------------------
     t0 = time.perf_counter()
-    evals = data.evals
+    evals = data.evals if cfg.joint else {k: v for k, v in data.evals.items() if not k.startswith("even/")}
     ingredients = {p.stem: p for p in self_run.ingredients if not p.stem.startswith("vanilla")}
     vanillas = [p for p in self_run.ingredients if p.stem.startswith("vanilla")]
     stock_model = load_model(None, data.stock)
