@@ -229,9 +229,19 @@ def test_relative_checkpoint_path(capsys, tmp_path, checkpoint, monkeypatch):
     (["c10c", "--label", "../up"], "--label"),                      # a label must be a file name
     (["families", "--label", "../up"], "--label"),
     (["c10c", "--set", "severity=3"], "use --severity"),            # a setting with its own flag
+    (["c10c", "--protocol", "other"], "--protocol"),
+    (["c10c", "--split", "test"], "--split"),
+    (["c10c", "--set", "split=tuning"], "use --split"),
 ])
 def test_bench_rejects_bad_input_in_one_line(capsys, tmp_path, args, fragment):
     extra = [] if args[0] == "label-free" else ["--work", str(tmp_path), "--no-progress"]
     code, _, err = run_cli(capsys, "bench", *args, *extra)
     assert code == 2
     assert_one_line_error(err, fragment)
+
+
+def test_adapt_pretrained_must_exist_in_one_line(capsys, tmp_path, checkpoint, image_folder):
+    code, _, err = run_cli(capsys, "adapt", "--model", checkpoint, "--target", image_folder, "--source", image_folder,
+                           "--out", tmp_path / "run", "--pretrained", tmp_path / "missing.safetensors", "--no-progress")
+    assert code == 2
+    assert_one_line_error(err, "--pretrained checkpoint not found")
