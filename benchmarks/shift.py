@@ -18,6 +18,18 @@ all corruptions' even images.  Rows:
   reset between corruptions (Table 2), at the paper's learning rate for soups (base 5e-5 per 64 images);
   each corruption's record counts the samples filtered at each forward, the updates made and the resets.
 
+* ``self_plus_supervised_soup`` — the uniform soup of the Self-Soup's and the supervised soup's ingredients
+  together (eq. 1 of the paper allows both kinds);
+* ``self_plus_deployed_soup`` — the Self-Soup's ingredients and the deployed model, uniform (under the
+  ``pretrained`` protocol the deployed model is one more fine-tune of the same pre-trained encoder).
+
+Protocols (``protocol``): ``deployed`` inter-trains and fine-tunes the deployed model itself; ``pretrained``
+(the paper's) makes every row's ingredients, supervised ones included, from the pre-trained stock (the MAE
+phase of the deployed model, ``*_mae.safetensors``) with the same LP-FT budget; the ``deployed`` row stays the
+deployed model.  Splits (``split``): ``tuning`` and ``report`` are the two halves of the CIFAR-10 test set
+(:func:`split_pool`): settings are chosen on ``tuning`` and the frozen recipe is run once on ``report``.
+Paired 95% bootstrap intervals over the evaluation images (:func:`paired_bootstrap`) compare the rows.
+
 No choice (learning rates, steps, seeds) is made on the odd images: the recipe is fixed before the run.
 """
 
@@ -25,7 +37,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +49,12 @@ import numpy as np
 import torch
 
 from adaptsoup.core.evaluation import evaluate_checkpoints
-from adaptsoup.pipeline.adapt import run_adapt
+from adaptsoup.pipeline.adapt import AdaptResult, run_adapt
+from adaptsoup.pipeline.soups import write_soup
 from adaptsoup_bench.corruptions import CORRUPTIONS, corrupt_batch
 from adaptsoup.core.data import ImageSet, Preprocess, default_cache_dir, load_folder
 from adaptsoup.errors import AdaptsoupError
-from adaptsoup.core.io import atomic_path, write_json_atomic, write_text_atomic
+from adaptsoup.core.io import atomic_path, write_atomic, write_json_atomic, write_text_atomic
 from adaptsoup.core.manifest import config_tag, environment, file_digest, provenance_lines, source_state
 from adaptsoup.soup.run import MixRequest, mix_run
 from adaptsoup.core.models import class_names, load_model
@@ -54,11 +69,22 @@ from adaptsoup.tta.stream import run_tta
 TITLES = {"c10c": "CIFAR-10 → CIFAR-10-C", "imagenet-c": "ImageNet → ImageNet-C", "laion-c": "ImageNet → LAION-C"}
 ROW_NAMES = (
     "deployed", "supervised_soup", "cont_ssl_soup", "self_soup_target", "self_soup_target_best_ingredient",
-    "self_soup_target_self_seasoned", "self_soup_target_self_seasoned_centered", "supervised_soup+sar", "self_soup_target+sar",
+    "self_soup_target_self_seasoned", "self_soup_target_self_seasoned_centered", "self_plus_supervised_soup", "self_plus_deployed_soup",
+    "supervised_soup+sar", "self_soup_target+sar",
     "supervised_soup+sar_reference_lr", "self_soup_target+sar_reference_lr",
 )
 SAR_ROWS = {"+sar": "sar_base_lr", "+sar_reference_lr": "sar_reference_base_lr"}  # row suffix -> the config's base lr
 CENTERED = "self-season-centered"  # Self-Seasoning on batch-centred embeddings (``--center``), beside the paper's
+PROTOCOLS = ("deployed", "pretrained")
+SPLITS = ("all", "tuning", "report")
+SPLIT_SEVERITY = {"all": 5, "tuning": 3, "report": 5}  # default severity of each split
+# the paired comparisons the results report (row minus row), each on the odd images and on clean images
+PAIRS = (
+    ("self_soup_target", "supervised_soup"), ("self_soup_target", "deployed"),
+    ("self_plus_supervised_soup", "supervised_soup"), ("self_plus_supervised_soup", "deployed"),
+    ("self_soup_target_self_seasoned", "supervised_soup"), ("cont_ssl_soup", "supervised_soup"),
+    ("supervised_soup", "deployed"), ("self_plus_deployed_soup", "deployed"),
+)
 
 
 @dataclass
@@ -96,6 +122,15 @@ class BenchConfig:
     bf16: bool = True
     device: str = "cpu"
     label: str = ""  # appended to the results' file names (c10c_quick_s5_<label>.json) to keep variants apart
+    # -- added for issue #13; at their defaults they leave the work folders' digests as they were -------------
+    protocol: str = "deployed"  # "deployed" or "pretrained" (every ingredient from the pre-trained stock)
+    pretrained: str = ""  # the pre-trained stock (default: the stock's *_mae.safetensors beside it)
+    split: str = "all"  # "all" test images, or the "tuning" / "report" half (see split_pool)
+    cont_ssl: bool = True  # the continued-SSL soup row (False: left out, to save its inter-training)
+    centered: bool = True  # the centred Self-Seasoning row
+    sar: bool = True  # the SAR rows (Table 2)
+    joint: bool = True  # evaluate the rows on the even (target) images too ("joint"); False saves that evaluation
+    bootstrap_resamples: int = 10000
 
     @classmethod
     def for_mode(cls, mode: str, **overrides) -> "BenchConfig":
@@ -106,25 +141,96 @@ class BenchConfig:
                       inter_steps=1000, ft_lrs=[1e-4, 2e-4], ft_steps=300, vanilla=4, self_season_epochs=5, self_season_subset=4096)
         else:
             raise AdaptsoupError(f"--mode must be quick or full, got {mode!r}")
-        return with_overrides(cfg, overrides)
+        overrides = dict(overrides)
+        split = overrides.get("split") or cfg.split
+        if split not in SPLITS:
+            raise AdaptsoupError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if overrides.get("severity") is None:
+            overrides["severity"] = SPLIT_SEVERITY[split]
+        cfg = with_overrides(cfg, overrides)
+        if cfg.protocol not in PROTOCOLS:
+            raise AdaptsoupError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
+        return cfg
+
+
+EVALUATION_ONLY = ("cont_ssl", "centered", "sar", "joint", "bootstrap_resamples")  # choose rows, shape no data and no run
+NEW_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BenchConfig)
+                if f.name in ("protocol", "pretrained", "split", *EVALUATION_ONLY)}
+
+
+def split_pool(labels: torch.Tensor, split: str) -> np.ndarray:
+    """The test-set indices (positions in ``load_folder``'s sorted list) a split draws from.
+
+    ``all``: every image.  ``tuning`` / ``report``: within each class, the first / second half of that
+    class's images in the sorted order (CIFAR-10: 500 of each class's 1,000 test images each).  The sorted
+    list is grouped by class folder, so halving it by position (index < 5,000) would put five classes in
+    each half; halving every class keeps both halves class-balanced and disjoint.
+    """
+    labels_np = np.asarray(labels)
+    if split == "all":
+        return np.arange(len(labels_np))
+    if split not in ("tuning", "report"):
+        raise AdaptsoupError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    keep = []
+    for c in np.unique(labels_np):
+        members = np.flatnonzero(labels_np == c)
+        half = len(members) // 2
+        keep.append(members[:half] if split == "tuning" else members[half:])
+    return np.sort(np.concatenate(keep))
+
+
+def _draw(pool: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """``count`` indices of ``pool`` drawn by ``seed``, sorted (the whole pool when it is not larger)."""
+    if count >= len(pool):
+        return pool
+    return np.sort(pool[np.random.default_rng(seed).permutation(len(pool))[:count]])
+
+
+def split_description(cfg: BenchConfig, corrupted: np.ndarray, clean: np.ndarray) -> dict:
+    """What the results say about which test images served what (the ``split`` of the results JSON)."""
+    return {
+        "name": cfg.split,
+        "tuning": "CIFAR-10 test images in the first half of each class (positions 0-499 of the class's 1,000 in load_folder's "
+                  "sorted order); settings are chosen here, default severity 3",
+        "report": "the second half of each class (positions 500-999); run once with the frozen recipe, default severity 5",
+        "all": "every test image (the benchmark before the split; results before issue #13)",
+        "used": cfg.split,
+        "severity": cfg.severity,
+        "corrupted": f"{len(corrupted)} test images of the {cfg.split} pool drawn with seed {cfg.seed}, each corrupted by every one "
+                     f"of {len(cfg.corruptions)} corruptions; even positions = unlabeled target ({(len(corrupted) + 1) // 2} per "
+                     f"corruption), odd positions = evaluation ('disjoint', {len(corrupted) // 2} per corruption)",
+        "clean": f"{len(clean)} uncorrupted test images of the same pool drawn with seed {cfg.seed + 1} (clean accuracy)",
+        "corrupted_indices": [int(i) for i in corrupted], "clean_indices": [int(i) for i in clean],
+    }
+
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Data
 
 
+def corrupted_indices(test: ImageSet, cfg: BenchConfig) -> np.ndarray:
+    """The test indices that are corrupted (``per_corruption`` of the split's pool, seeded, sorted)."""
+    return _draw(split_pool(test.labels, cfg.split), cfg.per_corruption, cfg.seed)
+
+
+def clean_indices(test: ImageSet, cfg: BenchConfig) -> np.ndarray:
+    """The test indices of the clean-accuracy subset (``clean_images`` of the split's pool, seed + 1)."""
+    return _draw(split_pool(test.labels, cfg.split), cfg.clean_images, cfg.seed + 1)
+
+
 def prepare_corrupted(test: ImageSet, names: list[str], cfg: BenchConfig, root: Path, progress=None) -> Path:
     """Write each corruption's selected test images as PNGs: ``root/{even,odd}/<corruption>/<class>/<index>.png``.
 
-    The selection is a fixed seeded subset of ``per_corruption`` test images (all of them when it is 10,000),
-    in sorted order; position parity gives the even (target) / odd (evaluation) split.
+    The selection is a fixed seeded subset of ``per_corruption`` test images of the split's pool (all of
+    them when it is the whole pool), in sorted order; position parity gives the even (target) / odd
+    (evaluation) split.
     """
     from PIL import Image
 
     progress = progress or NullProgress()
-    n = len(test)
-    count = min(cfg.per_corruption, n)
-    chosen = np.sort(np.random.default_rng(cfg.seed).permutation(n)[:count]) if count < n else np.arange(n)
+    chosen = corrupted_indices(test, cfg)
+    count = len(chosen)
     task = progress.add_task(f"corrupt (severity {cfg.severity})", total=len(cfg.corruptions))
     for corruption in cfg.corruptions:
         marker = root / f".{corruption}.done"
@@ -192,9 +298,11 @@ def prepare_c10c(cfg: BenchConfig, *, progress=None, log: Callable[[str], None] 
     for c in cfg.corruptions:
         for split in ("odd", "even"):
             evals[f"{split}/{c}"] = load_folder(corrupted_root / split / c, pre, labeled=True, class_names=names)
-    log(f"data: {len(cfg.corruptions)} corruptions x {cfg.per_corruption} test images (severity {cfg.severity}) at {corrupted_root}")
+    split = split_description(cfg, corrupted_indices(test, cfg), clean_indices(test, cfg))
+    log(f"data: {len(cfg.corruptions)} corruptions x {len(split['corrupted_indices'])} test images of split {cfg.split!r} "
+        f"(severity {cfg.severity}) at {corrupted_root}")
     return ShiftData("c10c", stock_path, decoder, str(cifar / "train"), corrupted_root / "even", list(cfg.corruptions), evals, pre,
-                     notes={"prepare_data_s": round(time.perf_counter() - t0, 1)}, chance=100.0 / len(names))
+                     notes={"prepare_data_s": round(time.perf_counter() - t0, 1), "split": split}, chance=100.0 / len(names))
 
 
 def _stock_and_decoder(cfg: BenchConfig) -> tuple[Path, str | None]:
@@ -206,6 +314,17 @@ def _stock_and_decoder(cfg: BenchConfig) -> tuple[Path, str | None]:
         candidate = stock_path.with_name(stock_path.stem + "_mae_decoder.safetensors")
         decoder = str(candidate) if candidate.is_file() else None
     return stock_path, decoder
+
+
+def pretrained_path(cfg: BenchConfig) -> Path | None:
+    """The pre-trained stock of the ``pretrained`` protocol (None under ``deployed``); it must exist."""
+    if cfg.protocol != "pretrained":
+        return None
+    stock = Path(cfg.stock or default_stock_path())
+    path = Path(cfg.pretrained) if cfg.pretrained else stock.with_name(stock.stem + "_mae.safetensors")
+    if not path.is_file():
+        raise AdaptsoupError(f"pre-trained stock not found: {path} (the MAE phase of the deployed model; pass --set pretrained=PATH)")
+    return path
 
 
 def results_stem(benchmark: str, cfg: BenchConfig) -> str:
@@ -223,11 +342,53 @@ def bench_work_dir(cfg: BenchConfig, benchmark: str, *extra) -> Path:
     any other never reuses its images or ingredients.
     """
     stock = Path(cfg.stock or default_stock_path())
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "work", "label")}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("out", "work", "label", *EVALUATION_ONLY) and not (k in NEW_DEFAULTS and v == NEW_DEFAULTS[k])}
+    pretrained = pretrained_path(cfg)
+    if pretrained is not None:
+        extra = (*extra, file_digest(pretrained))
     tag = config_tag(settings, file_digest(stock) if stock.is_file() else str(stock), *extra)
     work = Path(cfg.work or default_cache_dir() / "bench") / f"{benchmark}-{cfg.mode}-s{cfg.severity}-{tag}"
     work.mkdir(parents=True, exist_ok=True)
     return work
+
+
+# settings that shape an inter-trained encoder (and its linear probe) / a vanilla ingredient; runs of two
+# benchmark configurations that agree on them share those files (:func:`share_trained`)
+INTER_SETTINGS = ("mode", "severity", "stock", "decoder", "data", "corruptions", "per_corruption", "source_images", "inter_lrs",
+                  "inter_steps", "batch_size", "decoder_warmup_loaded", "seed", "bf16", "device", "protocol", "pretrained", "split")
+VANILLA_SETTINGS = ("stock", "data", "source_images", "ft_lrs", "ft_steps", "vanilla", "batch_size", "seed", "bf16", "device",
+                    "protocol", "pretrained")
+
+
+def shared_dir(cfg: BenchConfig, benchmark: str, kind: str, keys: tuple[str, ...], *extra) -> Path:
+    """A folder of trained files shared by every configuration that agrees on ``keys`` (and the stocks' contents)."""
+    stock = Path(cfg.stock or default_stock_path())
+    pretrained = pretrained_path(cfg)
+    settings = {k: getattr(cfg, k) for k in keys}
+    tag = config_tag(settings, file_digest(stock) if stock.is_file() else str(stock),
+                     file_digest(pretrained) if pretrained else None, kind, *extra)
+    return Path(cfg.work or default_cache_dir() / "bench") / "shared" / f"{benchmark}-{kind}-{tag}"
+
+
+def share_trained(run_dir: Path, shared: Path, patterns: tuple[str, ...], *, collect: bool) -> list[str]:
+    """Link the files of ``shared`` matching ``patterns`` into ``run_dir`` where missing (``collect=False``,
+    before a run: ``adapt`` then skips training them), or the run's into ``shared`` (``collect=True``, after)."""
+    src, dst = (run_dir, shared) if collect else (shared, run_dir)
+    linked = []
+    for pattern in patterns:
+        for path in sorted(src.glob(pattern)):
+            target = dst / path.relative_to(src)
+            if target.exists() or not path.is_file():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:
+                with atomic_path(target) as tmp:
+                    shutil.copy2(path, tmp)
+            linked.append(str(path.relative_to(src)))
+    return linked
 
 
 def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "", progress=None,
@@ -243,43 +404,72 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     work = bench_work_dir(cfg, data.benchmark)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    pretrained = pretrained_path(cfg)
     common = dict(model=str(data.stock), source=data.source, stock=data.decoder, max_source_images=cfg.source_images,
-                  seed=cfg.seed, device=cfg.device, bf16=cfg.bf16)
+                  seed=cfg.seed, device=cfg.device, bf16=cfg.bf16, pretrained=str(pretrained) if pretrained else None)
     inter = InterTrainConfig(lrs=list(cfg.inter_lrs), steps=[cfg.inter_steps], batch_size=cfg.batch_size,
                              decoder_warmup_loaded=cfg.decoder_warmup_loaded)
     ft = FineTuneConfig(lrs=list(cfg.ft_lrs), steps=cfg.ft_steps, batch_size=cfg.batch_size)
+    log(f"protocol {cfg.protocol}: " + (f"every ingredient from the pre-trained stock {pretrained}" if pretrained
+                                        else f"every ingredient from the deployed model {data.stock}"))
+
+    def adapt(kind: str, **changes) -> "AdaptResult":
+        run_dir = work / "runs" / kind
+        inter_shared = shared_dir(cfg, data.benchmark, f"inter-{kind}", INTER_SETTINGS, str(data.target))
+        vanilla_shared = shared_dir(cfg, data.benchmark, "vanilla", VANILLA_SETTINGS)
+        inter_files = ("inter/mae*.safetensors",)
+        vanilla_files = ("ingredients/vanilla-*.safetensors", "inter/stock.probe.safetensors", "inter/pretrained.probe.safetensors")
+        if not changes.get("vanilla"):
+            vanilla_files = ()
+        reused = share_trained(run_dir, inter_shared, inter_files, collect=False) + share_trained(run_dir, vanilla_shared, vanilla_files, collect=False)
+        if reused:
+            log(f"{kind}: reusing {len(reused)} trained file(s) of an earlier configuration that agrees on their settings: {', '.join(reused)}")
+        res = run_adapt(AdaptConfig(target=str(data.target), out=str(run_dir), **{**common, **changes}), progress=progress, echo=log, command=command)
+        share_trained(run_dir, inter_shared, inter_files, collect=True)
+        share_trained(run_dir, vanilla_shared, vanilla_files, collect=True)
+        return res
 
     t0 = time.perf_counter()
-    self_run = run_adapt(AdaptConfig(target=str(data.target), out=str(work / "runs" / "self"), vanilla=cfg.vanilla,
-                                     inter=inter, finetune=ft, **common), progress=progress, echo=log, command=command)
+    self_run = adapt("self", vanilla=cfg.vanilla, inter=inter, finetune=ft)
     timings["adapt_self_and_supervised"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cont = run_adapt(AdaptConfig(target=str(data.target), out=str(work / "runs" / "cont_ssl"), vanilla=0,
-                                 inter=dataclasses.replace(inter, data="source"), finetune=ft, **common),
-                     progress=progress, echo=log, command=command)
-    timings["adapt_cont_ssl"] = time.perf_counter() - t0
+    cont = None
+    if cfg.cont_ssl:
+        t0 = time.perf_counter()
+        cont = adapt("cont_ssl", vanilla=0, inter=dataclasses.replace(inter, data="source"), finetune=ft)
+        timings["adapt_cont_ssl"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     season_options = SelfSeasonOptions(epochs=cfg.self_season_epochs, subset=cfg.self_season_subset, seed=cfg.seed, bf16=cfg.bf16)
-    mix_run(MixRequest(run_dir=self_run.run_dir, methods=["self-season"], evals=[], options={"self-season": season_options}, device=cfg.device),
-            progress=progress, log=log)
+    mixes = mix_run(MixRequest(run_dir=self_run.run_dir, methods=["self-season"], evals=[], options={"self-season": season_options},
+                               device=cfg.device), progress=progress, log=log)
     timings["self_season"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    mixes = mix_run(MixRequest(run_dir=self_run.run_dir, methods=["self-season"], evals=[], save_as=CENTERED,
-                               options={"self-season": dataclasses.replace(season_options, center=True)}, device=cfg.device),
-                    progress=progress, log=log)
-    timings["self_season_centered"] = time.perf_counter() - t0
+    if cfg.centered:
+        t0 = time.perf_counter()
+        mixes = mix_run(MixRequest(run_dir=self_run.run_dir, methods=["self-season"], evals=[], save_as=CENTERED,
+                                   options={"self-season": dataclasses.replace(season_options, center=True)}, device=cfg.device),
+                        progress=progress, log=log)
+        timings["self_season_centered"] = time.perf_counter() - t0
 
     # -- evaluation of every checkpoint on clean, odd (disjoint) and even (joint) images -------------------------
     t0 = time.perf_counter()
-    evals = data.evals
+    evals = data.evals if cfg.joint else {k: v for k, v in data.evals.items() if not k.startswith("even/")}
     ingredients = {p.stem: p for p in self_run.ingredients if not p.stem.startswith("vanilla")}
+    vanillas = [p for p in self_run.ingredients if p.stem.startswith("vanilla")]
+    stock_model = load_model(None, data.stock)
     soups = {
-        "deployed": data.stock, "supervised_soup": self_run.supervised_soup_path, "cont_ssl_soup": cont.soup_path,
+        "deployed": data.stock, "supervised_soup": self_run.supervised_soup_path,
+        **({"cont_ssl_soup": cont.soup_path} if cont is not None else {}),
         "self_soup_target": self_run.soup_path, "self_soup_target_self_seasoned": self_run.run_dir / mixes["self-season"]["path"],
-        "self_soup_target_self_seasoned_centered": self_run.run_dir / mixes[CENTERED]["path"],
+        **({"self_soup_target_self_seasoned_centered": self_run.run_dir / mixes[CENTERED]["path"]} if cfg.centered else {}),
+        "self_plus_supervised_soup": write_soup(self_run.run_dir / "soups" / "self_plus_supervised_soup.safetensors",
+                                                list(ingredients.values()) + vanillas, stock_model),
+        "self_plus_deployed_soup": write_soup(self_run.run_dir / "soups" / "self_plus_deployed_soup.safetensors",
+                                              list(ingredients.values()) + [Path(data.stock)], stock_model),
     }
+    del stock_model
     candidates = {**soups, **{f"ingredient:{k}": v for k, v in ingredients.items()}}
-    evaluate = functools.partial(evaluate_checkpoints, pre=data.preprocess, device=cfg.device, bf16=False, progress=progress, score=data.score)
+    predictions: dict[str, dict[str, torch.Tensor]] = {}
+    evaluate = functools.partial(evaluate_checkpoints, pre=data.preprocess, device=cfg.device, bf16=False, progress=progress, score=data.score,
+                                 predictions=predictions)
     # the rows on every set; the ingredients on clean and disjoint only (their joint accuracy is in no table)
     metrics = evaluate(soups, evals)
     metrics = evaluate(candidates, {k: v for k, v in evals.items() if not k.startswith("even/")}, known=metrics)
@@ -288,21 +478,31 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     metrics = evaluate({f"ingredient:{best}": ingredients[best]}, evals, known=metrics)
     timings["evaluate"] = time.perf_counter() - t0
     has_clean = "clean" in evals
+    # per-image correctness where the score is top-1 (LAION-C's superclass scoring is not per-image top-1 here)
+    correct = per_image_correct(predictions, evals, list(soups), corruptions) if data.score is top1 else {"disjoint": {}, "clean": {}}
+    predictions_path = save_correct(work / f"correct_{cfg.protocol}.npz", correct)
+    t0 = time.perf_counter()
+    paired = paired_comparisons(correct, PAIRS, resamples=cfg.bootstrap_resamples, seed=cfg.seed)
+    timings["bootstrap"] = time.perf_counter() - t0
 
     def row(name: str, key: str) -> dict:
         return score_row(name, key, metrics, corruptions)
 
-    rows = [row(n, n) for n in ("deployed", "supervised_soup", "cont_ssl_soup", "self_soup_target")]
+    rows = [row(n, n) for n in ("deployed", "supervised_soup", "cont_ssl_soup", "self_soup_target") if n in soups]
     rows.append({**row("self_soup_target_best_ingredient", f"ingredient:{best}"), "ingredient": best,
                  "note": "chosen by its mean accuracy on the odd images: an oracle, not a method"})
     for name, key in (("self_soup_target_self_seasoned", "self-season"), ("self_soup_target_self_seasoned_centered", CENTERED)):
-        rows.append({**row(name, name), "coefficients": mixes[key]["coefficients"],
-                     "self_season": self_season_summary(mixes[key]["info"])})
+        if name in soups:
+            rows.append({**row(name, name), "coefficients": mixes[key]["coefficients"],
+                         "self_season": self_season_summary(mixes[key]["info"])})
+    rows.append({**row("self_plus_supervised_soup", "self_plus_supervised_soup"), "ingredients": len(ingredients) + len(vanillas)})
+    rows.append({**row("self_plus_deployed_soup", "self_plus_deployed_soup"), "ingredients": len(ingredients) + 1})
+    candidates = soups
 
     # -- SAR on the soups (Table 2): online over each corruption's odd images, reset between corruptions ---------
     t0 = time.perf_counter()
     sar_settings = [(suffix, getattr(cfg, key)) for suffix, key in SAR_ROWS.items()
-                    if suffix == "+sar" or getattr(cfg, key) is not None]
+                    if cfg.sar and (suffix == "+sar" or getattr(cfg, key) is not None)]
     for suffix, base_lr in sar_settings:
         for base in ("supervised_soup", "self_soup_target"):
             tta = TTAConfig(method="sar", batch_size=cfg.sar_batch, base_lr=base_lr, seed=cfg.seed, device=cfg.device)
@@ -326,16 +526,89 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
         "stock": {"path": str(data.stock), "clean_acc": metrics["clean"]["deployed"] if has_clean else None},
         "config": dataclasses.asdict(cfg),
         "data": {"corruptions": corruptions, "eval_images": {k: len(v) for k, v in evals.items()},
-                 "target_images": sum(len(evals[f"even/{c}"]) for c in corruptions), **{k: v for k, v in data.notes.items() if not k.endswith("_s")}},
-        "rows": rows, "ingredients": ingredient_scores, "self_season_cost": self_season_cost,
+                 "target_images": sum(len(data.evals[f"even/{c}"]) for c in corruptions),
+                 **{k: v for k, v in data.notes.items() if not k.endswith("_s") and k != "split"}},
+        "protocol": cfg.protocol, "pretrained": str(pretrained) if pretrained else None,
+        "split": data.notes.get("split", {"name": "all", "used": "all"}),
+        "steps": {"inter": cfg.inter_steps, "fine_tune": cfg.ft_steps, "batch_size": cfg.batch_size,
+                  "ingredients": {"self": len(ingredients), "vanilla": len(vanillas)}},
+        "rows": rows, "paired": paired, "ingredients": ingredient_scores, "self_season_cost": self_season_cost,
         "checks": sanity_checks(rows, chance=data.chance),
-        "runs": {"self": str(self_run.run_dir), "cont_ssl": str(cont.run_dir)},
+        "runs": {"self": str(self_run.run_dir), "cont_ssl": str(cont.run_dir) if cont is not None else None},
+        "per_image_correct": str(predictions_path),
     }
     write_json_atomic(out / f"{stem}.json", result)
     write_text_atomic(out / f"{stem}.md", markdown_table(result))
     plot_results(result, out / f"{stem}_per_corruption.png", out / f"{stem}_soups_vs_ingredients.png")
     log(f"wrote {out / stem}.json, .md and plots in {result['wall_time_s']:.0f}s")
     return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Paired comparisons
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10000, seed: int = 0, chunk: int = 250) -> dict:
+    """Accuracy of ``a`` minus accuracy of ``b`` on the same images, in percentage points, with a 95% percentile
+    bootstrap interval: images are resampled with replacement ``resamples`` times (seeded) and the difference
+    of the resampled means is taken each time.  ``a`` and ``b`` are per-image correctness (bool or 0/1) of
+    the two models on the same images in the same order."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise AdaptsoupError(f"paired bootstrap needs two equally long, non-empty 1-D arrays, got {a.shape} and {b.shape}")
+    diff = (a - b) * 100.0
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, chunk):
+        k = min(chunk, resamples - start)
+        means[start:start + k] = diff[rng.integers(0, len(diff), size=(k, len(diff)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(diff.mean()), "ci95": [float(lo), float(hi)], "images": int(len(diff)), "resamples": int(resamples)}
+
+
+def per_image_correct(predictions: dict[str, dict[str, torch.Tensor]], evals: dict[str, ImageSet], names: list[str],
+                      corruptions: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Per-image correctness of the rows ``names``: ``{"disjoint": {name: bool [N]}, "clean": {...}}``, the
+    disjoint images pooled over corruptions (odd images, corruption by corruption, in folder order)."""
+    out: dict[str, dict[str, np.ndarray]] = {"disjoint": {}, "clean": {}}
+    for name in names:
+        if all(name in predictions.get(f"odd/{c}", {}) for c in corruptions):
+            out["disjoint"][name] = np.concatenate([(predictions[f"odd/{c}"][name] == evals[f"odd/{c}"].labels).numpy() for c in corruptions])
+        if "clean" in evals and name in predictions.get("clean", {}):
+            out["clean"][name] = (predictions["clean"][name] == evals["clean"].labels).numpy()
+    return out
+
+
+def save_correct(path: Path, correct: dict[str, dict[str, np.ndarray]]) -> Path:
+    """The per-image correctness as ``.npz`` (keys ``<set>/<row>``), for re-rendering the comparisons later."""
+    arrays = {f"{where}/{name}": v.astype(np.uint8) for where, rows in correct.items() for name, v in rows.items()}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+
+    return Path(write_atomic(path, write))
+
+
+def load_correct(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """The inverse of :func:`save_correct`."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path) as blob:
+        for key in blob.files:
+            where, name = key.split("/", 1)
+            out.setdefault(where, {})[name] = blob[key].astype(bool)
+    return out
+
+
+def paired_comparisons(correct: dict[str, dict[str, np.ndarray]], pairs=PAIRS, resamples: int = 10000, seed: int = 0) -> dict:
+    """``{"<a>-<b>": {"disjoint": paired_bootstrap(...), "clean": ...}}`` for each pair whose rows were evaluated."""
+    out: dict = {}
+    for a, b in pairs:
+        entry = {where: paired_bootstrap(rows[a], rows[b], resamples, seed) for where, rows in correct.items() if a in rows and b in rows}
+        if entry:
+            out[f"{a}-{b}"] = entry
+    return out
 
 
 def sar_per_corruption(checkpoint: Path, streams: dict[str, ImageSet], data: ShiftData, tta: TTAConfig) -> tuple[dict, dict]:
@@ -415,8 +688,8 @@ def _clean_subset(test: ImageSet, names: list[str], cfg: BenchConfig, root: Path
     marker = root / ".done"
     if marker.is_file():
         return root
-    n = min(cfg.clean_images, len(test))
-    chosen = np.sort(np.random.default_rng(cfg.seed + 1).permutation(len(test))[:n])
+    chosen = clean_indices(test, cfg)
+    n = len(chosen)
     for idx in chosen:
         path = root / names[int(test.labels[idx])] / f"{int(idx):05d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -434,6 +707,11 @@ def markdown_table(result: dict) -> str:
         "",
         *provenance_lines(result),
         "",
+        *([f"Protocol **{result['protocol']}**"
+           + (f" (every ingredient, supervised ones too, LP-FT from the pre-trained stock `{Path(result['pretrained']).name}`)"
+              if result.get("pretrained") else " (ingredients made from the deployed model)")
+           + (f"; split **{result['split']['used']}**: {result['split']['corrupted']}; {result['split']['clean']}."
+              if result.get("split", {}).get("used", "all") != "all" else "."), ""] if "protocol" in result else []),
         "| row | clean | disjoint (odd images, mean over corruptions) | joint (even images) |",
         "|---|---|---|---|",
     ]
@@ -461,6 +739,16 @@ def markdown_table(result: dict) -> str:
             lr = f"{base_lr:g}" if base_lr is not None else "reference"
             lines.append(f"| {n} | {lr} | {fmt(r['disjoint'])} | {fmt(with_sar['disjoint'])} | "
                          f"{with_sar['disjoint'] - r['disjoint']:+.2f} | {worst} | {below} |")
+    if result.get("paired"):
+        lines += ["", "Paired differences (row minus row, percentage points; 95% percentile bootstrap over evaluation images, "
+                      f"{next(iter(next(iter(result['paired'].values())).values()))['resamples']:,} resamples):", "",
+                  "| comparison | disjoint (odd images, pooled) | 95% CI | clean | 95% CI |", "|---|---|---|---|---|"]
+        for key, entry in result["paired"].items():
+            cells = []
+            for where in ("disjoint", "clean"):
+                e = entry.get(where)
+                cells += [f"{e['mean']:+.2f}", f"[{e['ci95'][0]:+.2f}, {e['ci95'][1]:+.2f}]"] if e else ["—", "—"]
+            lines.append(f"| {key.replace('-', ' − ', 1)} | " + " | ".join(cells) + " |")
     checks = result.get("checks", {})
     if "deployed_near_chance" in checks:
         near = checks["deployed_near_chance"]

@@ -11,7 +11,11 @@ A run that cannot finish in one sitting (a CPU session that ends) is carried to 
 which copies the newest fine-tuning state into ``benchmarks/stock/wip/`` as safetensors + JSON (each file
 under 25 MB, so it can be committed); the next run on a machine without a work folder resumes from it.
 Outputs (committed): ``benchmarks/stock/vit_tiny_patch4_32_cifar10.safetensors`` (encoder + head),
-``benchmarks/stock/vit_tiny_patch4_32_cifar10_mae_decoder.safetensors`` and ``benchmarks/stock/MODEL_CARD.md``.
+``benchmarks/stock/vit_tiny_patch4_32_cifar10_mae_decoder.safetensors``, the MAE phase itself as
+``benchmarks/stock/vit_tiny_patch4_32_cifar10_mae.safetensors`` (the *pre-trained* stock the paper's protocol
+starts every ingredient from: encoder with its untrained head, + decoder; ``adapt --pretrained``) and
+``benchmarks/stock/MODEL_CARD.md``.  ``--export-pretrained`` writes only that file, from the MAE phase in
+``--work`` or the one committed in ``benchmarks/stock/wip`` (or a file given as ``--mae-phase``).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from adaptsoup.core.evaluation import accuracy  # noqa: E402
 from adaptsoup.core.io import write_atomic, write_json_atomic, write_text_atomic  # noqa: E402
 from adaptsoup.ssl.mae import MaskedAutoencoder  # noqa: E402
 from adaptsoup.core.manifest import environment, file_digest  # noqa: E402
-from adaptsoup.core.models import create_model, load_state_dict_strict, model_meta, set_class_names  # noqa: E402
+from adaptsoup.core.models import MAE_DECODER_PREFIXES, create_model, load_state_dict_strict, model_meta, set_class_names  # noqa: E402
 from adaptsoup.train.loop import TrainConfig, train  # noqa: E402
 from adaptsoup.train.losses import classification_loss, mae_loss  # noqa: E402
 from adaptsoup.train.lpft import LinearProbeConfig, fit_linear_probe  # noqa: E402
@@ -45,6 +49,7 @@ ARCH = "vit_tiny_patch4_32"
 OUT = ROOT / "benchmarks" / "stock"
 STOCK = OUT / f"{ARCH}_cifar10.safetensors"
 DECODER = OUT / f"{ARCH}_cifar10_mae_decoder.safetensors"
+PRETRAINED = OUT / f"{ARCH}_cifar10_mae.safetensors"  # the MAE phase: the deployed stock is its LP-FT fine-tune
 WIP = OUT / "wip"  # unfinished phases committed by an earlier session, so another machine can resume them
 
 
@@ -128,6 +133,23 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def save_pretrained_stock(mae_state: dict[str, torch.Tensor], recipe: dict, out: Path = PRETRAINED) -> Path:
+    """Write the MAE phase (``MaskedAutoencoder.state_dict()``) as the pre-trained stock: the encoder under
+    timm's key names (its head is the untrained one of the MAE phase: LP-FT replaces it) + the decoder under
+    MAE's names, with adaptsoup metadata (arch, CIFAR-10 classes, preprocessing, provenance)."""
+    encoder = create_model(ARCH, num_classes=10)
+    set_class_names(encoder, CIFAR10_CLASSES)
+    enc = {k.removeprefix("encoder."): v for k, v in mae_state.items() if k.startswith("encoder.")}
+    load_state_dict_strict(encoder, enc, source="the MAE phase's encoder")
+    decoder = {k: v for k, v in mae_state.items() if k.startswith(MAE_DECODER_PREFIXES)}
+    if not decoder:
+        raise SystemExit("the MAE phase holds no decoder keys")
+    meta = model_meta(encoder, made_by="benchmarks/train_stock.py", stage="mae-pretrain", recipe=recipe, parents=[],
+                      note=("MAE phase of train_stock.py, the deployed stock is its LP-FT fine-tune; the head is the MAE "
+                            "phase's untrained one (LP-FT sets it)"), decoder_keys="original MAE names")
+    return save_checkpoint(out, {**encoder.state_dict(), **decoder}, meta)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="CIFAR-10 folder or tarball (default: $ADAPTSOUP_DATA or ../shared)")
@@ -143,7 +165,17 @@ def main() -> None:
     ap.add_argument("--ft-batch", type=int, default=128)
     ap.add_argument("--save-wip", action="store_true", help="copy the fine-tuning state into benchmarks/stock/wip and exit")
     ap.add_argument("--force", action="store_true", help="train even though the committed stock exists (it is overwritten)")
+    ap.add_argument("--export-pretrained", action="store_true", help=f"write only {PRETRAINED.name} from the MAE phase, and exit")
+    ap.add_argument("--mae-phase", default=None, help="with --export-pretrained: the MAE phase's safetensors (default: --work's, else wip's)")
     args = ap.parse_args()
+    if args.export_pretrained:
+        phase = Path(args.mae_phase) if args.mae_phase else next((p for p in (Path(args.work) / "mae.safetensors", WIP / "mae.safetensors") if p.is_file()), None)
+        if phase is None or not phase.is_file():
+            raise SystemExit("no MAE phase found: pass --mae-phase (e.g. `git show 77356de:benchmarks/stock/wip/mae.safetensors > mae.safetensors`)")
+        state, _ = read_checkpoint(phase)
+        recipe = (_read_json(OUT / "manifest.json") or {}).get("args") or vars(args)  # the committed stock's recipe
+        log(f"wrote {save_pretrained_stock(state, recipe)} from {phase}")
+        return
     if STOCK.is_file() and DECODER.is_file() and not (args.force or args.save_wip):
         log(f"{STOCK.relative_to(ROOT)} exists (see its MODEL_CARD.md); nothing to do (--force retrains it)")
         return
@@ -230,6 +262,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     save_checkpoint(STOCK, encoder.state_dict(), meta)
     save_checkpoint(DECODER, mae.decoder_state_dict(), CheckpointMeta(**{**meta.__dict__, "provenance": {"made_by": "benchmarks/train_stock.py", "part": "mae_decoder", "decoder": mae.decoder_config.__dict__}}))
+    save_pretrained_stock(mae.state_dict(), vars(args))
     write_json_atomic(OUT / "manifest.json", manifest)
     write_text_atomic(OUT / "MODEL_CARD.md", model_card(manifest, clean))
     for stale in WIP.glob("ft_state*"):  # the carried fine-tuning state is finished with
@@ -259,6 +292,7 @@ The "deployed model" of adaptsoup's CIFAR-10 → CIFAR-10-C benchmark, trained f
 
 Files: `{STOCK.name}` (encoder + head, adaptsoup metadata) and `{DECODER.name}` (the MAE decoder,
 original MAE key names), loadable with `adaptsoup.core.models.load_model` / `adaptsoup adapt --stock`.
+`{PRETRAINED.name}` is the MAE phase before fine-tuning (encoder with an untrained head + decoder): the pre-trained stock for `adapt --pretrained`.
 """
 
 

@@ -19,6 +19,7 @@ def adapt(
     source: Optional[Path] = typer.Option(None, "--source", "-s", help="Labeled source folder, <class_name>/<image> layout."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/adapt-<time>)."),
     stock: Optional[Path] = typer.Option(None, "--stock", help="MAE pre-trained checkpoint with a decoder (original MAE key names)."),
+    pretrained: Optional[Path] = typer.Option(None, "--pretrained", help="Pre-trained (not fine-tuned) checkpoint the deployed model was fine-tuned from, e.g. an MAE encoder: every inter-training and vanilla fine-tuning starts from its encoder (the paper's protocol); its decoder, if any, replaces --stock's."),
     arch: Optional[str] = typer.Option(None, help="timm architecture, if --model carries no adaptsoup metadata."),
     eval_dirs: Optional[List[Path]] = typer.Option(None, "--eval", help="Labeled folder to report top-1 on (repeatable)."),
     vanilla: Optional[int] = typer.Option(None, help="Also fine-tune the stock this many times without inter-training (supervised soup)."),
@@ -57,7 +58,7 @@ def adapt(
     from adaptsoup.pipeline.job import AdaptRequest, run_adapt_job
 
     settings = {
-        "model": _path(model), "target": _path(target), "source": _path(source), "out": _path(out_dir), "stock": _path(stock),
+        "model": _path(model), "target": _path(target), "source": _path(source), "out": _path(out_dir), "stock": _path(stock), "pretrained": _path(pretrained),
         "arch": arch, "evals": [str(e) for e in eval_dirs] if eval_dirs else None, "vanilla": vanilla,
         "max_source_images": max_source_images, "max_target_images": max_target_images, "seed": seed,
         "device": device, "bf16": bf16, "finetune_back": finetune_back,

@@ -51,7 +51,8 @@ BenchProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="S
 # settings with their own flag cannot also be given by --set
 BENCH_FLAGS = {"mode": "--mode", "severity": "--severity", "stock": "--stock", "decoder": "--decoder", "data": "--data",
                "out": "--out", "work": "--work", "corruptions": "--corruptions", "device": "--device",
-               "decoder_warmup_loaded": "--warm-decoder", "label": "--label", "families": "--families"}
+               "decoder_warmup_loaded": "--warm-decoder", "label": "--label", "families": "--families", "protocol": "--protocol",
+               "split": "--split"}
 BenchWarmDecoder = Annotated[bool, typer.Option("--warm-decoder/--no-warm-decoder", help="Warm up the stock's MAE decoder (encoder frozen) before inter-training.")]
 BenchSet = Annotated[Optional[List[str]], typer.Option("--set", help="KEY=VALUE: any other setting of the benchmark (e.g. inter_lrs=1e-5,2e-5 or ft_steps=500; lists comma-separated), repeatable.")]
 BenchLabel = Annotated[str, typer.Option(help="Appended to the results' file names (<benchmark>_<mode>_s<severity>_<label>.json), to keep variants apart.")]
@@ -61,7 +62,7 @@ RESULTS = Path("benchmarks/results")
 @bench_app.command("c10c")
 def bench_c10c(
     mode: str = typer.Option("quick", help="quick (under 15 min on 2 cores) or full (under 2 h on 2 cores)."),
-    severity: int = typer.Option(5, min=1, max=5, help="Corruption severity (5 is the headline, 3 the second)."),
+    severity: Optional[int] = typer.Option(None, min=1, max=5, help="Corruption severity (default 5; 3 with --split tuning)."),
     stock: BenchStock = None,
     decoder: BenchDecoder = None,
     data: BenchData = None,
@@ -71,6 +72,8 @@ def bench_c10c(
     device: BenchDevice = "cpu",
     warm_decoder: BenchWarmDecoder = False,
     label: BenchLabel = "",
+    protocol: str = typer.Option("deployed", help="deployed (ingredients from the deployed model) or pretrained (the paper's: every ingredient LP-FT from the pre-trained stock; --set pretrained=PATH, default the stock's MAE phase)."),
+    split: str = typer.Option("all", help="Test images drawn from: all, tuning (first half of each class; choose settings here) or report (second half; the frozen recipe, once)."),
     settings: BenchSet = None,
     progress: BenchProgress = True,
 ) -> None:
@@ -90,11 +93,14 @@ def bench_c10c(
     cfg = C10CConfig.for_mode(mode, severity=severity, stock=str(stock) if stock else None, decoder=str(decoder) if decoder else None,
                               data=str(data) if data else None, out=str(out_dir), work=str(work) if work else None,
                               corruptions=chosen, device=device, decoder_warmup_loaded=warm_decoder, label=label,
+                              protocol=protocol, split=split,
                               **parse_settings(settings or [], C10CConfig, reserved=BENCH_FLAGS))
     with progress_bars(progress) as bars:
         result = run_c10c(cfg, command=command_line(), progress=bars,
                           log=log_line)
-    print_rows(f"CIFAR-10-C severity {severity} ({mode})", result["rows"], ("clean", "disjoint", "joint"))
+    print_rows(f"CIFAR-10-C severity {cfg.severity} ({mode}, protocol {cfg.protocol}, split {cfg.split})", result["rows"], ("clean", "disjoint", "joint"))
+    for key, entry in result.get("paired", {}).items():
+        out.print(f"{key}: " + ", ".join(f"{where} {e['mean']:+.2f} [{e['ci95'][0]:+.2f}, {e['ci95'][1]:+.2f}]" for where, e in entry.items()))
 
 
 @bench_app.command("families")

@@ -162,3 +162,69 @@ def test_non_vit_stock_is_refused(tmp_path):
     write_noise_images(tmp_path / "t", 2)
     with pytest.raises(AdaptsoupError, match="VisionTransformer"):
         run_adapt(cfg, echo=None)
+
+
+# -- the pre-trained protocol (issue #13) -----------------------------------------------------------------------
+
+
+def _pretrained_file(tmp_path, with_decoder: bool = True):
+    """A tiny 'pre-trained stock': another seed's weights than the deployed model, with an MAE decoder."""
+    pre = tiny_model(seed=5)
+    state = dict(pre.state_dict())
+    if with_decoder:
+        torch.manual_seed(6)
+        state.update(MaskedAutoencoder(pre).decoder_state_dict())
+    return save_checkpoint(tmp_path / "pretrained.safetensors", state, model_meta(pre)), pre
+
+
+def _body(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.startswith("head.")}
+
+
+def test_pretrained_protocol_starts_inter_training_and_vanilla_fine_tuning_from_the_pretrained_encoder(setup):
+    tmp_path, stock = setup
+    path, pre = _pretrained_file(tmp_path)
+    deployed, _ = read_checkpoint(stock)
+    # learning rates so small that a trained encoder stays where it started, to the float
+    cfg = config(tmp_path, stock, pretrained=str(path), evals=[],
+                 inter=InterTrainConfig(lrs=[1e-12], steps=[2], batch_size=8, decoder_warmup_steps=2),
+                 finetune=FineTuneConfig(lrs=[1e-12], steps=2, batch_size=8))
+    result = run_adapt(cfg, echo=None)
+    run = result.run_dir
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["protocol"] == "pretrained"
+    assert "MAE decoder: loaded from the pre-trained checkpoint" in (run / "adapt.log").read_text()
+    inter, meta = read_checkpoint(run / "inter" / "mae00.safetensors")
+    assert meta.provenance["parents"] == [str(path)]
+    assert meta.class_names == CLASS_NAMES  # the deployed model's classes and preprocessing
+    for name, value in _body(pre.state_dict()).items():
+        assert torch.allclose(inter[name], value, atol=1e-6), name
+        if value.abs().max() > 1e-2 and "norm" not in name:  # LayerNorms start at 1/0 in both, tokens near 0
+            assert not torch.allclose(inter[name], deployed[name], atol=1e-3), name
+    assert all(torch.count_nonzero(v) == 0 for k, v in inter.items() if k.startswith("head."))  # the head is dropped
+    vanilla, vmeta = read_checkpoint(run / "ingredients" / "vanilla-ft00.safetensors")
+    assert vmeta.provenance["parents"] == [str(path)]
+    for name, value in _body(pre.state_dict()).items():
+        assert torch.allclose(vanilla[name], value, atol=1e-5), name
+    # the head is the linear probe's, fitted on the pre-trained encoder's features (not the deployed head)
+    assert not torch.allclose(vanilla["head.weight"], deployed["head.weight"])
+    assert (run / "inter" / "pretrained.probe.safetensors").is_file()
+
+
+def test_deployed_protocol_is_recorded_and_pretrained_decoder_falls_back_to_stock(setup):
+    tmp_path, stock = setup
+    result = run_adapt(config(tmp_path, stock, evals=[], vanilla=0), echo=None)
+    assert json.loads((result.run_dir / "manifest.json").read_text())["protocol"] == "deployed"
+    path, _ = _pretrained_file(tmp_path, with_decoder=False)
+    decoder = save_checkpoint(tmp_path / "decoder.safetensors", MaskedAutoencoder(tiny_model()).decoder_state_dict(), None)
+    result = run_adapt(config(tmp_path, stock, out="run2", evals=[], vanilla=0, pretrained=str(path), stock=str(decoder)), echo=None)
+    assert f"MAE decoder: loaded from {decoder}" in (result.run_dir / "adapt.log").read_text()
+
+
+def test_pretrained_needs_fine_tuning_back_and_an_existing_file(setup):
+    tmp_path, stock = setup
+    with pytest.raises(AdaptsoupError, match="--pretrained checkpoint not found"):
+        run_adapt(config(tmp_path, stock, pretrained=str(tmp_path / "missing.safetensors")), echo=None)
+    path, _ = _pretrained_file(tmp_path)
+    with pytest.raises(AdaptsoupError, match="needs fine-tuning back"):
+        run_adapt(config(tmp_path, stock, pretrained=str(path), finetune_back=False, vanilla=0), echo=None)

@@ -219,3 +219,80 @@ def test_a_label_names_the_results_but_not_the_work(tmp_path):
     assert bench_work_dir(plain, "c10c") == bench_work_dir(labelled, "c10c")  # same settings, same images and runs
     other = C10CConfig.for_mode("quick", work=str(tmp_path), decoder_warmup_loaded=True)
     assert bench_work_dir(other, "c10c") != bench_work_dir(plain, "c10c")
+
+
+# -- issue #13: splits, paired bootstrap, the pre-trained protocol -------------------------------------------------
+
+
+def test_paired_bootstrap_closed_forms():
+    import numpy as np
+
+    from adaptsoup_bench.shift import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    a = rng.random(500) < 0.6
+    same = paired_bootstrap(a, a.copy(), resamples=2000, seed=1)
+    assert same["mean"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["images"] == 500
+    b = a.copy()
+    b[np.flatnonzero(a)[:50]] = False  # b misses 50 images a gets right, and nothing else differs
+    diff = paired_bootstrap(a, b, resamples=2000, seed=1)
+    assert diff["mean"] == pytest.approx(10.0)  # 50 of 500 images, in points
+    assert 6.0 < diff["ci95"][0] < 10.0 < diff["ci95"][1] < 14.0
+    assert paired_bootstrap(np.ones(10), np.zeros(10), resamples=100)["ci95"] == [100.0, 100.0]
+    assert paired_bootstrap(a, b, resamples=500, seed=3) == paired_bootstrap(a, b, resamples=500, seed=3)  # seeded
+    with pytest.raises(AdaptsoupError, match="equally long"):
+        paired_bootstrap(a, b[:-1])
+
+
+def test_tuning_and_report_splits_are_disjoint_class_balanced_halves():
+    import numpy as np
+    import torch
+
+    from adaptsoup_bench.shift import split_pool
+
+    labels = torch.arange(10).repeat_interleave(1000)  # load_folder's order: grouped by class folder
+    tuning, report = split_pool(labels, "tuning"), split_pool(labels, "report")
+    assert len(tuning) == len(report) == 5000 and not set(tuning) & set(report)
+    assert np.bincount(labels[tuning].numpy()).tolist() == [500] * 10
+    assert tuning[:3].tolist() == [0, 1, 2] and 500 not in set(tuning) and 500 in set(report)
+    assert split_pool(labels, "all").tolist() == list(range(10000))
+    with pytest.raises(AdaptsoupError, match="--split"):
+        split_pool(labels, "test")
+
+
+def test_split_sets_default_severity_and_keeps_old_work_folders(tmp_path):
+    assert C10CConfig.for_mode("quick", split="tuning").severity == 3
+    assert C10CConfig.for_mode("quick", split="report").severity == 5
+    assert C10CConfig.for_mode("quick", split="tuning", severity=4).severity == 4
+    with pytest.raises(AdaptsoupError, match="--protocol"):
+        C10CConfig.for_mode("quick", protocol="other")
+    # the new settings at their defaults leave the digest (and so earlier runs' work folders) as it was
+    plain = C10CConfig.for_mode("quick", work=str(tmp_path))
+    assert bench_work_dir(plain, "c10c") == bench_work_dir(C10CConfig.for_mode("quick", work=str(tmp_path), sar=False), "c10c")
+    assert bench_work_dir(plain, "c10c") != bench_work_dir(C10CConfig.for_mode("quick", work=str(tmp_path), split="tuning", severity=5), "c10c")
+
+
+def test_c10c_pretrained_protocol_on_the_tuning_split(tmp_path):
+    stock = tiny_stock_and_cifar(tmp_path)
+    pre = tiny_model(seed=3)
+    pretrained = save_checkpoint(tmp_path / "stock_mae.safetensors", {**pre.state_dict(), **MaskedAutoencoder(pre).decoder_state_dict()},
+                                 model_meta(pre))
+    cfg = C10CConfig.for_mode("quick", stock=str(stock), data=str(tmp_path / "cifar"), out=str(tmp_path / "results"),
+                              work=str(tmp_path / "work"), corruptions=["gaussian_noise", "contrast"], per_corruption=12, clean_images=9,
+                              source_images=12, inter_lrs=[1e-3], inter_steps=2, ft_lrs=[1e-3], ft_steps=2, vanilla=2, batch_size=6,
+                              self_season_epochs=1, self_season_subset=0, bf16=False, protocol="pretrained", split="tuning",
+                              sar=False, centered=False, bootstrap_resamples=200)
+    result = run_c10c(cfg, command="test", log=lambda m: None)
+    assert result["protocol"] == "pretrained" and result["pretrained"] == str(pretrained)
+    assert result["severity"] == 3 and result["split"]["used"] == "tuning"
+    # the tuning pool is the first 3 of each class's 6 test images: indices 0-2, 6-8, 12-14
+    assert set(result["split"]["corrupted_indices"]) | set(result["split"]["clean_indices"]) <= {0, 1, 2, 6, 7, 8, 12, 13, 14}
+    names = [r["name"] for r in result["rows"]]
+    assert "self_plus_supervised_soup" in names and not any("+sar" in n for n in names)
+    pair = result["paired"]["self_soup_target-supervised_soup"]
+    by_name = {r["name"]: r for r in result["rows"]}
+    assert pair["disjoint"]["mean"] == pytest.approx(by_name["self_soup_target"]["disjoint"] - by_name["supervised_soup"]["disjoint"])
+    assert pair["clean"]["mean"] == pytest.approx(by_name["self_soup_target"]["clean"] - by_name["supervised_soup"]["clean"])
+    manifest = json.loads((Path(result["runs"]["self"]) / "manifest.json").read_text())
+    assert manifest["protocol"] == "pretrained" and manifest["config"]["pretrained"] == str(pretrained)
+    assert "Paired differences" in (tmp_path / "results" / "c10c_quick_s3.md").read_text()

@@ -229,6 +229,9 @@ def test_relative_checkpoint_path(capsys, tmp_path, checkpoint, monkeypatch):
     (["c10c", "--label", "../up"], "--label"),                      # a label must be a file name
     (["families", "--label", "../up"], "--label"),
     (["c10c", "--set", "severity=3"], "use --severity"),            # a setting with its own flag
+    (["c10c", "--protocol", "other"], "--protocol"),
+    (["c10c", "--split", "test"], "--split"),
+    (["c10c", "--set", "split=tuning"], "use --split"),
 ])
 def test_bench_rejects_bad_input_in_one_line(capsys, tmp_path, args, fragment):
     extra = [] if args[0] == "label-free" else ["--work", str(tmp_path), "--no-progress"]
@@ -282,3 +285,10 @@ def test_cli_modules_import_neither_torch_nor_the_benchmarks_themselves():
         names |= {n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
         heavy = {n for n in names if n.split(".")[0] in ("torch", "timm", "adaptsoup_bench", "sklearn", "imagecorruptions")}
         assert not heavy, f"{path.name} imports {heavy} at module level"
+
+
+def test_adapt_pretrained_must_exist_in_one_line(capsys, tmp_path, checkpoint, image_folder):
+    code, _, err = run_cli(capsys, "adapt", "--model", checkpoint, "--target", image_folder, "--source", image_folder,
+                           "--out", tmp_path / "run", "--pretrained", tmp_path / "missing.safetensors", "--no-progress")
+    assert code == 2
+    assert_one_line_error(err, "--pretrained checkpoint not found")

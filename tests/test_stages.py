@@ -13,7 +13,8 @@ from adaptsoup.errors import AdaptsoupError
 from adaptsoup.pipeline.context import open_run
 from adaptsoup.pipeline.finetune_back import finetune_back
 from adaptsoup.pipeline.inter_train import inter_train
-from adaptsoup.pipeline.plan import plan_run, start_checkpoint
+from adaptsoup.pipeline.plan import plan_run
+from adaptsoup.pipeline.start import start_checkpoint
 from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
 from adaptsoup.ssl.mae import MaskedAutoencoder
 from adaptsoup.ssl.mmcr import MMCR

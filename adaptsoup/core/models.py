@@ -163,6 +163,20 @@ def load_model(
     return model
 
 
+def with_pretrained_encoder(model: nn.Module, checkpoint: str | os.PathLike) -> nn.Module:
+    """``model`` (architecture, classes, preprocessing, metadata kept) carrying the encoder weights of a
+    pre-trained ``checkpoint``, with its classifier head zeroed for a linear probe to set.
+
+    The checkpoint's own head (absent, untrained or of another class count) and its MAE decoder keys are
+    dropped; every other key must fit ``model`` (a one-line error lists the ones that do not).
+    """
+    source = load_model(model_arch(model), checkpoint, num_classes=getattr(model, "num_classes", None), reset_head=True)
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    state.update({k: torch.zeros_like(v) for k, v in model.state_dict().items() if k.startswith("head.")})
+    load_state_dict_strict(model, state, source=f"pre-trained checkpoint {checkpoint}")
+    return model
+
+
 def _classes_in_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> int | None:
     """The class count of a plain state dict, read off the weight of ``model``'s classifier."""
     if not hasattr(model, "get_classifier"):

@@ -23,6 +23,7 @@ from adaptsoup.core.run_dir import RunDir, RunLog
 from adaptsoup.pipeline.diversity import add_parameter_noise, name_seed, tensor_stds
 from adaptsoup.pipeline.inputs import RunInputs, load_inputs
 from adaptsoup.pipeline.recipe import AdaptConfig, validate
+from adaptsoup.pipeline.start import protocol
 
 
 @dataclass
@@ -94,6 +95,10 @@ def open_run(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | N
     for line in ctx.inputs.skipped_lines():
         log(line)
     source = ctx.inputs.source
+    manifest.data["protocol"] = protocol(cfg)
+    manifest.save()
+    log(f"protocol {protocol(cfg)}: inter-training and vanilla fine-tuning start from "
+        + (f"the pre-trained encoder {cfg.pretrained}" if cfg.pretrained else f"the deployed model {cfg.model}"))
     log(f"stock {cfg.model}: {model_meta(deployed).arch}, {deployed.num_classes} classes; target {len(ctx.inputs.target)} images"
         + (f", source {len(source)} labeled" if source is not None else ", no source (label-free ingredients)"))
     return ctx

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 
 from adaptsoup.core.checkpoint import save_checkpoint
-from adaptsoup.core.models import load_model, model_meta
+from adaptsoup.core.models import model_meta
 from adaptsoup.pipeline.context import RunContext
-from adaptsoup.pipeline.plan import Ingredient, Plan, start_checkpoint
+from adaptsoup.pipeline.plan import Ingredient, Plan
+from adaptsoup.pipeline.start import load_start, probe_parent, start_checkpoint
 from adaptsoup.train.loop import TrainConfig
 from adaptsoup.train.lpft import LinearProbeConfig, linear_probe_then_finetune
 from adaptsoup.train.optim import steps_for_epochs
@@ -34,7 +35,7 @@ def finetune_back(ctx: RunContext, plan: Plan) -> None:
 def keep_encoder(ctx: RunContext, ing: Ingredient) -> None:
     """A label-free ingredient: the inter-trained encoder as it is (noisy at ``before_finetune``/``before_mix``)."""
     start = start_checkpoint(ctx.cfg, ctx.run_dir, ing.inter)
-    model = load_model(start.arch, start.path)
+    model = load_start(ctx.cfg, start)
     if ctx.cfg.inter.noise_stage in ("before_finetune", "before_mix"):
         ctx.add_noise(model, ing.inter.noise, ing.name)
     out = ctx.run_dir.ingredient(ing.name)
@@ -49,7 +50,7 @@ def finetune_one(ctx: RunContext, ing: Ingredient) -> None:
     cfg, ft = ctx.cfg, ctx.cfg.finetune
     noise_stage = cfg.inter.noise_stage
     start = start_checkpoint(cfg, ctx.run_dir, ing.inter)
-    model = load_model(start.arch, start.path)
+    model = load_start(ctx.cfg, start)
     if noise_stage == "before_finetune" and ing.inter is not None:
         ctx.add_noise(model, ing.inter.noise, ing.inter.name)  # one seed per parent: its N fine-tunings share the noisy encoder
     source = ctx.inputs.source
@@ -58,7 +59,7 @@ def finetune_one(ctx: RunContext, ing: Ingredient) -> None:
         weight_decay=ft.weight_decay, warmup_frac=ft.warmup_frac, augment=ft.augment, seed=_finetune_seed(ing),
         bf16=cfg.bf16, device=cfg.device, checkpoint_every_s=cfg.checkpoint_every_s,
     )
-    parent = ing.inter.name if ing.inter else "stock"
+    parent = probe_parent(cfg, ing.inter)
     ctx.log(f"fine-tune {ing.name}: LP-FT on source, lr {ing.finetune.lr:g}, {tcfg.steps} steps")
     probe, result = linear_probe_then_finetune(
         model, source, ctx.inputs.preprocess, LinearProbeConfig(weight_decay=ft.probe_weight_decay, device=cfg.device, bf16=cfg.bf16), tcfg,

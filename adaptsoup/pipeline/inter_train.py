@@ -13,11 +13,12 @@ from torch import nn
 
 from adaptsoup.core.checkpoint import save_checkpoint
 from adaptsoup.core.data import ImageSet
-from adaptsoup.core.models import load_model, model_meta
+from adaptsoup.core.models import model_meta
 from adaptsoup.pipeline.context import RunContext
 from adaptsoup.pipeline.diversity import class_partitions, indices_of_classes
 from adaptsoup.pipeline.inputs import strip_labels
-from adaptsoup.pipeline.plan import InterRun, Plan, start_checkpoint
+from adaptsoup.pipeline.plan import InterRun, Plan
+from adaptsoup.pipeline.start import load_start, start_checkpoint
 from adaptsoup.pipeline.warm_up import prepare_decoder, stock_decoder, warm_up_heads
 from adaptsoup.ssl.registry import SSLSettings, ssl_loss
 from adaptsoup.train.loop import TrainConfig, train
@@ -60,7 +61,7 @@ def inter_train_one(ctx: RunContext, run: InterRun, data: ImageSet, decoder_stat
     """One inter-training run, resumable from its state file; writes ``inter/<run>.safetensors``."""
     cfg = ctx.cfg
     start = start_checkpoint(cfg, ctx.run_dir)
-    encoder = load_model(start.arch, start.path)
+    encoder = load_start(cfg, start)
     if cfg.inter.noise_stage == "before_inter":
         ctx.add_noise(encoder, run.noise, run.name)
     objective = _objective(ctx, run, encoder, data, decoder_state)

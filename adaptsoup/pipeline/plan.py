@@ -1,5 +1,5 @@
-"""The plan of an ``adapt`` run: its M inter-training runs, the ingredients made from them, and the
-checkpoint each training run starts from.  Pure functions of the recipe (and the number of images).
+"""The plan of an ``adapt`` run: its M inter-training runs and the ingredients made from them.  Pure
+functions of the recipe (and the number of images); where each training run starts is :mod:`.start`.
 """
 
 from __future__ import annotations
@@ -7,9 +7,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass
-from pathlib import Path
 
-from adaptsoup.core.run_dir import RunDir
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
 from adaptsoup.train.optim import steps_for_epochs
@@ -64,22 +62,6 @@ class Plan:
         n = self.finetunings_per_encoder or "no"
         return (f"plan: {len(self.inters)} inter-training run(s) x {n} fine-tuning(s)" + (f" + {vanilla} vanilla" if vanilla else "")
                 + f" = {len(self.ingredients)} ingredients")
-
-
-@dataclass(frozen=True)
-class StartPoint:
-    """A checkpoint a training run starts from; ``arch`` only for a checkpoint without adaptsoup metadata."""
-
-    path: Path
-    arch: str | None
-
-
-def start_checkpoint(cfg: AdaptConfig, run_dir: RunDir, inter: InterRun | None = None) -> StartPoint:
-    """Where a training run starts: fine-tuning back starts from its inter-trained encoder ``inter``;
-    inter-training and vanilla fine-tuning (``inter`` None) start from the deployed model."""
-    if inter is not None:
-        return StartPoint(run_dir.inter(inter.name), arch=None)
-    return StartPoint(Path(cfg.model), cfg.arch)
 
 
 def plan_run(cfg: AdaptConfig, num_inter_images: int) -> Plan:

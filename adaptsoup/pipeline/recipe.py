@@ -92,6 +92,11 @@ class AdaptConfig:
     source: str = ""
     out: str = ""
     stock: str | None = None  # MAE pre-trained checkpoint holding a decoder
+    # The paper's protocol: every inter-training and every vanilla fine-tuning starts from this pre-trained
+    # (not fine-tuned) checkpoint's encoder, in the deployed model's architecture and classes, with its head
+    # dropped (LP-FT sets it); its MAE decoder, if it holds one, is used instead of ``stock``'s. None: the
+    # deployed model (``model``) is inter-trained and fine-tuned, as before.
+    pretrained: str | None = None
     arch: str | None = None
     evals: list[str] = field(default_factory=list)
     vanilla: int = 0
@@ -247,6 +252,10 @@ def validate(cfg: AdaptConfig) -> None:
             raise AdaptsoupError(f"unknown augmentation {aug!r}; choose one of {', '.join(AUGMENTATIONS)}")
     if cfg.vanilla < 0:
         raise AdaptsoupError("--vanilla must be >= 0")
+    if cfg.pretrained and not cfg.finetune_back:
+        raise AdaptsoupError("--pretrained needs fine-tuning back: its encoder has no trained head (LP-FT sets one)")
+    if cfg.pretrained and not Path(cfg.pretrained).is_file():
+        raise AdaptsoupError(f"--pretrained checkpoint not found: {cfg.pretrained}")
     if not cfg.finetune_back and (cfg.vanilla or cfg.inter.partition_loss == "supervised" and cfg.inter.partitions):
         raise AdaptsoupError("without fine-tuning back there are no vanilla or supervised-partition ingredients")
     needs_source = cfg.finetune_back or cfg.inter.data == "source" or cfg.inter.partitions

@@ -13,6 +13,7 @@ from torch import nn
 
 from adaptsoup.core.checkpoint import read_checkpoint, save_checkpoint
 from adaptsoup.core.data import ImageSet
+from adaptsoup.core.models import encoder_state_dict
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.pipeline.context import RunContext
 from adaptsoup.pipeline.plan import InterRun
@@ -22,7 +23,13 @@ from adaptsoup.train.losses import mae_loss, multiview_loss
 
 
 def stock_decoder(ctx: RunContext) -> dict[str, torch.Tensor] | None:
-    """The MAE decoder of ``--stock`` (the recipe's ``stock``), or None; the log says which."""
+    """The MAE decoder to start from: the pre-trained checkpoint's if it holds decoder keys (the encoder and
+    decoder were trained together), else ``--stock``'s (the recipe's ``stock``), else None; the log says which."""
+    if ctx.cfg.pretrained:
+        state, _ = read_checkpoint(ctx.cfg.pretrained)
+        if len(encoder_state_dict(state)) < len(state):
+            ctx.log(f"MAE decoder: loaded from the pre-trained checkpoint {ctx.cfg.pretrained}")
+            return state
     if not ctx.cfg.stock:
         ctx.log("MAE decoder: none given (--stock); a fresh decoder is warmed up with the encoder frozen")
         return None
