@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import re
 import shutil
@@ -57,7 +58,11 @@ from adaptsoup.errors import AdaptsoupError
 from adaptsoup.core.io import atomic_path, write_atomic, write_json_atomic, write_text_atomic
 from adaptsoup.core.manifest import config_tag, environment, file_digest, provenance_lines, source_state
 from adaptsoup.soup.run import MixRequest, mix_run
-from adaptsoup.core.models import class_names, load_model
+from adaptsoup.core.checkpoint import save_checkpoint
+from adaptsoup.core.run_dir import RunDir
+from adaptsoup.core.models import class_names, load_model, model_meta, with_pretrained_encoder
+from adaptsoup.soup.average import stream_weighted_average
+from adaptsoup.soup.task_vector import add_task_vector
 from adaptsoup_bench.datasets import default_stock_path
 from adaptsoup.core.evaluation import top1
 from adaptsoup.core.progress import NullProgress
@@ -73,6 +78,7 @@ ROW_NAMES = (
     "supervised_soup+sar", "self_soup_target+sar",
     "supervised_soup+sar_reference_lr", "self_soup_target+sar_reference_lr",
 )
+PRETRAINED_ROWS = ("self_task_vector_soup",)  # rows of the pretrained protocol alone, after the self_plus ones
 SAR_ROWS = {"+sar": "sar_base_lr", "+sar_reference_lr": "sar_reference_base_lr"}  # row suffix -> the config's base lr
 CENTERED = "self-season-centered"  # Self-Seasoning on batch-centred embeddings (``--center``), beside the paper's
 PROTOCOLS = ("deployed", "pretrained")
@@ -84,6 +90,7 @@ PAIRS = (
     ("self_plus_supervised_soup", "supervised_soup"), ("self_plus_supervised_soup", "deployed"),
     ("self_soup_target_self_seasoned", "supervised_soup"), ("cont_ssl_soup", "supervised_soup"),
     ("supervised_soup", "deployed"), ("self_plus_deployed_soup", "deployed"),
+    ("self_task_vector_soup", "deployed"), ("self_task_vector_soup", "supervised_soup"),
 )
 
 
@@ -131,6 +138,9 @@ class BenchConfig:
     sar: bool = True  # the SAR rows (Table 2)
     joint: bool = True  # evaluate the rows on the even (target) images too ("joint"); False saves that evaluation
     bootstrap_resamples: int = 10000
+    # pretrained protocol: the row self_task_vector_soup = deployed + scale · mean_k(inter-trained_k − pretrained),
+    # the label-free task-arithmetic shortcut for fine-tuning back (adaptsoup.soup.task_vector); no training of its own
+    task_vector_scale: float = 1.0
 
     @classmethod
     def for_mode(cls, mode: str, **overrides) -> "BenchConfig":
@@ -153,7 +163,7 @@ class BenchConfig:
         return cfg
 
 
-EVALUATION_ONLY = ("cont_ssl", "centered", "sar", "joint", "bootstrap_resamples")  # choose rows, shape no data and no run
+EVALUATION_ONLY = ("cont_ssl", "centered", "sar", "joint", "bootstrap_resamples", "task_vector_scale")  # choose rows, shape no data and no run
 NEW_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BenchConfig)
                 if f.name in ("protocol", "pretrained", "split", *EVALUATION_ONLY)}
 
@@ -316,6 +326,25 @@ def _stock_and_decoder(cfg: BenchConfig) -> tuple[Path, str | None]:
     return stock_path, decoder
 
 
+def inter_encoders(run_dir: Path) -> list[Path]:
+    """The inter-trained encoders the self ingredients of an adapt run were fine-tuned from (its manifest's
+    ingredient records name them; an encoder reused from an earlier configuration has no ``inter`` record)."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    names = sorted({rec["inter"] for rec in manifest["ingredients"].values() if rec.get("inter")})
+    return [RunDir(run_dir).inter(name) for name in names]
+
+
+def write_task_vector_soup(out: Path, deployed: Path, pretrained: Path, encoders: list[Path], scale: float) -> Path:
+    """deployed + scale · (mean of the inter-trained ``encoders`` − the pre-trained stock), deployed head and metadata."""
+    model = load_model(None, deployed)
+    base = with_pretrained_encoder(load_model(None, deployed), pretrained).state_dict()
+    mean, _ = stream_weighted_average(encoders)
+    state = add_task_vector(model.state_dict(), base, mean, scale)
+    meta = model_meta(model, made_by="adaptsoup bench", stage="soup", method="task-vector", scale=scale,
+                      parents=[deployed.name, pretrained.name, *(p.name for p in encoders)])
+    return save_checkpoint(out, state, meta)
+
+
 def pretrained_path(cfg: BenchConfig) -> Path | None:
     """The pre-trained stock of the ``pretrained`` protocol (None under ``deployed``); it must exist."""
     if cfg.protocol != "pretrained":
@@ -465,6 +494,10 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
         "self_plus_deployed_soup": write_soup(self_run.run_dir / "soups" / "self_plus_deployed_soup.safetensors",
                                               list(ingredients.values()) + [Path(data.stock)], stock_model),
     }
+    if pretrained is not None:
+        soups["self_task_vector_soup"] = write_task_vector_soup(self_run.run_dir / "soups" / "self_task_vector_soup.safetensors",
+                                                                data.stock, pretrained, inter_encoders(self_run.run_dir),
+                                                                cfg.task_vector_scale)
     del stock_model
     candidates = {**soups, **{f"ingredient:{k}": v for k, v in ingredients.items()}}
     predictions: dict[str, dict[str, torch.Tensor]] = {}
@@ -497,6 +530,9 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
                          "self_season": self_season_summary(mixes[key]["info"])})
     rows.append({**row("self_plus_supervised_soup", "self_plus_supervised_soup"), "ingredients": len(ingredients) + len(vanillas)})
     rows.append({**row("self_plus_deployed_soup", "self_plus_deployed_soup"), "ingredients": len(ingredients) + 1})
+    if "self_task_vector_soup" in soups:
+        rows.append({**row("self_task_vector_soup", "self_task_vector_soup"), "task_vector_scale": cfg.task_vector_scale,
+                     "note": "deployed + scale x (mean inter-trained encoder - pre-trained stock): no fine-tuning back"})
     candidates = soups
 
     # -- SAR on the soups (Table 2): online over each corruption's odd images, reset between corruptions ---------

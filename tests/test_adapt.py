@@ -221,10 +221,34 @@ def test_deployed_protocol_is_recorded_and_pretrained_decoder_falls_back_to_stoc
     assert f"MAE decoder: loaded from {decoder}" in (result.run_dir / "adapt.log").read_text()
 
 
-def test_pretrained_needs_fine_tuning_back_and_an_existing_file(setup):
+def test_pretrained_needs_an_existing_file_and_a_positive_task_vector_scale(setup):
     tmp_path, stock = setup
     with pytest.raises(AdaptsoupError, match="--pretrained checkpoint not found"):
         run_adapt(config(tmp_path, stock, pretrained=str(tmp_path / "missing.safetensors")), echo=None)
     path, _ = _pretrained_file(tmp_path)
-    with pytest.raises(AdaptsoupError, match="needs fine-tuning back"):
-        run_adapt(config(tmp_path, stock, pretrained=str(path), finetune_back=False, vanilla=0), echo=None)
+    with pytest.raises(AdaptsoupError, match="task_vector_scale must be a number > 0"):
+        run_adapt(config(tmp_path, stock, pretrained=str(path), finetune_back=False, vanilla=0, task_vector_scale=0), echo=None)
+
+
+def test_pretrained_without_fine_tuning_makes_task_vector_ingredients(setup):
+    """Label-free ingredients under the pretrained protocol: deployed + scale · (inter-trained − pretrained)."""
+    tmp_path, stock = setup
+    path, pre = _pretrained_file(tmp_path)
+    deployed, _ = read_checkpoint(stock)
+    cfg = config(tmp_path, stock, pretrained=str(path), finetune_back=False, vanilla=0, evals=[], task_vector_scale=2.0,
+                 inter=InterTrainConfig(lrs=[1e-3], steps=[3], batch_size=8, decoder_warmup_steps=0))
+    result = run_adapt(cfg, echo=None)
+    inter, _ = read_checkpoint(result.run_dir / "inter" / "mae00.safetensors")
+    ingredient, meta = read_checkpoint(result.run_dir / "ingredients" / "mae00.safetensors")
+    assert meta.provenance["kind"] == "task-vector" and meta.provenance["task_vector_scale"] == 2.0
+    moved = 0
+    for name, value in deployed.items():
+        if name.startswith("head.") or not value.is_floating_point():
+            assert torch.equal(ingredient[name], value), name  # the deployed head and buffers, untouched
+            continue
+        delta = inter[name].double() - pre.state_dict()[name].double()
+        assert torch.allclose(ingredient[name].double(), value.double() + 2.0 * delta, atol=1e-6), name
+        moved += bool(delta.abs().max() > 0)
+    assert moved > 0  # inter-training did move the encoder
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["ingredients"]["mae00"]["kind"] == "task-vector"

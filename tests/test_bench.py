@@ -296,3 +296,14 @@ def test_c10c_pretrained_protocol_on_the_tuning_split(tmp_path):
     manifest = json.loads((Path(result["runs"]["self"]) / "manifest.json").read_text())
     assert manifest["protocol"] == "pretrained" and manifest["config"]["pretrained"] == str(pretrained)
     assert "Paired differences" in (tmp_path / "results" / "c10c_quick_s3.md").read_text()
+    # the task-arithmetic row: deployed + mean(inter-trained) - pretrained, deployed head (scale 1)
+    from adaptsoup.core.checkpoint import read_checkpoint
+
+    assert "self_task_vector_soup" in names and "self_task_vector_soup-deployed" in result["paired"]
+    run = Path(result["runs"]["self"])
+    soup, _ = read_checkpoint(run / "soups" / "self_task_vector_soup.safetensors")
+    deployed, _ = read_checkpoint(stock)
+    inter, _ = read_checkpoint(run / "inter" / "mae00.safetensors")  # one inter-training run: the mean is itself
+    key = "blocks.0.attn.qkv.weight"
+    assert torch.allclose(soup[key].double(), deployed[key].double() + inter[key].double() - pre.state_dict()[key].double(), atol=1e-6)
+    assert torch.equal(soup["head.weight"], deployed["head.weight"])

@@ -116,3 +116,26 @@ def test_a_method_refuses_another_methods_options(tmp_path):
     paths = [_save(tmp_path, "a", tiny_model(seed=1)), _save(tmp_path, "b", tiny_model(seed=2))]
     with pytest.raises(AdaptsoupError, match="uniform takes UniformOptions, not SeasonOptions"):
         methods.get("uniform")(MixContext(paths=paths, names=["a", "b"]), SeasonOptions())
+
+
+# -- task arithmetic --------------------------------------------------------------------------------------------
+
+
+def test_add_task_vector_is_target_plus_scaled_difference_and_keeps_head_and_buffers():
+    from adaptsoup.soup.task_vector import add_task_vector
+
+    target = {"w": torch.tensor([1.0, 2.0]), "head.weight": torch.tensor([5.0]), "idx": torch.tensor([3])}
+    base = {"w": torch.tensor([0.5, 0.5]), "head.weight": torch.tensor([0.0]), "idx": torch.tensor([9])}
+    tuned = {"w": torch.tensor([1.5, 0.0]), "head.weight": torch.tensor([7.0]), "idx": torch.tensor([7])}
+    out = add_task_vector(target, base, tuned, scale=0.5)
+    assert torch.equal(out["w"], torch.tensor([1.5, 1.75]))  # 1 + 0.5·1, 2 + 0.5·(−0.5)
+    assert torch.equal(out["head.weight"], target["head.weight"]) and torch.equal(out["idx"], target["idx"])
+    assert out["w"].dtype == torch.float32
+
+
+def test_add_task_vector_names_a_tensor_without_counterpart():
+    from adaptsoup.soup.checks import SoupError
+    from adaptsoup.soup.task_vector import add_task_vector
+
+    with pytest.raises(SoupError, match="blocks.0.w .* base model"):
+        add_task_vector({"blocks.0.w": torch.zeros(2)}, {"blocks.0.w": torch.zeros(3)}, {"blocks.0.w": torch.zeros(2)})

@@ -1,6 +1,7 @@
 """Stage 2, fine-tuning back: each ingredient of the plan is its inter-trained encoder (or, for vanilla
 ingredients, the stock) fine-tuned on the labeled source with LP-FT, written as ``ingredients/<name>.safetensors``.
-Without fine-tuning back, the inter-trained encoders themselves are the ingredients.  Existing ingredients
+Without fine-tuning back, the inter-trained encoders themselves are the ingredients (under the pretrained
+protocol: the deployed model plus each one's inter-training task vector).  Existing ingredients
 are skipped.
 """
 
@@ -8,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from torch import nn
+
 from adaptsoup.core.checkpoint import save_checkpoint
-from adaptsoup.core.models import model_meta
+from adaptsoup.core.models import load_model, model_meta
 from adaptsoup.pipeline.context import RunContext
+from adaptsoup.soup.task_vector import add_task_vector
 from adaptsoup.pipeline.plan import Ingredient, Plan
 from adaptsoup.pipeline.start import load_start, probe_parent, start_checkpoint
 from adaptsoup.train.loop import TrainConfig
@@ -33,16 +37,31 @@ def finetune_back(ctx: RunContext, plan: Plan) -> None:
 
 
 def keep_encoder(ctx: RunContext, ing: Ingredient) -> None:
-    """A label-free ingredient: the inter-trained encoder as it is (noisy at ``before_finetune``/``before_mix``)."""
+    """A label-free ingredient: the inter-trained encoder as it is (noisy at ``before_finetune``/``before_mix``);
+    under the pretrained protocol, the deployed model plus its inter-training's task vector instead."""
     start = start_checkpoint(ctx.cfg, ctx.run_dir, ing.inter)
     model = load_start(ctx.cfg, start)
+    kind, parents = "ssl-only", [str(start.path)]
+    if ctx.cfg.pretrained:
+        model, kind = _with_task_vector(ctx, model), "task-vector"
+        parents = [str(ctx.cfg.model), str(ctx.cfg.pretrained), str(start.path)]
     if ctx.cfg.inter.noise_stage in ("before_finetune", "before_mix"):
         ctx.add_noise(model, ing.inter.noise, ing.name)
     out = ctx.run_dir.ingredient(ing.name)
-    save_checkpoint(out, model.state_dict(), model_meta(model, made_by="adaptsoup adapt", stage="inter-train only", kind="ssl-only",
-                                                          parents=[str(start.path)], inter=dataclasses.asdict(ing.inter)))
-    ctx.manifest.update("ingredients", ing.name, {"kind": "ssl-only", "inter": ing.inter.name, "finetune": None,
+    save_checkpoint(out, model.state_dict(), model_meta(model, made_by="adaptsoup adapt", stage="inter-train only", kind=kind,
+                                                          parents=parents, inter=dataclasses.asdict(ing.inter),
+                                                          task_vector_scale=ctx.cfg.task_vector_scale if ctx.cfg.pretrained else None))
+    ctx.manifest.update("ingredients", ing.name, {"kind": kind, "inter": ing.inter.name, "finetune": None,
                                                   "path": ctx.run_dir.relative(out), "status": "done"})
+
+
+def _with_task_vector(ctx: RunContext, inter_trained: nn.Module) -> nn.Module:
+    """The deployed model + scale · (inter-trained − pretrained), head and buffers the deployed model's."""
+    cfg = ctx.cfg
+    pretrained = load_start(cfg, start_checkpoint(cfg, ctx.run_dir)).state_dict()
+    deployed = load_model(cfg.arch, cfg.model)
+    deployed.load_state_dict(add_task_vector(deployed.state_dict(), pretrained, inter_trained.state_dict(), cfg.task_vector_scale))
+    return deployed
 
 
 def finetune_one(ctx: RunContext, ing: Ingredient) -> None:

@@ -112,6 +112,9 @@ class AdaptConfig:
     bf16: bool = False
     checkpoint_every_s: float = 120.0
     finetune_back: bool = True  # False: the inter-trained encoders are the ingredients (label-free soups)
+    # Without fine-tuning back under the pretrained protocol, each ingredient is the deployed model plus this
+    # multiple of its inter-training's task vector (inter-trained − pretrained): adaptsoup.soup.task_vector.
+    task_vector_scale: float = 1.0
     inter: InterTrainConfig = field(default_factory=InterTrainConfig)
     finetune: FineTuneConfig = field(default_factory=FineTuneConfig)
 
@@ -252,8 +255,8 @@ def validate(cfg: AdaptConfig) -> None:
             raise AdaptsoupError(f"unknown augmentation {aug!r}; choose one of {', '.join(AUGMENTATIONS)}")
     if cfg.vanilla < 0:
         raise AdaptsoupError("--vanilla must be >= 0")
-    if cfg.pretrained and not cfg.finetune_back:
-        raise AdaptsoupError("--pretrained needs fine-tuning back: its encoder has no trained head (LP-FT sets one)")
+    if not isinstance(cfg.task_vector_scale, (int, float)) or isinstance(cfg.task_vector_scale, bool) or not cfg.task_vector_scale > 0:
+        raise AdaptsoupError(f"task_vector_scale must be a number > 0, got {cfg.task_vector_scale!r}")
     if cfg.pretrained and not Path(cfg.pretrained).is_file():
         raise AdaptsoupError(f"--pretrained checkpoint not found: {cfg.pretrained}")
     if not cfg.finetune_back and (cfg.vanilla or cfg.inter.partition_loss == "supervised" and cfg.inter.partitions):
