@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from adaptsoup.core.io import write_json_atomic
+from adaptsoup.core.io import file_lock, write_json_atomic
 
 TRACKED_PACKAGES = ("adaptsoup", "torch", "torchvision", "timm", "numpy", "pillow", "safetensors", "onnx", "onnxruntime")
 
@@ -106,11 +106,19 @@ def config_tag(*parts: Any) -> str:
 
 
 class Manifest:
-    """A JSON manifest kept on disk, rewritten atomically after every change."""
+    """A JSON manifest kept on disk, rewritten atomically after every change.
 
-    def __init__(self, path: str | os.PathLike, data: dict[str, Any] | None = None) -> None:
+    ``writable=False`` keeps it in memory only: the ranks other than 0 of a data-parallel run read the
+    manifest but never write it.  ``shared=True`` (the jobs of a sharded grid, which write one manifest side
+    by side) saves under a lock, merged into what is on disk: top-level sections (``ingredients``,
+    ``timings_s``, ...) are merged key by key, so no job loses another's records."""
+
+    def __init__(self, path: str | os.PathLike, data: dict[str, Any] | None = None, *, writable: bool = True,
+                 shared: bool = False) -> None:
         self.path = Path(path)
         self.data: dict[str, Any] = data if data is not None else {}
+        self.writable = writable
+        self.shared = shared
 
     @classmethod
     def load_or_new(cls, path: str | os.PathLike, **initial: Any) -> "Manifest":
@@ -129,5 +137,21 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
+        if not self.writable:
+            return
         self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        write_json_atomic(self.path, self.data)
+        if not self.shared:
+            write_json_atomic(self.path, self.data)
+            return
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            if self.path.is_file():
+                self.data = merge_sections(json.loads(self.path.read_text()), self.data)
+            write_json_atomic(self.path, self.data)
+
+
+def merge_sections(disk: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any]:
+    """``mine`` over ``disk``; dict-valued top-level keys merged one level deep (mine wins per key)."""
+    out = dict(disk)
+    for key, value in mine.items():
+        out[key] = {**disk[key], **value} if isinstance(value, dict) and isinstance(disk.get(key), dict) else value
+    return out
