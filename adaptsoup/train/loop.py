@@ -158,9 +158,9 @@ def _data_parallel(module: nn.Module, cfg: TrainConfig, world: distributed.World
                              "run them without torchrun, or use mae")
     from torch.nn.parallel import DistributedDataParallel
 
-    # Parameters the loss does not use (the classifier head under MAE) keep no gradient, as in one process.
+    # A wrapper around the encoder (MAE) leaves the classifier head unused: it keeps no gradient, as in one process.
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=True, broadcast_buffers=False)
+                                   find_unused_parameters=hasattr(module, "encoder"))
 
 
 def _rank_batch(data: ImageSet, idx: torch.Tensor, preprocess: Preprocess, transform, views: int, device: torch.device,
