@@ -92,3 +92,21 @@ def test_shards_join_a_run_only_with_its_recipe(tmp_path):
         resolve_config(AdaptRequest(settings={**settings, "seed": 3}, shard="2/2"))
     with pytest.raises(AdaptsoupError, match="--shard needs --out"):
         resolve_config(AdaptRequest(settings={**settings, "out": None}, shard="1/2"))
+
+
+def test_the_slurm_example_is_valid_bash_and_passes_only_flags_adapt_knows():
+    import re
+    import subprocess
+    from pathlib import Path
+
+    import typer
+
+    from adaptsoup_cli.main import app
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "slurm_adapt.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    adapt = typer.main.get_command(app).commands["adapt"]
+    known = {opt for param in adapt.params for opt in param.opts + param.secondary_opts}
+    command = script.read_text().split("adaptsoup)\" adapt", 1)[1]
+    used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", command))
+    assert "--shard" in used and used <= known, used - known
