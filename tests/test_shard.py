@@ -110,3 +110,17 @@ def test_the_slurm_example_is_valid_bash_and_passes_only_flags_adapt_knows():
     command = script.read_text().split("adaptsoup)\" adapt", 1)[1]
     used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", command))
     assert "--shard" in used and used <= known, used - known
+
+
+def test_jobs_sharing_a_manifest_keep_each_others_newer_records(tmp_path):
+    from adaptsoup.core.manifest import Manifest
+
+    path = tmp_path / "manifest.json"
+    a, b = Manifest(path, {"shards": {}}, shared=True), Manifest(path, {"shards": {}}, shared=True)
+    a.update("shards", "1/2", {"status": "running"})
+    b.update("shards", "2/2", {"status": "running"})
+    a.update("ingredients", "x", 1)  # a now holds b's "running" record
+    b.update("shards", "2/2", {"status": "done"})
+    a.update("shards", "1/2", {"status": "done"})  # must not write b's stale record back
+    assert json.loads(path.read_text())["shards"] == {"1/2": {"status": "done"}, "2/2": {"status": "done"}}
+    assert json.loads(path.read_text())["ingredients"] == {"x": 1}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -110,8 +111,9 @@ class Manifest:
 
     ``writable=False`` keeps it in memory only: the ranks other than 0 of a data-parallel run read the
     manifest but never write it.  ``shared=True`` (the jobs of a sharded grid, which write one manifest side
-    by side) saves under a lock, merged into what is on disk: top-level sections (``ingredients``,
-    ``timings_s``, ...) are merged key by key, so no job loses another's records."""
+    by side) saves under a lock, merged into what is on disk: what this job changed since it last read or
+    wrote the file goes over what is there now, key by key within top-level sections (``ingredients``,
+    ``shards``, ...), so no job loses another's records or writes back a stale copy of them."""
 
     def __init__(self, path: str | os.PathLike, data: dict[str, Any] | None = None, *, writable: bool = True,
                  shared: bool = False) -> None:
@@ -119,6 +121,7 @@ class Manifest:
         self.data: dict[str, Any] = data if data is not None else {}
         self.writable = writable
         self.shared = shared
+        self._base = copy.deepcopy(self.data)  # the file as this object last read or wrote it
 
     @classmethod
     def load_or_new(cls, path: str | os.PathLike, **initial: Any) -> "Manifest":
@@ -145,13 +148,19 @@ class Manifest:
             return
         with file_lock(self.path.with_name(self.path.name + ".lock")):
             if self.path.is_file():
-                self.data = merge_sections(json.loads(self.path.read_text()), self.data)
+                self.data = merge_changes(self._base, self.data, json.loads(self.path.read_text()))
             write_json_atomic(self.path, self.data)
+        self._base = copy.deepcopy(self.data)
 
 
-def merge_sections(disk: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any]:
-    """``mine`` over ``disk``; dict-valued top-level keys merged one level deep (mine wins per key)."""
+def merge_changes(base: dict[str, Any], mine: dict[str, Any], disk: dict[str, Any]) -> dict[str, Any]:
+    """``disk`` with what ``mine`` changed since ``base`` (a three-way merge, one level into dict sections)."""
     out = dict(disk)
     for key, value in mine.items():
-        out[key] = {**disk[key], **value} if isinstance(value, dict) and isinstance(disk.get(key), dict) else value
+        before = base.get(key)
+        if isinstance(value, dict) and isinstance(disk.get(key), dict):
+            before = before if isinstance(before, dict) else {}
+            out[key] = {**disk[key], **{k: v for k, v in value.items() if k not in before or before[k] != v}}
+        elif key not in base or before != value:
+            out[key] = value
     return out
