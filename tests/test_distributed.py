@@ -50,7 +50,8 @@ def _rank(rank: int, port: int, root: str) -> None:
         with contextlib.suppress(Crash):
             run_adapt(_config(Path(root), "cut"), echo=None, on_step=crash)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _two_ranks(root: Path) -> None:

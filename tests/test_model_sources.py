@@ -3,7 +3,6 @@ Hugging Face cache (``hf-hub:``), through ``adapt``, ``mix``, ``tta`` and ``expo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -81,7 +80,7 @@ def test_a_224px_vit_from_the_hub_cache_goes_through_adapt_mix_tta_and_export(tm
 
 def test_a_global_pool_vit_from_a_local_folder_adapts(tmp_path, images):
     from adaptsoup.pipeline.adapt import run_adapt
-    from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
+    from adaptsoup.pipeline.recipe import AdaptConfig, InterTrainConfig
 
     folder = _save(_vit_base_shaped(class_token=False, global_pool="avg"), tmp_path / "gap")
     model = load_model(None, f"local-dir:{folder}")
