@@ -91,18 +91,6 @@ def main_then_barrier() -> Iterator[bool]:
         barrier()
 
 
-def all_agree(value: bool) -> bool:
-    """Whether ``value`` holds on every rank (one all-reduce); used where ranks must take the same branch."""
-    w = world()
-    if not w.distributed:
-        return value
-    flag = torch.tensor([1 if value else 0], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        flag = flag.cuda()
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def rank_slice(batch: int, w: World | None = None) -> slice:
     """This rank's contiguous part of a global batch of ``batch`` samples (sizes differ by at most one)."""
     w = w or world()

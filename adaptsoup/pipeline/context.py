@@ -22,9 +22,9 @@ from adaptsoup.core.manifest import Manifest, environment
 from adaptsoup.core.models import class_names, load_model, model_meta, require_vit
 from adaptsoup.core.progress import NullProgress
 from adaptsoup.core.run_dir import RunDir, RunLog
+from adaptsoup.errors import AdaptsoupError
 from adaptsoup.pipeline.diversity import add_parameter_noise, name_seed, tensor_stds
 from adaptsoup.pipeline.inputs import RunInputs, load_inputs
-from adaptsoup.errors import AdaptsoupError
 from adaptsoup.pipeline.recipe import AdaptConfig, validate
 from adaptsoup.pipeline.shard import UNSHARDED, Shard, claim, describe, release
 
@@ -52,7 +52,8 @@ class RunContext:
         another shard holds it.  Rank 0 claims, every rank learns its answer."""
         outcome = distributed.from_main(claim(self.run_dir.root, name, self.job_label) if self.world.is_main else None)
         if outcome == "taken over":
-            self.log(f"{name}: taking over the claim of an earlier job of shard {self.job_label}")
+            self.log(f"{name}: taking over the claim of an earlier job of "
+                     + (f"shard {self.job_label}" if self.shard else "this run") + " (it resumes from its state file)")
         if outcome != "other":
             return True
         held = distributed.from_main(describe(self.run_dir.root, name) if self.world.is_main else None)
