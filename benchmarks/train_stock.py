@@ -1,6 +1,7 @@
 """Train the CIFAR-10 reference stock from nothing: MAE pre-training (no labels), then LP-FT with labels.
 
     python benchmarks/train_stock.py [--data PATH] [--work DIR] [--device cuda] [--bf16]
+    torchrun --nproc-per-node 4 benchmarks/train_stock.py --device cuda   # data-parallel, same global batch
 
 Phases are resumable: the training state is checkpointed every few minutes under ``--work`` (default
 ``~/.cache/adaptsoup/stock_run``) and a rerun of the same command continues where it stopped.
@@ -36,6 +37,7 @@ from adaptsoup.core.checkpoint import CheckpointMeta, read_checkpoint, save_chec
 from adaptsoup.core.data import Preprocess, default_cache_dir, load_folder  # noqa: E402
 from adaptsoup_bench.datasets import CIFAR10_CLASSES, require_cifar10  # noqa: E402
 from adaptsoup.core.evaluation import accuracy  # noqa: E402
+from adaptsoup.core.distributed import barrier, from_main, init_distributed, main_then_barrier, world  # noqa: E402
 from adaptsoup.core.io import write_atomic, write_json_atomic, write_text_atomic  # noqa: E402
 from adaptsoup.ssl.mae import MaskedAutoencoder  # noqa: E402
 from adaptsoup.core.manifest import environment, file_digest  # noqa: E402
@@ -54,7 +56,8 @@ WIP = OUT / "wip"  # unfinished phases committed by an earlier session, so anoth
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    if world().is_main:  # under torchrun, rank 0 speaks for all
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def step_logger(name: str, every: int = 100):
@@ -182,6 +185,7 @@ def main() -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    main_rank = init_distributed(args.device).is_main  # torchrun: data-parallel training, rank 0 writes every file
     if args.save_wip:
         save_wip_ft_state(work)
         return
@@ -195,8 +199,9 @@ def main() -> None:
     test_set = load_folder(cifar / "test", pre, labeled=True, class_names=CIFAR10_CLASSES)
     log(f"train {len(train_set)} images ({len(train_set.skipped)} skipped), test {len(test_set)}")
     manifest_path = work / "manifest.json"
-    if not (work / "ft_state.pt").is_file() and not (work / "ft.safetensors").is_file():
-        restore_wip_ft_state(work, args)
+    with main_then_barrier() as main:
+        if main and not (work / "ft_state.pt").is_file() and not (work / "ft.safetensors").is_file():
+            restore_wip_ft_state(work, args)
     manifest = _read_json(manifest_path) or {"phases": {}}
     manifest.update(command=" ".join(sys.argv), args=vars(args), environment=environment())
 
@@ -204,9 +209,10 @@ def main() -> None:
     mae_ckpt = work / "mae.safetensors"
     mae = MaskedAutoencoder(encoder, mask_ratio=0.75, norm_pix_loss=True)
     committed = WIP / "mae.safetensors"  # a finished MAE phase committed by an earlier session
-    if not mae_ckpt.is_file() and committed.is_file():
-        shutil.copy2(committed, mae_ckpt)
-        log(f"MAE phase taken from {committed}")
+    with main_then_barrier() as main:
+        if main and not mae_ckpt.is_file() and committed.is_file():
+            shutil.copy2(committed, mae_ckpt)
+            log(f"MAE phase taken from {committed}")
     if "mae" not in manifest["phases"] and (WIP / "manifest.json").is_file():
         manifest["phases"]["mae"] = json.loads((WIP / "manifest.json").read_text())["phases"]["mae"]
     if not mae_ckpt.is_file():
@@ -218,10 +224,12 @@ def main() -> None:
         log(f"MAE pre-training: {cfg.steps} steps")
         res = train(mae, mae_loss, train_set, pre, cfg, state_path=work / "mae_state.pt", description="MAE",
                     on_step=step_logger("mae"))
-        save_checkpoint(mae_ckpt, mae.state_dict(), None)
         manifest["phases"]["mae"] = {"config": cfg.to_dict(), "wall_s": res.wall_s, "images_per_s": res.images_per_s,
                                      "final_loss": res.losses[-1] if res.losses else None, "resumed_from": res.resumed_from}
-        write_json_atomic(manifest_path, manifest)
+        if main_rank:
+            save_checkpoint(mae_ckpt, mae.state_dict(), None)
+            write_json_atomic(manifest_path, manifest)
+        barrier()
     state, _ = read_checkpoint(mae_ckpt)
     mae.load_state_dict(state)
     mae.to("cpu")
@@ -230,13 +238,16 @@ def main() -> None:
     ft_ckpt = work / "ft.safetensors"
     if not ft_ckpt.is_file():
         if "linear_probe" not in manifest["phases"] or not (work / "ft_state.pt").is_file():  # a saved state holds the LP head
-            t0 = time.perf_counter()
-            lp = fit_linear_probe(encoder, train_set, pre, LinearProbeConfig(device=args.device, bf16=args.bf16))
-            lp["test_acc"] = accuracy(encoder, test_set, pre, device=args.device)
-            lp["wall_s"] = time.perf_counter() - t0
-            log(f"linear probe: {lp}")
-            manifest["phases"]["linear_probe"] = lp
-            write_json_atomic(manifest_path, manifest)
+            if main_rank:  # rank 0 fits the probe; the other ranks take its head
+                t0 = time.perf_counter()
+                lp = fit_linear_probe(encoder, train_set, pre, LinearProbeConfig(device=args.device, bf16=args.bf16))
+                lp["test_acc"] = accuracy(encoder, test_set, pre, device=args.device)
+                lp["wall_s"] = time.perf_counter() - t0
+                log(f"linear probe: {lp}")
+                manifest["phases"]["linear_probe"] = lp
+                write_json_atomic(manifest_path, manifest)
+            head = from_main({k: v.cpu() for k, v in encoder.get_classifier().state_dict().items()} if main_rank else None)
+            encoder.get_classifier().load_state_dict(head)
         cfg = TrainConfig(
             steps=steps_for_epochs(args.ft_epochs, len(train_set), args.ft_batch), lr=args.ft_lr,
             batch_size=args.ft_batch, weight_decay=0.05, warmup_frac=0.05, augment="3a", crop_scale=(0.35, 1.0),
@@ -245,13 +256,17 @@ def main() -> None:
         log(f"fine-tuning: {cfg.steps} steps")
         res = train(encoder, classification_loss(0.1), train_set, pre, cfg, state_path=work / "ft_state.pt",
                     description="fine-tune", on_step=step_logger("ft"))
-        save_checkpoint(ft_ckpt, encoder.state_dict(), None)
         manifest["phases"]["finetune"] = {"config": cfg.to_dict(), "wall_s": res.wall_s, "images_per_s": res.images_per_s,
                                           "final_loss": res.losses[-1] if res.losses else None, "resumed_from": res.resumed_from}
-        write_json_atomic(manifest_path, manifest)
+        if main_rank:
+            save_checkpoint(ft_ckpt, encoder.state_dict(), None)
+            write_json_atomic(manifest_path, manifest)
+        barrier()
     state, _ = read_checkpoint(ft_ckpt)
     load_state_dict_strict(encoder, state)
     encoder.to("cpu")
+    if not main_rank:
+        return  # rank 0 evaluates and writes the stock
 
     clean = accuracy(encoder, test_set, pre)
     log(f"clean CIFAR-10 test accuracy: {clean:.2f}%")

@@ -51,9 +51,13 @@ def adapt(
     mix_methods: Optional[List[str]] = typer.Option(None, "--mix", help="Also mix with this method at the end (repeatable; replaces the recipe's mix)."),
     mix_labeled: Optional[Path] = typer.Option(None, help="Few-label folder for --mix season/greedy/best."),
     finetune_back: Optional[bool] = typer.Option(None, "--finetune/--no-finetune", help="Fine-tune back on --source (default), or keep the inter-trained encoders as label-free ingredients."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: make only the I-th of N parts of the ingredient grid, in the shared --out (one job of a cluster array); the job that finds the grid complete writes the soups."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Inter-train the stock with MAE on unlabeled target images, fine-tune back on source, and mix a soup."""
+    """Inter-train the stock with MAE on unlabeled target images, fine-tune back on source, and mix a soup.
+
+    Under torchrun (--nproc-per-node N) every training run is data-parallel; rank 0 writes and prints."""
+    from adaptsoup.core.distributed import world
     from adaptsoup.core.progress import progress_bars
     from adaptsoup.pipeline.job import AdaptRequest, run_adapt_job
 
@@ -76,9 +80,15 @@ def adapt(
             "steps": ft_steps, "augment": ft_augment, "batch_size": batch_size,
         },
     }
-    request = AdaptRequest(settings=settings, recipe_file=config, resume=resume, command=command_line())
+    request = AdaptRequest(settings=settings, recipe_file=config, resume=resume, command=command_line(), shard=shard)
     with progress_bars(progress) as bars:
         result = run_adapt_job(request, progress=bars, echo=log_line)
+    if not world().is_main:
+        return
+    if not result.complete:
+        out.print(f"shard {shard}: done; {len(result.missing)} ingredient(s) still to come from other shards")
+        out.print(f"manifest: {result.manifest_path}")
+        return
     print_metrics(result.metrics)
     if result.mixes:
         print_mixes(result.mixes)

@@ -2,7 +2,9 @@
 
 adaptsoup writes **safetensors** files whose metadata holds a JSON :class:`CheckpointMeta` (architecture,
 classes, preprocessing, provenance).  It reads those, plus plain PyTorch state dicts (``.pt``, ``.pth``,
-``.bin``) through ``torch.load(weights_only=True)`` so that an untrusted pickle cannot run code.
+``.bin``) through ``torch.load(weights_only=True)`` so that an untrusted pickle cannot run code, and timm's
+own sources (a ``save_for_hf`` folder, ``local-dir:PATH``, ``hf-hub:ORG/NAME`` from the local cache; see
+:mod:`adaptsoup.core.sources`), whose ``config.json`` becomes the metadata.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from adaptsoup.errors import CheckpointError
 from adaptsoup.core.io import atomic_path
+from adaptsoup.core.sources import CONFIG, WEIGHTS, resolve_model_source
 
 META_KEY = "adaptsoup"
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -82,12 +85,12 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], CheckpointMeta | None]:
-    """Read a checkpoint file: its tensors (keys normalised) and adaptsoup metadata if present."""
-    path = Path(path)
+    """Read a checkpoint file or timm folder (any model source): its tensors (keys normalised) and metadata if present."""
+    path = resolve_model_source(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
-        raise CheckpointError(f"expected a checkpoint file, got a folder: {path}")
+        return read_timm_folder(path)
     if path.suffix in SAFETENSORS_SUFFIXES:
         return _read_safetensors(path)
     if path.suffix in TORCH_SUFFIXES:
@@ -110,6 +113,32 @@ def read_meta(path: str | os.PathLike) -> CheckpointMeta | None:
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
     return CheckpointMeta.from_json(metadata[META_KEY]) if META_KEY in metadata else None
+
+
+def read_timm_folder(folder: Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+    """A ``save_for_hf`` folder: its weights, and metadata from its ``config.json`` (architecture, model
+    arguments, classes and the preprocessing of its ``pretrained_cfg``)."""
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+        arch = config["architecture"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{folder / CONFIG} is not a timm model config ({type(exc).__name__}: {exc})") from None
+    weights = next(folder / name for name in WEIGHTS if (folder / name).is_file())
+    state_dict, _ = read_checkpoint(weights)
+    pcfg = dict(config.get("pretrained_cfg") or {})
+    kwargs = {k: v for k, v in (config.get("model_args") or {}).items() if k != "num_classes"}
+    names = config.get("label_names") or pcfg.get("label_names") or []
+    if isinstance(names, dict):  # {class index: name}
+        names = [names[k] for k in sorted(names, key=int)]
+    default = CheckpointMeta(arch=arch, num_classes=0)
+    meta = CheckpointMeta(
+        arch=arch, num_classes=int(config.get("num_classes", pcfg.get("num_classes", 0)) or 0), class_names=list(names),
+        input_size=tuple(pcfg.get("input_size") or default.input_size), mean=tuple(pcfg.get("mean") or default.mean),
+        std=tuple(pcfg.get("std") or default.std), interpolation=str(pcfg.get("interpolation") or default.interpolation),
+        crop_pct=float(pcfg.get("crop_pct") or default.crop_pct), model_kwargs=kwargs,
+        provenance={"source": str(folder), "pretrained_tag": pcfg.get("tag")},
+    )
+    return state_dict, meta
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta | None]:

@@ -7,6 +7,7 @@ target, so an interrupted run leaves either the old file or the new one, never a
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -30,6 +31,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive POSIX lock on ``path`` (created if needed) for the block: the read-modify-write of
+    a file that independent jobs on a shared filesystem update (``fcntl.lockf``, which NFS forwards to its
+    lock manager)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.lockf(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
 def _umask() -> int:

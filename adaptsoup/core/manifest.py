@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -14,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from adaptsoup.core.io import write_json_atomic
+from adaptsoup.core.io import file_lock, write_json_atomic
 
 TRACKED_PACKAGES = ("adaptsoup", "torch", "torchvision", "timm", "numpy", "pillow", "safetensors", "onnx", "onnxruntime")
 
@@ -117,11 +118,21 @@ def config_tag(*parts: Any) -> str:
 
 
 class Manifest:
-    """A JSON manifest kept on disk, rewritten atomically after every change."""
+    """A JSON manifest kept on disk, rewritten atomically after every change.
 
-    def __init__(self, path: str | os.PathLike, data: dict[str, Any] | None = None) -> None:
+    ``writable=False`` keeps it in memory only: the ranks other than 0 of a data-parallel run read the
+    manifest but never write it.  ``shared=True`` (the jobs of a sharded grid, which write one manifest side
+    by side) saves under a lock, merged into what is on disk: what this job changed since it last read or
+    wrote the file goes over what is there now, key by key within top-level sections (``ingredients``,
+    ``shards``, ...), so no job loses another's records or writes back a stale copy of them."""
+
+    def __init__(self, path: str | os.PathLike, data: dict[str, Any] | None = None, *, writable: bool = True,
+                 shared: bool = False) -> None:
         self.path = Path(path)
         self.data: dict[str, Any] = data if data is not None else {}
+        self.writable = writable
+        self.shared = shared
+        self._base = copy.deepcopy(self.data)  # the file as this object last read or wrote it
 
     @classmethod
     def load_or_new(cls, path: str | os.PathLike, **initial: Any) -> "Manifest":
@@ -140,5 +151,27 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
+        if not self.writable:
+            return
         self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        write_json_atomic(self.path, self.data)
+        if not self.shared:
+            write_json_atomic(self.path, self.data)
+            return
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            if self.path.is_file():
+                self.data = merge_changes(self._base, self.data, json.loads(self.path.read_text()))
+            write_json_atomic(self.path, self.data)
+        self._base = copy.deepcopy(self.data)
+
+
+def merge_changes(base: dict[str, Any], mine: dict[str, Any], disk: dict[str, Any]) -> dict[str, Any]:
+    """``disk`` with what ``mine`` changed since ``base`` (a three-way merge, one level into dict sections)."""
+    out = dict(disk)
+    for key, value in mine.items():
+        before = base.get(key)
+        if isinstance(value, dict) and isinstance(disk.get(key), dict):
+            before = before if isinstance(before, dict) else {}
+            out[key] = {**disk[key], **{k: v for k, v in value.items() if k not in before or before[k] != v}}
+        elif key not in base or before != value:
+            out[key] = value
+    return out

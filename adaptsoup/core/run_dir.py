@@ -77,15 +77,17 @@ class RunDir:
 
 
 class RunLog:
-    """Timestamped lines to the run's ``adapt.log`` and, through ``echo``, to the console."""
+    """Timestamped lines to the run's ``adapt.log`` and, through ``echo``, to the console (``path`` None:
+    the console only, as on the ranks other than 0 of a data-parallel run, which log nothing)."""
 
-    def __init__(self, path: Path, echo: Callable[[str], None] | None = None) -> None:
+    def __init__(self, path: Path | None, echo: Callable[[str], None] | None = None) -> None:
         self.path = path
         self.echo = echo
 
     def __call__(self, message: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {message}"
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
         if self.echo is not None:
             self.echo(line)

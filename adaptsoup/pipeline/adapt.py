@@ -15,7 +15,9 @@ Stages, each a function of the run (:class:`~adaptsoup.pipeline.context.RunConte
 6. :func:`~adaptsoup.pipeline.tta.adapt_at_test_time` — the recipe's ``tta`` on the last soup.
 
 Every artefact is written atomically into the run directory, and every training run checkpoints its state,
-so running again skips what is finished and continues what was cut off.
+so running again skips what is finished and continues what was cut off.  Under ``torchrun`` each training
+run is data-parallel (rank 0 writes); with ``shard`` the job makes its part of the grid only
+(:mod:`~adaptsoup.pipeline.shard`), and whichever job finds the grid complete writes the soups.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from adaptsoup.core.distributed import main_then_barrier
 from adaptsoup.core.run_dir import SOUP, SUPERVISED_SOUP
 from adaptsoup.pipeline.context import RunContext, open_run
 from adaptsoup.pipeline.evaluate import evaluate
@@ -31,6 +34,7 @@ from adaptsoup.pipeline.finetune_back import finetune_back
 from adaptsoup.pipeline.inter_train import inter_train
 from adaptsoup.pipeline.plan import Plan, plan_run
 from adaptsoup.pipeline.recipe import AdaptConfig
+from adaptsoup.pipeline.shard import FINISH, Shard, release
 from adaptsoup.pipeline.soups import mixed_soups, uniform_soups
 from adaptsoup.pipeline.tta import adapt_at_test_time
 
@@ -45,20 +49,33 @@ class AdaptResult:
     manifest_path: Path | None = None
     mixes: dict[str, dict] = field(default_factory=dict)  # the recipe's mix methods -> their manifest records
     tta: dict | None = None  # the manifest's record of test-time adaptation
+    complete: bool = True  # False: a shard's part is done but other shards' ingredients are missing (no soup yet)
+    missing: list[str] = field(default_factory=list)  # those ingredients
 
 
 def run_adapt(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | None = print, command: str | None = None,
-              on_step: Callable[[str, int], None] | None = None) -> AdaptResult:
-    """Run (or resume) an adapt job as configured; returns where everything was written."""
-    ctx = open_run(cfg, progress=progress, echo=echo, command=command, on_step=on_step)
+              on_step: Callable[[str, int], None] | None = None, shard: Shard | None = None) -> AdaptResult:
+    """Run (or resume) an adapt job as configured (its ``shard`` of the grid only, if given); returns where
+    everything was written.  Under torchrun, the soups, evaluation, mixing and TTA run on rank 0 while the
+    other ranks wait."""
+    ctx = open_run(cfg, progress=progress, echo=echo, command=command, on_step=on_step, shard=shard)
     plan = plan_adapt(ctx)
     inter_train(ctx, plan)
     finetune_back(ctx, plan)
-    uniform_soups(ctx, plan)
-    evaluate(ctx, plan)
-    mixes = mixed_soups(ctx)
-    tta = adapt_at_test_time(ctx)
-    return finish(ctx, plan, mixes, tta)
+    missing = [ing.name for ing in plan.ingredients if not ctx.run_dir.ingredient(ing.name).is_file()]
+    if missing or (shard is not None and not ctx.claim(FINISH)):
+        return shard_done(ctx, plan, missing)
+    with main_then_barrier() as main:
+        if main:
+            uniform_soups(ctx, plan)
+            evaluate(ctx, plan)
+            mixes = mixed_soups(ctx)
+            tta = adapt_at_test_time(ctx)
+            result = finish(ctx, plan, mixes, tta)
+    if not main:
+        ctx.reload_manifest()
+        result = finish(ctx, plan, {}, None)
+    return result
 
 
 def plan_adapt(ctx: RunContext) -> Plan:
@@ -68,16 +85,37 @@ def plan_adapt(ctx: RunContext) -> Plan:
     return plan
 
 
-def finish(ctx: RunContext, plan: Plan, mixes: dict, tta: dict | None) -> AdaptResult:
+def shard_done(ctx: RunContext, plan: Plan, missing: list[str]) -> AdaptResult:
+    """A shard whose part is made but that does not write the soups: other shards' ingredients are still
+    missing, or another job is writing them."""
+    label = ctx.job_label
+    if missing:
+        ctx.log(f"shard {label}: its part of the grid is done; {len(missing)} of {len(plan.ingredients)} ingredients are other "
+                f"shards' to make; the last shard to finish (or adapt --resume {ctx.run_dir.root}) writes the soups")
+    else:
+        ctx.log(f"shard {label}: its part of the grid is done; the soups are another job's to write")
+    ctx.manifest.data.setdefault("shards", {}).setdefault(label, {}).update(status="done", wall_s=round(ctx.elapsed(), 2))
+    ctx.manifest.data.setdefault("status", "partial")
+    ctx.manifest.save()
+    result = finish(ctx, plan, {}, None, complete=False)
+    result.missing = missing
+    return result
+
+
+def finish(ctx: RunContext, plan: Plan, mixes: dict, tta: dict | None, *, complete: bool = True) -> AdaptResult:
     """Mark the run complete in its manifest and say where everything is."""
     manifest = ctx.manifest
-    manifest.data["timings_s"]["total_this_invocation"] = ctx.elapsed()
-    manifest.data["status"] = "complete"
-    manifest.save()
-    soups = manifest.data["soups"]
+    if complete:
+        manifest.data["timings_s"]["total_this_invocation"] = ctx.elapsed()
+        manifest.data["status"] = "complete"
+        if ctx.shard is not None:
+            manifest.data["shards"][ctx.shard.label].update(status="done, wrote the soups", wall_s=round(ctx.elapsed(), 2))
+            release(ctx.run_dir.root, FINISH)
+        manifest.save()
+    soups = manifest.data.get("soups", {})
     return AdaptResult(
         run_dir=ctx.run_dir.root, soup_path=ctx.run_dir.soup(SOUP),
         supervised_soup_path=ctx.run_dir.soup(SUPERVISED_SOUP) if SUPERVISED_SOUP in soups else None,
         ingredients=[ctx.run_dir.ingredient(ing.name) for ing in plan.of_kind("self") + plan.of_kind("vanilla")],
-        metrics=manifest.data.get("metrics", {}), manifest_path=manifest.path, mixes=mixes, tta=tta,
+        metrics=manifest.data.get("metrics", {}), manifest_path=manifest.path, mixes=mixes, tta=tta, complete=complete,
     )

@@ -15,14 +15,18 @@ from typing import Callable, Iterator
 
 from torch import nn
 
+from adaptsoup.core import distributed
 from adaptsoup.core.data import Preprocess
+from adaptsoup.core.distributed import World
 from adaptsoup.core.manifest import Manifest, environment
 from adaptsoup.core.models import class_names, load_model, model_meta, require_vit
 from adaptsoup.core.progress import NullProgress
 from adaptsoup.core.run_dir import RunDir, RunLog
+from adaptsoup.errors import AdaptsoupError
 from adaptsoup.pipeline.diversity import add_parameter_noise, name_seed, tensor_stds
 from adaptsoup.pipeline.inputs import RunInputs, load_inputs
 from adaptsoup.pipeline.recipe import AdaptConfig, validate
+from adaptsoup.pipeline.shard import UNSHARDED, Shard, claim, describe, release
 from adaptsoup.pipeline.start import protocol
 
 
@@ -37,6 +41,38 @@ class RunContext:
     progress: object = field(default_factory=NullProgress)
     on_step: Callable[[str, int], None] | None = None  # (training run name, step): a test's crash hook
     started: float = field(default_factory=time.perf_counter)
+    world: World = field(default_factory=World)  # this process among torchrun's data-parallel ranks
+    shard: Shard | None = None  # this job's part of the grid (``--shard``); None: all of it
+
+    @property
+    def job_label(self) -> str:
+        return self.shard.label if self.shard else UNSHARDED
+
+    def claim(self, name: str) -> bool:
+        """Claim the training run ``name`` for this job (:mod:`~adaptsoup.pipeline.shard`); False when
+        another shard holds it.  Rank 0 claims, every rank learns its answer."""
+        outcome = distributed.from_main(claim(self.run_dir.root, name, self.job_label) if self.world.is_main else None)
+        if outcome == "taken over":
+            self.log(f"{name}: taking over the claim of an earlier job of "
+                     + (f"shard {self.job_label}" if self.shard else "this run") + " (it resumes from its state file)")
+        if outcome != "other":
+            return True
+        held = distributed.from_main(describe(self.run_dir.root, name) if self.world.is_main else None)
+        if self.shard is None:
+            raise AdaptsoupError(f"{name} is {held}: let that shard finish or rerun it (or delete "
+                                 f"{self.run_dir.root / 'claims' / (name + '.json')} if no job will)")
+        self.log(f"{name}: {held}; not trained here")
+        return False
+
+    def state_name(self, name: str) -> str:
+        """The resume file's name of a training run that every shard may do (a decoder warm-up): its own per shard."""
+        return f"{name}.shard{self.shard.index}of{self.shard.count}" if self.shard else name
+
+    def written(self, name: str) -> None:
+        """``name`` is on disk: drop its claim (rank 0), and let every rank go on once it is (a barrier)."""
+        if self.world.is_main:
+            release(self.run_dir.root, name)
+        distributed.barrier()
 
     def step_hook(self, name: str) -> Callable[[int, float], None] | None:
         """``train``'s ``on_step`` for the training run ``name``."""
@@ -59,7 +95,7 @@ class RunContext:
 
     def reload_manifest(self) -> None:
         """Read the manifest again after a library call that wrote it itself (``mix_run``)."""
-        self.manifest = Manifest.load_or_new(self.run_dir.manifest)
+        self.manifest = open_manifest(self.run_dir, self.world, self.shard)
 
     @functools.cached_property
     def _noise_stds(self) -> dict[str, float]:
@@ -71,27 +107,46 @@ class RunContext:
             model.load_state_dict(add_parameter_noise(model.state_dict(), multiplier, self._noise_stds, name_seed(name, self.cfg.seed)))
 
 
+def open_manifest(run_dir: RunDir, world: World, shard: Shard | None) -> Manifest:
+    """The run's manifest: written by rank 0 only; saved merged under a lock when shards share it."""
+    manifest = Manifest.load_or_new(run_dir.manifest, kind="adapt")
+    manifest.writable, manifest.shared = world.is_main, shard is not None or "shards" in manifest.data
+    return manifest
+
+
 def open_run(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | None = print, command: str | None = None,
-             on_step: Callable[[str, int], None] | None = None) -> RunContext:
-    """Check the recipe, create (or reopen) its run directory, record the invocation, load the deployed
-    model and decode the images."""
+             on_step: Callable[[str, int], None] | None = None, shard: Shard | None = None) -> RunContext:
+    """Check the recipe, join torchrun's process group if there is one, create (or reopen) the run
+    directory, record the invocation, load the deployed model and decode the images.  Ranks other than 0
+    log and draw nothing, and read the decoded images from the cache rank 0 wrote."""
     validate(cfg)
     started = time.perf_counter()
-    progress = progress or NullProgress()
+    world = distributed.init_distributed(cfg.device)
+    progress = progress if (progress is not None and world.is_main) else NullProgress()
     run_dir = RunDir(Path(cfg.out)).create()
-    log = RunLog(run_dir.log, echo)
-    manifest = Manifest.load_or_new(run_dir.manifest, kind="adapt")
-    manifest.data.update(command=command or " ".join(sys.argv), config=cfg.to_dict(), environment=environment())
+    log = RunLog(run_dir.log if world.is_main else None, echo if world.is_main else None)
+    manifest = open_manifest(run_dir, world, shard)
+    command = command or " ".join(sys.argv)
+    manifest.data.update(command=command, config=cfg.to_dict(), environment=environment())
+    if world.distributed:
+        manifest.data["world_size"] = world.size
+    if shard is not None:
+        manifest.data["shards"] = {shard.label: {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
     manifest.data.setdefault("timings_s", {})
     manifest.data.setdefault("ingredients", {})
     manifest.save()
     deployed = require_vit(load_model(cfg.arch, cfg.model), "adapt")
     t0 = time.perf_counter()
-    inputs = load_inputs(cfg, Preprocess.for_model(deployed), class_names(deployed), progress)
+    with distributed.main_then_barrier() as main:
+        if main:
+            inputs = load_inputs(cfg, Preprocess.for_model(deployed), class_names(deployed), progress)
+    if not world.is_main:
+        inputs = load_inputs(cfg, Preprocess.for_model(deployed), class_names(deployed), progress)
     manifest.data["data"] = inputs.records()
     manifest.data["timings_s"]["load_data"] = time.perf_counter() - t0
     manifest.save()
-    ctx = RunContext(cfg, run_dir, manifest, log, deployed, inputs, progress=progress, on_step=on_step, started=started)
+    ctx = RunContext(cfg, run_dir, manifest, log, deployed, inputs, progress=progress, on_step=on_step, started=started,
+                     world=world, shard=shard)
     for line in ctx.inputs.skipped_lines():
         log(line)
     source = ctx.inputs.source

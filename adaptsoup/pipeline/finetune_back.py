@@ -14,11 +14,13 @@ from torch import nn
 from adaptsoup.core.checkpoint import save_checkpoint
 from adaptsoup.core.models import load_model, model_meta
 from adaptsoup.pipeline.context import RunContext
-from adaptsoup.soup.task_vector import add_task_vector
+from adaptsoup.core.distributed import main_then_barrier
 from adaptsoup.pipeline.plan import Ingredient, Plan
+from adaptsoup.pipeline.shard import owns
 from adaptsoup.pipeline.start import load_start, probe_parent, start_checkpoint
+from adaptsoup.soup.task_vector import add_task_vector
 from adaptsoup.train.loop import TrainConfig
-from adaptsoup.train.lpft import LinearProbeConfig, linear_probe_then_finetune
+from adaptsoup.train.lpft import LinearProbeConfig, cached_linear_probe, linear_probe_then_finetune
 from adaptsoup.train.optim import steps_for_epochs
 
 
@@ -27,7 +29,8 @@ def finetune_back(ctx: RunContext, plan: Plan) -> None:
     with ctx.timed("fine_tune", accumulate=True):
         task = ctx.progress.add_task("ingredients", total=len(plan.ingredients))
         for done, ing in enumerate(plan.ingredients, start=1):
-            if not ctx.run_dir.ingredient(ing.name).is_file():
+            if (not ctx.run_dir.ingredient(ing.name).is_file() and owns(ctx.shard, plan, ing)
+                    and ctx.claim(f"ingredient.{ing.name}")):
                 if ing.finetune is None:
                     keep_encoder(ctx, ing)
                 else:
@@ -48,11 +51,13 @@ def keep_encoder(ctx: RunContext, ing: Ingredient) -> None:
     if ctx.cfg.inter.noise_stage in ("before_finetune", "before_mix"):
         ctx.add_noise(model, ing.inter.noise, ing.name)
     out = ctx.run_dir.ingredient(ing.name)
-    save_checkpoint(out, model.state_dict(), model_meta(model, made_by="adaptsoup adapt", stage="inter-train only", kind=kind,
-                                                          parents=parents, inter=dataclasses.asdict(ing.inter),
-                                                          task_vector_scale=ctx.cfg.task_vector_scale if ctx.cfg.pretrained else None))
-    ctx.manifest.update("ingredients", ing.name, {"kind": kind, "inter": ing.inter.name, "finetune": None,
-                                                  "path": ctx.run_dir.relative(out), "status": "done"})
+    if ctx.world.is_main:
+        save_checkpoint(out, model.state_dict(), model_meta(model, made_by="adaptsoup adapt", stage="inter-train only", kind=kind,
+                                                              parents=parents, inter=dataclasses.asdict(ing.inter),
+                                                              task_vector_scale=ctx.cfg.task_vector_scale if ctx.cfg.pretrained else None))
+        ctx.manifest.update("ingredients", ing.name, {"kind": kind, "inter": ing.inter.name, "finetune": None,
+                                                      "path": ctx.run_dir.relative(out), "status": "done"})
+    ctx.written(f"ingredient.{ing.name}")
 
 
 def _with_task_vector(ctx: RunContext, inter_trained: nn.Module) -> nn.Module:
@@ -80,11 +85,18 @@ def finetune_one(ctx: RunContext, ing: Ingredient) -> None:
     )
     parent = probe_parent(cfg, ing.inter)
     ctx.log(f"fine-tune {ing.name}: LP-FT on source, lr {ing.finetune.lr:g}, {tcfg.steps} steps")
+    probe_cfg = LinearProbeConfig(weight_decay=ft.probe_weight_decay, device=cfg.device, bf16=cfg.bf16)
+    on_probe = lambda p: ctx.log(f"linear probe on {parent}: train accuracy {p['train_acc']:.1f}% ({p['wall_s']:.0f}s)")  # noqa: E731
+    if ctx.world.distributed:  # rank 0 fits (or finds) the probe; the others read its cached head
+        with main_then_barrier() as main:
+            if main:
+                record, fitted = cached_linear_probe(model, source, ctx.inputs.preprocess, probe_cfg, ctx.run_dir.probe(parent))
+                if fitted:
+                    on_probe(record)
     probe, result = linear_probe_then_finetune(
-        model, source, ctx.inputs.preprocess, LinearProbeConfig(weight_decay=ft.probe_weight_decay, device=cfg.device, bf16=cfg.bf16), tcfg,
+        model, source, ctx.inputs.preprocess, probe_cfg, tcfg,
         label_smoothing=ft.label_smoothing, probe_cache=ctx.run_dir.probe(parent), state_path=ctx.run_dir.state(ing.name),
-        progress=ctx.progress, description=f"fine-tune {ing.name}", on_step=ctx.step_hook(ing.name),
-        on_probe=lambda p: ctx.log(f"linear probe on {parent}: train accuracy {p['train_acc']:.1f}% ({p['wall_s']:.0f}s)"),
+        progress=ctx.progress, description=f"fine-tune {ing.name}", on_step=ctx.step_hook(ing.name), on_probe=on_probe,
     )
     model.cpu()
     if noise_stage == "before_mix" and ing.inter is not None:
@@ -92,12 +104,14 @@ def finetune_one(ctx: RunContext, ing: Ingredient) -> None:
     out = ctx.run_dir.ingredient(ing.name)
     meta = model_meta(model, made_by="adaptsoup adapt", stage="fine-tune", kind=ing.kind, parents=[str(start.path)],
                       finetune=dataclasses.asdict(ing.finetune), inter=dataclasses.asdict(ing.inter) if ing.inter else None)
-    save_checkpoint(out, model.state_dict(), meta)
-    ctx.manifest.update("ingredients", ing.name, {
-        "kind": ing.kind, "inter": ing.inter.name if ing.inter else None, "finetune": dataclasses.asdict(ing.finetune),
-        "linear_probe": probe, "train": result.record(tcfg), "path": ctx.run_dir.relative(out), "status": "done",
-        "noise": {"stage": noise_stage, "multiplier": ing.inter.noise} if (noise_stage and ing.inter) else None,
-    })
+    if ctx.world.is_main:
+        save_checkpoint(out, model.state_dict(), meta)
+        ctx.manifest.update("ingredients", ing.name, {
+            "kind": ing.kind, "inter": ing.inter.name if ing.inter else None, "finetune": dataclasses.asdict(ing.finetune),
+            "linear_probe": probe, "train": result.record(tcfg), "path": ctx.run_dir.relative(out), "status": "done",
+            "noise": {"stage": noise_stage, "multiplier": ing.inter.noise} if (noise_stage and ing.inter) else None,
+        })
+    ctx.written(f"ingredient.{ing.name}")
 
 
 def _finetune_seed(ing: Ingredient) -> int:

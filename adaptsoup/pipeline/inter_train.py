@@ -18,6 +18,7 @@ from adaptsoup.pipeline.context import RunContext
 from adaptsoup.pipeline.diversity import class_partitions, indices_of_classes
 from adaptsoup.pipeline.inputs import strip_labels
 from adaptsoup.pipeline.plan import InterRun, Plan
+from adaptsoup.pipeline.shard import owns
 from adaptsoup.pipeline.start import load_start, start_checkpoint
 from adaptsoup.pipeline.warm_up import prepare_decoder, stock_decoder, warm_up_heads
 from adaptsoup.ssl.registry import SSLSettings, ssl_loss
@@ -53,12 +54,13 @@ def inter_train(ctx: RunContext, plan: Plan) -> None:
         partitions = _partitions(ctx)
         decoder_state = stock_decoder(ctx)
         for run in plan.inters:
-            if _needed(ctx, plan, run):
+            if _needed(ctx, plan, run) and owns(ctx.shard, plan, run) and ctx.claim(f"inter.{run.name}"):
                 inter_train_one(ctx, run, _data_of(ctx, run, partitions), decoder_state)
 
 
 def inter_train_one(ctx: RunContext, run: InterRun, data: ImageSet, decoder_state) -> None:
-    """One inter-training run, resumable from its state file; writes ``inter/<run>.safetensors``."""
+    """One inter-training run, resumable from its state file; writes ``inter/<run>.safetensors`` (rank 0;
+    the other ranks of a data-parallel run wait until it is written)."""
     cfg = ctx.cfg
     start = start_checkpoint(cfg, ctx.run_dir)
     encoder = load_start(cfg, start)
@@ -78,8 +80,10 @@ def inter_train_one(ctx: RunContext, run: InterRun, data: ImageSet, decoder_stat
     encoder = objective.module.encoder.cpu()
     out = ctx.run_dir.inter(run.name)
     meta = model_meta(encoder, made_by="adaptsoup adapt", stage="inter-train", ssl=run.ssl, parents=[str(start.path)], run=dataclasses.asdict(run))
-    save_checkpoint(out, encoder.state_dict(), meta)
-    ctx.manifest.update("inter", run.name, {**dataclasses.asdict(run), "train": result.record(tcfg), "path": ctx.run_dir.relative(out)})
+    if ctx.world.is_main:
+        save_checkpoint(out, encoder.state_dict(), meta)
+        ctx.manifest.update("inter", run.name, {**dataclasses.asdict(run), "train": result.record(tcfg), "path": ctx.run_dir.relative(out)})
+    ctx.written(f"inter.{run.name}")
 
 
 def _objective(ctx: RunContext, run: InterRun, encoder: nn.Module, data: ImageSet, decoder_state) -> Objective:

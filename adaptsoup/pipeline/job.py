@@ -3,6 +3,10 @@
 A new run's recipe is the defaults, then the recipe file, then the settings given as flags.  A resumed run
 takes the recipe recorded in its manifest; only what happens after the soups (``mix``, ``tta`` and their
 settings) may be given again, to mix or adapt a finished run differently.
+
+With ``shard`` the job makes one part of the grid; the N jobs of a sharded run are given the same flags
+and ``--out``: the first creates the run directory, the others (and reruns) join it when its recorded
+recipe is theirs.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any, Callable
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.pipeline.adapt import AdaptResult, run_adapt
 from adaptsoup.pipeline.recipe import AdaptConfig, load_recipe_file, merge
+from adaptsoup.pipeline.shard import Shard
 
 AFTER_SOUPS = ("mix", "mix_labeled", "tta", "tta_batch_size", "tta_base_lr")  # the settings a resumed run may change
 REQUIRED = ("model", "target", "source")
@@ -27,11 +32,13 @@ class AdaptRequest:
     recipe_file: Path | None = None
     resume: Path | None = None  # a run directory to continue with its recorded recipe
     command: str | None = None  # recorded in the manifest
+    shard: str | None = None  # "I/N": this job's part of the grid (see adaptsoup.pipeline.shard)
 
 
 def run_adapt_job(request: AdaptRequest, *, progress=None, echo: Callable[[str], None] | None = print) -> AdaptResult:
     """Resolve the request's recipe and run (or resume) it, mixing and adapting at test time as it says."""
-    return run_adapt(resolve_config(request), progress=progress, echo=echo, command=request.command)
+    shard = Shard.parse(request.shard) if request.shard else None
+    return run_adapt(resolve_config(request), progress=progress, echo=echo, command=request.command, shard=shard)
 
 
 def resolve_config(request: AdaptRequest) -> AdaptConfig:
@@ -43,11 +50,25 @@ def resolve_config(request: AdaptRequest) -> AdaptConfig:
     missing = [f"--{n}" for n in REQUIRED if not getattr(cfg, n) and (n != "source" or cfg.finetune_back)]
     if missing:
         raise AdaptsoupError(f"missing {', '.join(missing)} (or give them in --config)")
+    if request.shard and not cfg.out:
+        raise AdaptsoupError("--shard needs --out: the run directory every shard shares")
     if not cfg.out:
         cfg.out = str(Path("runs") / time.strftime("adapt-%Y%m%d-%H%M%S"))
-    if (Path(cfg.out) / "manifest.json").is_file():
-        raise AdaptsoupError(f"{cfg.out} already holds a run: use --resume {cfg.out} to continue it, or another --out")
+    manifest = Path(cfg.out) / "manifest.json"
+    if manifest.is_file():
+        if request.shard and _recorded(manifest) == cfg.to_dict():
+            return cfg  # another shard of the same run (or this shard again)
+        hint = " with another recipe: give every shard the same flags" if request.shard else ""
+        raise AdaptsoupError(f"{cfg.out} already holds a run{hint}: use --resume {cfg.out} to continue it, or another --out")
     return cfg
+
+
+def _recorded(manifest: Path) -> dict | None:
+    """The recipe recorded in a run's manifest, or None while another job is still writing its first one."""
+    try:
+        return json.loads(manifest.read_text()).get("config")
+    except (OSError, ValueError):
+        return None
 
 
 def _resumed_config(request: AdaptRequest) -> AdaptConfig:

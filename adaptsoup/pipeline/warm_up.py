@@ -59,9 +59,11 @@ def prepare_decoder(ctx: RunContext, mae: MaskedAutoencoder, run: InterRun, deco
                        checkpoint_every_s=ctx.cfg.checkpoint_every_s)
     ctx.log(f"decoder warm-up ({'from the stock decoder' if loaded else 'fresh decoder'}): {tcfg.steps} steps, lr {tcfg.lr:g}, encoder frozen")
     with frozen(mae.encoder):
-        train(mae, mae_loss, data, ctx.inputs.preprocess, tcfg, state_path=ctx.run_dir.state(warm.stem), progress=ctx.progress,
-              description="decoder warm-up")
-    save_checkpoint(warm, mae.decoder_state_dict(), None)
+        train(mae, mae_loss, data, ctx.inputs.preprocess, tcfg, state_path=ctx.run_dir.state(ctx.state_name(warm.stem)),
+              progress=ctx.progress, description="decoder warm-up")
+    if ctx.world.is_main:  # every shard that needs it warms it up alike; the file is written atomically
+        save_checkpoint(warm, mae.decoder_state_dict(), None)
+    ctx.written(warm.stem)
 
 
 def _load_stock_decoder(ctx: RunContext, mae: MaskedAutoencoder, run: InterRun, decoder_state) -> bool:
@@ -93,7 +95,9 @@ def warm_up_heads(ctx: RunContext, module: nn.Module, run: InterRun, views: int,
     with frozen(module.encoder):
         train(module, multiview_loss, data, ctx.inputs.preprocess, tcfg, state_path=ctx.run_dir.state(warm.stem), progress=ctx.progress,
               description="head warm-up")
-    save_checkpoint(warm, {k: v for k, v in module.state_dict().items() if not k.startswith("encoder.")}, None)
+    if ctx.world.is_main:
+        save_checkpoint(warm, {k: v for k, v in module.state_dict().items() if not k.startswith("encoder.")}, None)
+    ctx.written(warm.stem)
 
 
 @contextlib.contextmanager

@@ -82,6 +82,9 @@ class MaskedAutoencoder(nn.Module):
         self.grid = tuple(encoder.patch_embed.grid_size)
         self.in_chans = encoder.patch_embed.proj.in_channels if hasattr(encoder.patch_embed, "proj") else 3
         self.num_prefix = int(encoder.num_prefix_tokens)
+        # (start, stop, global batch) under data-parallel training: the masks are drawn for the whole global
+        # batch, as one process would, and this rank keeps its slice (set by the training loop).
+        self.batch_share: tuple[int, int, int] | None = None
 
         self.decoder_embed = nn.Linear(embed_dim, cfg.dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
@@ -142,7 +145,11 @@ class MaskedAutoencoder(nn.Module):
     def random_masking(self, num_patches: int, batch: int, device: torch.device, generator: torch.Generator | None = None):
         """Per-sample random masking by argsort of uniform noise: (ids_keep, mask, ids_restore)."""
         len_keep = max(1, int(num_patches * (1 - self.mask_ratio)))
-        noise = torch.rand(batch, num_patches, device=device, generator=generator)
+        if self.batch_share is not None and self.batch_share[1] - self.batch_share[0] == batch:
+            start, stop, total = self.batch_share
+            noise = torch.rand(total, num_patches, device=device, generator=generator)[start:stop]
+        else:
+            noise = torch.rand(batch, num_patches, device=device, generator=generator)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :len_keep]

@@ -3,6 +3,12 @@
 A run is a pure function of its config and data: batch order comes from :func:`adaptsoup.core.data.epoch_order`,
 and the Python/PyTorch RNG states (augmentation, masking) are saved with the model and optimizer in the
 resume file, so a run that is cut off and resumed ends exactly where an uninterrupted one would.
+
+Under ``torchrun`` (:mod:`adaptsoup.core.distributed`) the module is wrapped in DistributedDataParallel.
+Every rank draws the same global batch with the same RNG streams as a one-process run (augmenting it whole,
+so the random state stays identical on every rank) and trains on its own slice; the slice's loss is scaled
+so that the averaged gradients are the global batch's mean.  The trajectory is the one-process run's up to
+float reduction order, the resume file is the same whatever the world size, and rank 0 alone writes it.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from adaptsoup.core import distributed
 from adaptsoup.core.data import ImageSet, Preprocess, augment_batch, batch_indices, make_train_transform
 from adaptsoup.core.io import atomic_path
 from adaptsoup.core.progress import NullProgress
+from adaptsoup.errors import AdaptsoupError
 from adaptsoup.train.losses import LossFn
 from adaptsoup.train.optim import make_optimizer, make_scheduler
 
@@ -81,7 +89,8 @@ def train(
     ``cfg.checkpoint_every_s`` seconds and removed when the run completes.
     """
     progress = progress or NullProgress()
-    device = torch.device(cfg.device)
+    world = distributed.world()
+    device = torch.device(distributed.device_for(cfg.device))
     module.to(device)
     optimizer = make_optimizer(module, cfg.lr, cfg.weight_decay, cfg.betas)
     scheduler = make_scheduler(optimizer, cfg.steps, cfg.lr, cfg.warmup_frac, cfg.min_lr_ratio)
@@ -97,6 +106,7 @@ def train(
     if start_step >= cfg.steps:
         return result
 
+    net = _data_parallel(module, cfg, world, device)
     task = progress.add_task(description, total=cfg.steps, completed=start_step)
     module.train()
     last_save = time.monotonic()
@@ -108,9 +118,10 @@ def train(
     for step in range(start_step, cfg.steps):
         idx = next(batches)
         scheduler.step_update(step)
-        x, y = _batch(data, idx, preprocess, transform, cfg.views, device)
+        x, y, share = _rank_batch(data, idx, preprocess, transform, cfg.views, device, world)
+        _set_batch_share(module, share if world.distributed else None)
         try:
-            loss = _optimizer_step(module, loss_fn, x, y, optimizer, cfg, device)
+            loss = _optimizer_step(net, loss_fn, x, y, optimizer, cfg, device, share)
         except FloatingPointError as exc:
             raise FloatingPointError(f"{description}: {exc} (step {step})") from None
         seen += len(idx)
@@ -122,18 +133,56 @@ def train(
             window = []
         elapsed = time.perf_counter() - t0
         progress.update(task, advance=1, info=f"loss {losses[-1] if losses else loss:.4f}  {seen / max(elapsed, 1e-9):.0f} img/s")
-        if state_path is not None and time.monotonic() - last_save > cfg.checkpoint_every_s and step + 1 < cfg.steps:
+        if (world.is_main and state_path is not None and time.monotonic() - last_save > cfg.checkpoint_every_s
+                and step + 1 < cfg.steps):
             save_train_state(state_path, step + 1, module, optimizer, losses, wall_before + time.perf_counter() - t0)
             last_save = time.monotonic()
+    _set_batch_share(module, None)
     elapsed = time.perf_counter() - t0
     result.images_per_s = seen / max(elapsed, 1e-9)
     result.wall_s = wall_before + elapsed  # over all sittings of a resumed run
     result.losses = losses
     progress.remove_task(task)
     module.eval()
-    if state_path is not None and state_path.exists():
+    if world.is_main and state_path is not None and state_path.exists():
         state_path.unlink()
     return result
+
+
+def _data_parallel(module: nn.Module, cfg: TrainConfig, world: distributed.World, device: torch.device) -> nn.Module:
+    """``module`` itself in a one-process world; else wrapped in DistributedDataParallel."""
+    if not world.distributed:
+        return module
+    if cfg.views > 1:
+        raise AdaptsoupError("multi-view losses (MoCo v3, MMCR) contrast across the whole batch and are not data-parallel yet: "
+                             "run them without torchrun, or use mae")
+    from torch.nn.parallel import DistributedDataParallel
+
+    # A wrapper around the encoder (MAE) leaves the classifier head unused: it keeps no gradient, as in one process.
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=hasattr(module, "encoder"))
+
+
+def _rank_batch(data: ImageSet, idx: torch.Tensor, preprocess: Preprocess, transform, views: int, device: torch.device,
+                world: distributed.World) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int, int]]:
+    """This rank's slice of the global batch ``idx`` and ``(start, stop, global size)``.  With a random
+    transform the whole batch is augmented on every rank, so every rank's RNG stays where one process's is."""
+    total = len(idx)
+    part = distributed.rank_slice(total, world) if world.distributed else slice(0, total)
+    if transform is None:
+        x, y = _batch(data, idx[part], preprocess, transform, views, device)
+    else:
+        x, y = _batch(data, idx, preprocess, transform, views, device)
+        if world.distributed:
+            x = x[:, part] if views > 1 else x[part]
+            y = y[part] if y is not None else None
+    return x, y, (part.start, part.stop, total)
+
+
+def _set_batch_share(module: nn.Module, share: tuple[int, int, int] | None) -> None:
+    """Tell a module that draws per-sample randomness (MAE's masks) which part of the global batch it sees."""
+    if hasattr(module, "batch_share"):
+        module.batch_share = share
 
 
 def _batch(data: ImageSet, idx: torch.Tensor, preprocess: Preprocess, transform, views: int,
@@ -148,18 +197,34 @@ def _batch(data: ImageSet, idx: torch.Tensor, preprocess: Preprocess, transform,
 
 
 def _optimizer_step(module: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor | None, optimizer: torch.optim.Optimizer,
-                    cfg: TrainConfig, device: torch.device) -> float:
-    """One step: loss (under bf16 autocast if asked), backward, gradient clipping, update; returns the loss."""
+                    cfg: TrainConfig, device: torch.device, share: tuple[int, int, int]) -> float:
+    """One step: loss (under bf16 autocast if asked), backward, gradient clipping, update; returns the
+    global batch's loss.  A rank's loss is weighted by its share of the batch, so the gradients that
+    DistributedDataParallel averages are the global batch's."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         loss = loss_fn(module, x, y)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss.item()}; lower the learning rate")
+    start, stop, total = share
+    world_size = distributed.world().size
+    weight = (stop - start) / total
+    reported = _global_loss(loss.detach().float() * weight, world_size)
+    if not torch.isfinite(reported):
+        raise FloatingPointError(f"loss became {reported.item()}; lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * (weight * world_size) if world_size > 1 else loss).backward()
     if cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
     optimizer.step()
-    return float(loss.item())
+    return float(reported.item())
+
+
+def _global_loss(weighted: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The sum over ranks of their weighted losses: the global batch's mean loss (same on every rank)."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        weighted = weighted.clone()
+        dist.all_reduce(weighted)
+    return weighted
 
 
 # --------------------------------------------------------------------------------------------------------------
