@@ -103,3 +103,24 @@ def test_missing_sources_are_one_line_errors(tmp_path, capsys, monkeypatch):
         resolve_model_source(f"local-dir:{tmp_path}")
     code, out, err = _cli(capsys, "info", "hf-hub:timm/not_cached")
     assert code == 2 and err.count("\n") == 1 and "empty-cache" in err
+
+
+def test_the_pretrained_protocol_takes_both_models_from_timm_sources(tmp_path, images, monkeypatch):
+    """A user with a timm fine-tune of vit_base_patch16_224.mae: the deployed model from a folder, the MAE
+    checkpoint it came from out of the offline hub cache; inter-training starts from the latter."""
+    from adaptsoup.pipeline.adapt import run_adapt
+    from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
+
+    deployed = _save(_vit_base_shaped(), tmp_path / "deployed")
+    torch.manual_seed(1)
+    pretrained = timm.create_model("vit_base_patch16_224", depth=1, embed_dim=192, num_heads=3, num_classes=0)
+    monkeypatch.setenv("HF_HUB_CACHE", str(_hub_cache(tmp_path / "hub", pretrained)))
+    cfg = AdaptConfig(model=f"local-dir:{deployed}", pretrained=f"hf-hub:{HUB_ID}", target=str(images / "target"),
+                      source=str(images / "source"), out=str(tmp_path / "run"), vanilla=0,
+                      inter=InterTrainConfig(lrs=[1e-12], steps=[1], batch_size=4, decoder_warmup_steps=1),
+                      finetune=FineTuneConfig(lrs=[1e-12], steps=1, batch_size=4))
+    result = run_adapt(cfg, echo=None)
+    inter, _ = read_checkpoint(result.run_dir / "inter" / "mae00.safetensors")
+    key = "blocks.0.attn.qkv.weight"
+    assert torch.allclose(inter[key], pretrained.state_dict()[key], atol=1e-6)  # from the hub checkpoint, not the deployed one
+    assert not torch.allclose(inter[key], load_model(None, f"local-dir:{deployed}").state_dict()[key], atol=1e-3)

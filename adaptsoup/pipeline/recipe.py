@@ -257,8 +257,11 @@ def validate(cfg: AdaptConfig) -> None:
         raise AdaptsoupError("--vanilla must be >= 0")
     if not isinstance(cfg.task_vector_scale, (int, float)) or isinstance(cfg.task_vector_scale, bool) or not cfg.task_vector_scale > 0:
         raise AdaptsoupError(f"task_vector_scale must be a number > 0, got {cfg.task_vector_scale!r}")
-    if cfg.pretrained and not Path(cfg.pretrained).is_file():
-        raise AdaptsoupError(f"--pretrained checkpoint not found: {cfg.pretrained}")
+    if cfg.pretrained:
+        from adaptsoup.core.sources import resolve_model_source  # a file, a timm folder, local-dir: or hf-hub:
+
+        if not resolve_model_source(cfg.pretrained).exists():
+            raise AdaptsoupError(f"--pretrained checkpoint not found: {cfg.pretrained}")
     if not cfg.finetune_back and (cfg.vanilla or cfg.inter.partition_loss == "supervised" and cfg.inter.partitions):
         raise AdaptsoupError("without fine-tuning back there are no vanilla or supervised-partition ingredients")
     needs_source = cfg.finetune_back or cfg.inter.data == "source" or cfg.inter.partitions
