@@ -515,7 +515,7 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     correct = per_image_correct(predictions, evals, list(soups), corruptions) if data.score is top1 else {"disjoint": {}, "clean": {}}
     predictions_path = save_correct(work / f"correct_{cfg.protocol}.npz", correct)
     t0 = time.perf_counter()
-    paired = paired_comparisons(correct, PAIRS, resamples=cfg.bootstrap_resamples, seed=cfg.seed)
+    paired = paired_comparisons(correct, PAIRS, resamples=cfg.bootstrap_resamples, seed=cfg.seed, clusters=image_ids(evals, corruptions))
     timings["bootstrap"] = time.perf_counter() - t0
 
     def row(name: str, key: str) -> dict:
@@ -584,23 +584,44 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
 # Paired comparisons
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10000, seed: int = 0, chunk: int = 250) -> dict:
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10000, seed: int = 0, chunk: int = 250,
+                     clusters: np.ndarray | None = None) -> dict:
     """Accuracy of ``a`` minus accuracy of ``b`` on the same images, in percentage points, with a 95% percentile
-    bootstrap interval: images are resampled with replacement ``resamples`` times (seeded) and the difference
-    of the resampled means is taken each time.  ``a`` and ``b`` are per-image correctness (bool or 0/1) of
-    the two models on the same images in the same order."""
+    bootstrap interval (``resamples`` seeded resamples; the difference of the resampled means each time).
+
+    ``a`` and ``b`` are per-image correctness (bool or 0/1) of the two models on the same images in the same
+    order.  ``clusters`` (one id per image) resamples whole clusters instead of single images: the disjoint
+    set holds each test image once per corruption, and a hard image is hard under every corruption, so the
+    images of one test image are not independent draws; resampling test images keeps that correlation in
+    the interval (an image-level bootstrap would make it too narrow)."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
         raise AdaptsoupError(f"paired bootstrap needs two equally long, non-empty 1-D arrays, got {a.shape} and {b.shape}")
     diff = (a - b) * 100.0
+    ids = np.arange(len(diff)) if clusters is None else np.unique(np.asarray(clusters), return_inverse=True)[1]
+    sums, counts = np.bincount(ids, weights=diff), np.bincount(ids).astype(np.float64)
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
     for start in range(0, resamples, chunk):
         k = min(chunk, resamples - start)
-        means[start:start + k] = diff[rng.integers(0, len(diff), size=(k, len(diff)))].mean(axis=1)
+        draw = rng.integers(0, len(sums), size=(k, len(sums)))
+        means[start:start + k] = sums[draw].sum(axis=1) / counts[draw].sum(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(diff.mean()), "ci95": [float(lo), float(hi)], "images": int(len(diff)), "resamples": int(resamples)}
+    return {"mean": float(diff.mean()), "ci95": [float(lo), float(hi)], "images": int(len(diff)), "clusters": int(len(sums)),
+            "resamples": int(resamples)}
+
+
+def image_ids(evals: dict[str, ImageSet], corruptions: list[str]) -> dict[str, np.ndarray]:
+    """The test image behind each evaluated image, in :func:`per_image_correct`'s order: the file stem (the
+    corrupted images are saved as ``<test index>.png``), so one test image under 15 corruptions is one cluster."""
+    def stems(images: ImageSet) -> list[str]:
+        return [Path(p).stem for p in images.paths]
+
+    out = {"disjoint": np.asarray(sum((stems(evals[f"odd/{c}"]) for c in corruptions), []))}
+    if "clean" in evals:
+        out["clean"] = np.asarray(stems(evals["clean"]))
+    return out
 
 
 def per_image_correct(predictions: dict[str, dict[str, torch.Tensor]], evals: dict[str, ImageSet], names: list[str],
@@ -637,11 +658,15 @@ def load_correct(path: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def paired_comparisons(correct: dict[str, dict[str, np.ndarray]], pairs=PAIRS, resamples: int = 10000, seed: int = 0) -> dict:
-    """``{"<a>-<b>": {"disjoint": paired_bootstrap(...), "clean": ...}}`` for each pair whose rows were evaluated."""
+def paired_comparisons(correct: dict[str, dict[str, np.ndarray]], pairs=PAIRS, resamples: int = 10000, seed: int = 0,
+                       clusters: dict[str, np.ndarray] | None = None) -> dict:
+    """``{"<a>-<b>": {"disjoint": paired_bootstrap(...), "clean": ...}}`` for each pair whose rows were evaluated;
+    ``clusters[set]`` (from :func:`image_ids`) makes it a bootstrap over test images."""
+    clusters = clusters or {}
     out: dict = {}
     for a, b in pairs:
-        entry = {where: paired_bootstrap(rows[a], rows[b], resamples, seed) for where, rows in correct.items() if a in rows and b in rows}
+        entry = {where: paired_bootstrap(rows[a], rows[b], resamples, seed, clusters=clusters.get(where))
+                 for where, rows in correct.items() if a in rows and b in rows}
         if entry:
             out[f"{a}-{b}"] = entry
     return out
@@ -776,8 +801,11 @@ def markdown_table(result: dict) -> str:
             lines.append(f"| {n} | {lr} | {fmt(r['disjoint'])} | {fmt(with_sar['disjoint'])} | "
                          f"{with_sar['disjoint'] - r['disjoint']:+.2f} | {worst} | {below} |")
     if result.get("paired"):
-        lines += ["", "Paired differences (row minus row, percentage points; 95% percentile bootstrap over evaluation images, "
-                      f"{next(iter(next(iter(result['paired'].values())).values()))['resamples']:,} resamples):", "",
+        first = next(iter(next(iter(result["paired"].values())).values()))
+        unit = (f"over the {first['clusters']:,} test images behind the {first['images']:,} evaluation images (each test image "
+                "with all its corruptions)" if first.get("clusters", first["images"]) < first["images"] else "over evaluation images")
+        lines += ["", f"Paired differences (row minus row, percentage points; 95% percentile bootstrap {unit}, "
+                      f"{first['resamples']:,} resamples):", "",
                   "| comparison | disjoint (odd images, pooled) | 95% CI | clean | 95% CI |", "|---|---|---|---|---|"]
         for key, entry in result["paired"].items():
             cells = []

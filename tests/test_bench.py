@@ -244,6 +244,26 @@ def test_paired_bootstrap_closed_forms():
         paired_bootstrap(a, b[:-1])
 
 
+def test_paired_bootstrap_over_clusters_widens_with_correlated_images():
+    """Images of one test image (one per corruption) resampled together: with perfectly correlated copies the
+    interval equals the one over the distinct images, wider than an image-level bootstrap of the copies."""
+    import numpy as np
+
+    from adaptsoup_bench.shift import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random(100) < 0.6, rng.random(100) < 0.5
+    copies = 15
+    a15, b15, ids = np.tile(a, copies), np.tile(b, copies), np.tile(np.arange(100), copies)
+    base = paired_bootstrap(a, b, resamples=4000, seed=2)
+    clustered = paired_bootstrap(a15, b15, resamples=4000, seed=2, clusters=ids)
+    naive = paired_bootstrap(a15, b15, resamples=4000, seed=2)
+    assert clustered["mean"] == pytest.approx(base["mean"]) and clustered["clusters"] == 100 and clustered["images"] == 1500
+    assert clustered["ci95"] == pytest.approx(base["ci95"])  # the same draws of the 100 distinct images
+    width = lambda r: r["ci95"][1] - r["ci95"][0]  # noqa: E731
+    assert width(naive) < 0.5 * width(clustered)  # ~1/sqrt(15) as wide: the image-level interval is overconfident
+
+
 def test_tuning_and_report_splits_are_disjoint_class_balanced_halves():
     import numpy as np
     import torch
