@@ -658,6 +658,24 @@ def load_correct(path: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+def paired_from_work(result: dict) -> dict:
+    """A finished c10c result's paired comparisons recomputed from its work folder (the per-image correctness
+    and the generated images' names), bootstrapped over test images: for results written before the bootstrap
+    resampled test images rather than evaluation images."""
+    from adaptsoup.core.data import scan_labeled
+
+    cfg = result["config"]
+    work = Path(result["runs"]["self"]).parent.parent
+    correct = load_correct(work / f"correct_{result['protocol']}.npz")
+    corrupted = work / "data" / f"n{cfg['per_corruption']}-seed{cfg['seed']}" / "odd"
+    stems = {"disjoint": [p.stem for c in result["data"]["corruptions"] for p in scan_labeled(corrupted / c)[0]]}
+    clean = work / "data" / f"clean-n{cfg['clean_images']}-seed{cfg['seed']}"
+    if clean.is_dir():
+        stems["clean"] = [p.stem for p in scan_labeled(clean)[0]]
+    clusters = {where: np.asarray(ids) for where, ids in stems.items()}
+    return paired_comparisons(correct, PAIRS, resamples=cfg.get("bootstrap_resamples", 10000), seed=cfg["seed"], clusters=clusters)
+
+
 def paired_comparisons(correct: dict[str, dict[str, np.ndarray]], pairs=PAIRS, resamples: int = 10000, seed: int = 0,
                        clusters: dict[str, np.ndarray] | None = None) -> dict:
     """``{"<a>-<b>": {"disjoint": paired_bootstrap(...), "clean": ...}}`` for each pair whose rows were evaluated;
