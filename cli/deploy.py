@@ -25,6 +25,8 @@ def export(
     from adaptsoup.core.models import class_names, load_model
     from adaptsoup.deploy.onnx import ParityError, export_and_check
 
+    if quantize not in (None, "int8"):  # before the model is loaded and exported
+        fail(f"--quantize: unknown quantization {quantize!r}; only 'int8' (dynamic) is supported")
     net = load_model(arch, model)
     image_set = None
     if images is not None:

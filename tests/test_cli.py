@@ -292,3 +292,34 @@ def test_adapt_pretrained_must_exist_in_one_line(capsys, tmp_path, checkpoint, i
                            "--out", tmp_path / "run", "--pretrained", tmp_path / "missing.safetensors", "--no-progress")
     assert code == 2
     assert_one_line_error(err, "--pretrained checkpoint not found")
+
+
+# Issue #15: non-positive sizes and unknown quantizations are refused in one line, before any work.
+@pytest.mark.parametrize("flags, fragment", [
+    (["--inter-steps", "-5"], "--inter-steps"),
+    (["--inter-steps", "0"], "--inter-steps"),
+    (["--ft-steps", "0"], "--ft-steps"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "-4"], "--batch-size"),
+    (["--max-target-images", "-1"], "--max-target-images"),
+    (["--inter-epochs", "-1"], "inter.epochs must be > 0"),
+])
+def test_adapt_refuses_non_positive_sizes(capsys, tmp_path, checkpoint, image_folder, flags, fragment):
+    code, _, err = run_cli(capsys, "adapt", "--model", checkpoint, "--target", image_folder, "--source", image_folder,
+                           "--out", tmp_path / "run", "--no-progress", *flags)
+    assert code == 2
+    assert_one_line_error(err, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_tta_refuses_batch_size_zero(capsys, tmp_path, checkpoint, image_folder):
+    code, _, err = run_cli(capsys, "tta", "--model", checkpoint, "--target", image_folder, "--out", tmp_path / "t", "--batch-size", "0")
+    assert code == 2
+    assert_one_line_error(err, "--batch-size")
+
+
+def test_export_refuses_an_unknown_quantization_before_any_work(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "export", "--model", tmp_path / "not-yet.safetensors", "--onnx", tmp_path / "m.onnx", "--quantize", "int4")
+    assert code == 2
+    assert_one_line_error(err, "--quantize", "int4")
+    assert not (tmp_path / "m.onnx").exists()
