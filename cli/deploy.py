@@ -57,6 +57,6 @@ def predict(
     from adaptsoup.deploy.predict import predict_folder
 
     report = predict_folder(onnx, images, csv)
-    out.print(f"wrote {report.csv_path}: {report.images} images" + (f", {len(report.skipped)} unreadable skipped" if report.skipped else ""))
+    out.print(f"wrote {report.csv_path}: {report.images} images" + (f", {len(report.skipped)} skipped (unreadable or not images)" if report.skipped else ""))
     for path, reason in report.skipped[:10]:
         err.print(f"  skipped {path}: {reason}", markup=False, highlight=False, soft_wrap=True)
