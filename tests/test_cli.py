@@ -323,3 +323,79 @@ def test_export_refuses_an_unknown_quantization_before_any_work(capsys, tmp_path
     assert code == 2
     assert_one_line_error(err, "--quantize", "int4")
     assert not (tmp_path / "m.onnx").exists()
+
+
+# Issue #15: destinations checked before any work; unreadable ONNX files and OS errors in one line.
+def test_export_refuses_bad_destinations_before_loading_the_model(capsys, tmp_path):
+    missing_model = tmp_path / "not-loaded.safetensors"  # never reached: the destination is refused first
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "folder.onnx").mkdir()
+    for onnx, fragment in ((tmp_path / "folder.onnx", "existing folder"), (tmp_path / "a-file" / "m.onnx", "is a file")):
+        code, _, err = run_cli(capsys, "export", "--model", missing_model, "--onnx", onnx)
+        assert code == 2
+        assert_one_line_error(err, "--onnx", fragment)
+
+
+def test_predict_refuses_a_csv_it_cannot_write_before_any_work(capsys, tmp_path, image_folder):
+    (tmp_path / "a-file").write_text("x")
+    code, _, err = run_cli(capsys, "predict", "--onnx", tmp_path / "unread.onnx", image_folder, "--csv", tmp_path / "a-file" / "p.csv")
+    assert code == 2
+    assert_one_line_error(err, "--csv", "is a file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_predict_refuses_a_read_only_folder(capsys, tmp_path, image_folder):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    code, _, err = run_cli(capsys, "predict", "--onnx", tmp_path / "unread.onnx", image_folder, "--csv", ro / "p.csv")
+    assert code == 2
+    assert_one_line_error(err, "--csv", "cannot write")
+
+
+def test_os_errors_are_one_line(capsys, tmp_path, image_folder, monkeypatch):
+    import adaptsoup.deploy.predict as predict_module
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "p.csv"))
+
+    monkeypatch.setattr(predict_module, "predict_folder", denied)
+    code, _, err = run_cli(capsys, "predict", "--onnx", tmp_path / "m.onnx", image_folder, "--csv", tmp_path / "p.csv")
+    assert code == 2
+    assert_one_line_error(err, "Permission denied", "p.csv")
+
+
+def _onnx_with_metadata(path: Path, props: dict[str, str]) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["empty", "garbage", "truncated", "bad-json", "wrong-shape"])
+def test_unreadable_onnx_files_are_one_line(capsys, tmp_path, image_folder, kind):
+    path = tmp_path / f"{kind}.onnx"
+    good = {"adaptsoup.input_size": "[3, 32, 32]", "adaptsoup.mean": "[0.5, 0.5, 0.5]", "adaptsoup.std": "[0.2, 0.2, 0.2]"}
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "truncated":
+        data = _onnx_with_metadata(path, good).read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        bad = {"adaptsoup.mean": "[0.5, 0.5"} if kind == "bad-json" else {"adaptsoup.input_size": "[3, 32]"}
+        _onnx_with_metadata(path, {**good, **bad})
+    for args in (("info", path), ("predict", "--onnx", path, image_folder, "--csv", tmp_path / "p.csv")):
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2, err
+        assert_one_line_error(err, str(path))
+    assert not (tmp_path / "p.csv").exists()

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -127,14 +127,27 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, object]:
     props = ort_session(path).get_modelmeta().custom_metadata_map
     if "adaptsoup.input_size" not in props:
         raise AdaptsoupError(f"{path} was not exported by adaptsoup (no preprocessing metadata)")
+
+    def value(key: str, default: str | None = None, count: int | None = None) -> Any:
+        try:
+            got = json.loads(props[key] if default is None else props.get(key, default))
+            if count is not None and not (isinstance(got, list) and len(got) == count and all(isinstance(v, (int, float)) for v in got)):
+                raise ValueError(f"expected {count} numbers")
+            return got
+        except (KeyError, ValueError, TypeError) as exc:
+            raise AdaptsoupError(f"{path}: bad adaptsoup metadata {key!r} ({str(exc).splitlines()[0][:100]})") from None
+
+    names, crop = value("adaptsoup.class_names", "[]"), value("adaptsoup.crop_pct", "1.0")
+    if not isinstance(names, list) or not isinstance(crop, (int, float)) or isinstance(crop, bool) or not 0 < crop <= 1:
+        raise AdaptsoupError(f"{path}: bad adaptsoup metadata (class_names must be a list, crop_pct a number in (0, 1])")
     return {
         "arch": props.get("adaptsoup.arch", ""),
-        "class_names": json.loads(props.get("adaptsoup.class_names", "[]")),
-        "input_size": tuple(json.loads(props["adaptsoup.input_size"])),
-        "mean": tuple(json.loads(props["adaptsoup.mean"])),
-        "std": tuple(json.loads(props["adaptsoup.std"])),
+        "class_names": [str(n) for n in names],
+        "input_size": tuple(value("adaptsoup.input_size", count=3)),
+        "mean": tuple(value("adaptsoup.mean", count=3)),
+        "std": tuple(value("adaptsoup.std", count=3)),
         "interpolation": props.get("adaptsoup.interpolation", "bicubic"),
-        "crop_pct": float(json.loads(props.get("adaptsoup.crop_pct", "1.0"))),
+        "crop_pct": float(crop),
     }
 
 

@@ -17,7 +17,13 @@ def ort_session(path: str | os.PathLike):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors (InvalidProtobuf, Fail, ...) share no base class
+        from adaptsoup.errors import AdaptsoupError
+
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise AdaptsoupError(f"cannot load ONNX model {path} (garbage, truncated or empty?): {reason}") from None
 
 
 def onnx_logits(session, batch: np.ndarray, batch_size: int = 256) -> np.ndarray:
