@@ -399,3 +399,50 @@ def test_unreadable_onnx_files_are_one_line(capsys, tmp_path, image_folder, kind
         assert code == 2, err
         assert_one_line_error(err, str(path))
     assert not (tmp_path / "p.csv").exists()
+
+
+# Issue #15: help, argument errors and `info` answer without importing torch (well under 1.5 s).
+LIGHT = """
+import sys, runpy
+sys.argv = ["adaptsoup", *sys.argv[1:]]
+try:
+    runpy.run_module("adaptsoup_cli.main", run_name="__main__")
+except SystemExit:
+    pass
+heavy = sorted(m for m in ("torch", "timm", "torchvision") if m in sys.modules)
+print("HEAVY:" + ",".join(heavy), file=sys.stderr)
+"""
+
+
+def _light_run(*args) -> tuple[float, str]:
+    import time
+
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", LIGHT, *map(str, args)], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, COLUMNS="200"))
+    return time.perf_counter() - started, result.stderr
+
+
+def test_help_errors_and_info_do_not_import_torch(tmp_path, checkpoint):
+    from adaptsoup.deploy.onnx import export_onnx
+
+    onnx_path = export_onnx(tiny_model(), tmp_path / "m.onnx", log=lambda _: None).path
+    for args in (["--help"], ["adapt", "--help"], ["export", "--bogus"], ["adapt", "--batch-size", "0"],
+                 ["info", checkpoint], ["info", onnx_path], ["info", tmp_path / "missing.safetensors"]):
+        took, stderr = min(_light_run(*args), _light_run(*args))  # the faster of two: the machine may be busy
+        assert stderr.strip().endswith("HEAVY:"), f"{args}: {stderr[-500:]}"
+        assert took < 1.5, f"{args} took {took:.2f} s"
+
+
+def test_info_from_the_header_matches_the_tensors(capsys, checkpoint):
+    from adaptsoup.core.checkpoint import read_checkpoint, safetensors_summary
+
+    state, meta = read_checkpoint(checkpoint)
+    assert safetensors_summary(checkpoint) == (len(state), sum(v.numel() for v in state.values()), meta)
+
+
+def test_import_adaptsoup_is_light_and_still_registers_the_small_vits():
+    code = ("import sys, adaptsoup; assert 'torch' not in sys.modules; import timm; "
+            "print(type(timm.create_model('vit_pico_patch4_32')).__name__, adaptsoup.load_model.__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["VisionTransformer", "load_model"], result.stderr[-2000:]

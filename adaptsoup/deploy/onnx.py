@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from adaptsoup.core.data import ImageSet, Preprocess
 from adaptsoup.core.io import atomic_path
 from adaptsoup.core.models import model_meta
 from adaptsoup.deploy.quantize import quantize_and_compare
-from adaptsoup.deploy.runtime import onnx_logits, ort_session, quiet
+from adaptsoup.deploy.runtime import onnx_logits, ort_session, quiet, read_onnx_metadata  # noqa: F401 (re-exported)
 from adaptsoup.errors import AdaptsoupError
 
 DEFAULT_OPSET = 18
@@ -120,35 +120,6 @@ def export_onnx(model: nn.Module, out_path: str | os.PathLike, opset: int = DEFA
         log(f"ONNX export: the torch.export-based exporter failed ({reason}); "
             f"wrote opset {written} with the TorchScript exporter instead of opset {opset}")
     return OnnxExport(path=out_path, exporter=exporter, opset=written, fallback_reason=reason)
-
-
-def read_onnx_metadata(path: str | os.PathLike) -> dict[str, object]:
-    """Class names and preprocessing stored by :func:`export_onnx`."""
-    props = ort_session(path).get_modelmeta().custom_metadata_map
-    if "adaptsoup.input_size" not in props:
-        raise AdaptsoupError(f"{path} was not exported by adaptsoup (no preprocessing metadata)")
-
-    def value(key: str, default: str | None = None, count: int | None = None) -> Any:
-        try:
-            got = json.loads(props[key] if default is None else props.get(key, default))
-            if count is not None and not (isinstance(got, list) and len(got) == count and all(isinstance(v, (int, float)) for v in got)):
-                raise ValueError(f"expected {count} numbers")
-            return got
-        except (KeyError, ValueError, TypeError) as exc:
-            raise AdaptsoupError(f"{path}: bad adaptsoup metadata {key!r} ({str(exc).splitlines()[0][:100]})") from None
-
-    names, crop = value("adaptsoup.class_names", "[]"), value("adaptsoup.crop_pct", "1.0")
-    if not isinstance(names, list) or not isinstance(crop, (int, float)) or isinstance(crop, bool) or not 0 < crop <= 1:
-        raise AdaptsoupError(f"{path}: bad adaptsoup metadata (class_names must be a list, crop_pct a number in (0, 1])")
-    return {
-        "arch": props.get("adaptsoup.arch", ""),
-        "class_names": [str(n) for n in names],
-        "input_size": tuple(value("adaptsoup.input_size", count=3)),
-        "mean": tuple(value("adaptsoup.mean", count=3)),
-        "std": tuple(value("adaptsoup.std", count=3)),
-        "interpolation": props.get("adaptsoup.interpolation", "bicubic"),
-        "crop_pct": float(crop),
-    }
 
 
 def preprocess_from_onnx(path: str | os.PathLike) -> Preprocess:
