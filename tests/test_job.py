@@ -156,3 +156,17 @@ def test_every_command_that_touched_a_run_stays_in_its_manifest(tmp_path):
     record_command(manifest, "adaptsoup adapt --resume run --mix uniform", AdaptConfig(), None)
     assert manifest.data["command"] == "adaptsoup adapt --out run"
     assert [c["command"] for c in manifest.data["commands"]] == ["adaptsoup adapt --out run", "adaptsoup adapt --resume run --mix uniform"]
+
+
+def test_resume_checks_only_the_inputs_it_will_use_and_reads_a_bad_manifest_in_one_line(tmp_path, monkeypatch):
+    run, _ = _recorded_run(tmp_path, monkeypatch)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["config"]["mix_labeled"] = "labels-that-moved"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AdaptsoupError, match="mix_labeled"):
+        resolve_config(AdaptRequest(resume=run))
+    cfg = resolve_config(AdaptRequest(resume=run, settings={"mix_labeled": str(tmp_path / "source")}))
+    assert cfg.mix_labeled == str(tmp_path / "source")
+    (run / "manifest.json").write_text("{not json")
+    with pytest.raises(AdaptsoupError, match="cannot read the recipe"):
+        resolve_config(AdaptRequest(resume=run))

@@ -92,8 +92,15 @@ def _resumed_config(request: AdaptRequest) -> AdaptConfig:
     if changed:
         raise AdaptsoupError(f"--resume takes the recipe recorded in {manifest}; do not also give {', '.join(changed)} "
                              f"(only {', '.join(AFTER_SOUPS)} may change)")
-    data = json.loads(manifest.read_text())
-    recorded = _where_the_run_saw_them(data["config"], Path(data.get("cwd") or Path.cwd()), request.resume)
+    try:
+        data = json.loads(manifest.read_text())
+        if not isinstance(data["config"], dict):
+            raise TypeError("config is not a table")
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise AdaptsoupError(f"--resume {request.resume}: cannot read the recipe in {manifest} ({type(exc).__name__})") from None
+    regiven = set(_given(request.settings))  # mix_labeled given again replaces the recorded one: not checked
+    config = {key: value for key, value in data["config"].items() if key not in regiven}
+    recorded = _where_the_run_saw_them(config, Path(data.get("cwd") or Path.cwd()), request.resume)
     cfg = AdaptConfig.from_dict(merge(recorded, {key: request.settings.get(key) for key in AFTER_SOUPS}))
     cfg.out = str(request.resume)  # the run is where it is now, whatever folder it was started from
     return cfg
