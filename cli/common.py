@@ -44,13 +44,15 @@ def parse_floats(text: Optional[str], option: str) -> Optional[List[float]]:
     return values
 
 
-def parse_ints(text: Optional[str], option: str) -> Optional[List[int]]:
-    """A comma-separated list of integers, or None when the flag was not given."""
+def parse_ints(text: Optional[str], option: str, minimum: Optional[int] = None) -> Optional[List[int]]:
+    """A comma-separated list of integers (each >= ``minimum``, if given), or None when the flag was not given."""
     values = parse_floats(text, option)
     if values is None:
         return None
     if any(v != int(v) for v in values):
         fail(f"{option} takes comma-separated integers, got {text!r}")
+    if minimum is not None and any(v < minimum for v in values):
+        fail(f"{option} takes integers >= {minimum}, got {text!r}")
     return [int(v) for v in values]
 
 

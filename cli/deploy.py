@@ -25,6 +25,11 @@ def export(
     from adaptsoup.core.models import class_names, load_model
     from adaptsoup.deploy.onnx import ParityError, export_and_check
 
+    from adaptsoup.core.io import check_destination
+
+    if quantize not in (None, "int8"):  # before the model is loaded and exported
+        fail(f"--quantize: unknown quantization {quantize!r}; only 'int8' (dynamic) is supported")
+    check_destination(onnx, "--onnx")
     net = load_model(arch, model)
     image_set = None
     if images is not None:
@@ -52,9 +57,11 @@ def predict(
     csv: Path = typer.Option(Path("predictions.csv"), "--csv", help="Where to write path,class,probability."),
 ) -> None:
     """Run an exported model over a folder of images in onnxruntime; write a CSV of top-1 predictions."""
+    from adaptsoup.core.io import check_destination
     from adaptsoup.deploy.predict import predict_folder
 
+    check_destination(csv, "--csv")
     report = predict_folder(onnx, images, csv)
-    out.print(f"wrote {report.csv_path}: {report.images} images" + (f", {len(report.skipped)} unreadable skipped" if report.skipped else ""))
+    out.print(f"wrote {report.csv_path}: {report.images} images" + (f", {len(report.skipped)} skipped (unreadable or not images)" if report.skipped else ""))
     for path, reason in report.skipped[:10]:
         err.print(f"  skipped {path}: {reason}", markup=False, highlight=False, soft_wrap=True)

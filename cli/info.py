@@ -12,10 +12,10 @@ from adaptsoup_cli.common import fail, out
 
 def info(model: Path = typer.Argument(..., help="A checkpoint (.safetensors, .pt, .pth, .bin) or an ONNX file.")) -> None:
     """Show what a checkpoint or exported model holds: architecture, classes, preprocessing, provenance."""
-    from adaptsoup.core.checkpoint import read_checkpoint
+    from adaptsoup.core.checkpoint import SAFETENSORS_SUFFIXES, read_checkpoint, safetensors_summary
 
     if model.suffix == ".onnx":
-        from adaptsoup.deploy.onnx import read_onnx_metadata
+        from adaptsoup.deploy.runtime import read_onnx_metadata  # onnxruntime only: no torch
 
         if not model.is_file():
             fail(f"ONNX model not found: {model}")
@@ -23,10 +23,14 @@ def info(model: Path = typer.Argument(..., help="A checkpoint (.safetensors, .pt
         for key, value in meta.items():
             out.print(f"{key}: {value}")
         return
-    state, meta = read_checkpoint(model)
+    if model.suffix in SAFETENSORS_SUFFIXES and model.is_file():
+        tensors, parameters, meta = safetensors_summary(model)  # the header alone: no torch
+    else:
+        state, meta = read_checkpoint(model)
+        tensors, parameters = len(state), sum(v.numel() for v in state.values())
     table = Table(title=str(model), show_header=False)
-    table.add_row("tensors", str(len(state)))
-    table.add_row("parameters", f"{sum(v.numel() for v in state.values()):,}")
+    table.add_row("tensors", str(tensors))
+    table.add_row("parameters", f"{parameters:,}")
     if meta is None:
         table.add_row("metadata", "none (not written by adaptsoup: pass --arch when loading)")
     else:

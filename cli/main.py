@@ -68,10 +68,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     except AdaptsoupError as exc:
         err.print(f"adaptsoup: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         code = 2
+    except OSError as exc:  # a destination that cannot be written, a disk that is full ...: one line, not a traceback
+        err.print(f"adaptsoup: error: {os_error_line(exc)}", markup=False, highlight=False, soft_wrap=True)
+        code = 2
     except (KeyboardInterrupt, *ABORT):
         err.print("adaptsoup: interrupted")
         code = 130
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def os_error_line(exc: OSError) -> str:
+    """``Permission denied: /path/file`` (both file names for a rename), on one line."""
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    text = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+    return f"{text}: {' -> '.join(names)}" if names else text
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def tta(
     method: str = typer.Option("sar", help="sar or tent."),
     out_dir: Path = typer.Option(Path("tta_out"), "--out", "-o", help="Where predictions.csv, adapted.safetensors and manifest.json go."),
     arch: Optional[str] = typer.Option(None, help="timm architecture, if the checkpoint carries no adaptsoup metadata."),
-    batch_size: int = typer.Option(64, help="Stream batch size."),
+    batch_size: int = typer.Option(64, min=1, help="Stream batch size."),
     base_lr: Optional[float] = typer.Option(None, help="Learning rate per 64 images (lr = base_lr / 64 x batch); default SAR 1e-3, Tent 2.5e-4."),
     rho: float = typer.Option(0.05, help="SAR: SAM radius."),
     e0_factor: float = typer.Option(0.4, help="SAR: entropy filter E0 = factor x ln(classes)."),

@@ -89,7 +89,7 @@ def test_find_cycle_finds_one():
 
 def test_the_import_graph_sees_the_imports():
     graph = import_graph(top_level_only=True)
-    assert "adaptsoup.core.models" in graph["adaptsoup"]
+    assert "adaptsoup.core.models" in graph["adaptsoup.deploy.onnx"]  # (adaptsoup/__init__ imports it lazily: issue #15)
     assert "adaptsoup.tta.adapter" in graph["adaptsoup.tta.stream"]
 
 

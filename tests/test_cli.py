@@ -292,3 +292,157 @@ def test_adapt_pretrained_must_exist_in_one_line(capsys, tmp_path, checkpoint, i
                            "--out", tmp_path / "run", "--pretrained", tmp_path / "missing.safetensors", "--no-progress")
     assert code == 2
     assert_one_line_error(err, "--pretrained checkpoint not found")
+
+
+# Issue #15: non-positive sizes and unknown quantizations are refused in one line, before any work.
+@pytest.mark.parametrize("flags, fragment", [
+    (["--inter-steps", "-5"], "--inter-steps"),
+    (["--inter-steps", "0"], "--inter-steps"),
+    (["--ft-steps", "0"], "--ft-steps"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "-4"], "--batch-size"),
+    (["--max-target-images", "-1"], "--max-target-images"),
+    (["--inter-epochs", "-1"], "inter.epochs must be > 0"),
+])
+def test_adapt_refuses_non_positive_sizes(capsys, tmp_path, checkpoint, image_folder, flags, fragment):
+    code, _, err = run_cli(capsys, "adapt", "--model", checkpoint, "--target", image_folder, "--source", image_folder,
+                           "--out", tmp_path / "run", "--no-progress", *flags)
+    assert code == 2
+    assert_one_line_error(err, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_tta_refuses_batch_size_zero(capsys, tmp_path, checkpoint, image_folder):
+    code, _, err = run_cli(capsys, "tta", "--model", checkpoint, "--target", image_folder, "--out", tmp_path / "t", "--batch-size", "0")
+    assert code == 2
+    assert_one_line_error(err, "--batch-size")
+
+
+def test_export_refuses_an_unknown_quantization_before_any_work(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "export", "--model", tmp_path / "not-yet.safetensors", "--onnx", tmp_path / "m.onnx", "--quantize", "int4")
+    assert code == 2
+    assert_one_line_error(err, "--quantize", "int4")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+# Issue #15: destinations checked before any work; unreadable ONNX files and OS errors in one line.
+def test_export_refuses_bad_destinations_before_loading_the_model(capsys, tmp_path):
+    missing_model = tmp_path / "not-loaded.safetensors"  # never reached: the destination is refused first
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "folder.onnx").mkdir()
+    for onnx, fragment in ((tmp_path / "folder.onnx", "existing folder"), (tmp_path / "a-file" / "m.onnx", "is a file")):
+        code, _, err = run_cli(capsys, "export", "--model", missing_model, "--onnx", onnx)
+        assert code == 2
+        assert_one_line_error(err, "--onnx", fragment)
+
+
+def test_predict_refuses_a_csv_it_cannot_write_before_any_work(capsys, tmp_path, image_folder):
+    (tmp_path / "a-file").write_text("x")
+    code, _, err = run_cli(capsys, "predict", "--onnx", tmp_path / "unread.onnx", image_folder, "--csv", tmp_path / "a-file" / "p.csv")
+    assert code == 2
+    assert_one_line_error(err, "--csv", "is a file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_predict_refuses_a_read_only_folder(capsys, tmp_path, image_folder):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    code, _, err = run_cli(capsys, "predict", "--onnx", tmp_path / "unread.onnx", image_folder, "--csv", ro / "p.csv")
+    assert code == 2
+    assert_one_line_error(err, "--csv", "cannot write")
+
+
+def test_os_errors_are_one_line(capsys, tmp_path, image_folder, monkeypatch):
+    import adaptsoup.deploy.predict as predict_module
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "p.csv"))
+
+    monkeypatch.setattr(predict_module, "predict_folder", denied)
+    code, _, err = run_cli(capsys, "predict", "--onnx", tmp_path / "m.onnx", image_folder, "--csv", tmp_path / "p.csv")
+    assert code == 2
+    assert_one_line_error(err, "Permission denied", "p.csv")
+
+
+def _onnx_with_metadata(path: Path, props: dict[str, str]) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["empty", "garbage", "truncated", "bad-json", "wrong-shape"])
+def test_unreadable_onnx_files_are_one_line(capsys, tmp_path, image_folder, kind):
+    path = tmp_path / f"{kind}.onnx"
+    good = {"adaptsoup.input_size": "[3, 32, 32]", "adaptsoup.mean": "[0.5, 0.5, 0.5]", "adaptsoup.std": "[0.2, 0.2, 0.2]"}
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "truncated":
+        data = _onnx_with_metadata(path, good).read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        bad = {"adaptsoup.mean": "[0.5, 0.5"} if kind == "bad-json" else {"adaptsoup.input_size": "[3, 32]"}
+        _onnx_with_metadata(path, {**good, **bad})
+    for args in (("info", path), ("predict", "--onnx", path, image_folder, "--csv", tmp_path / "p.csv")):
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2, err
+        assert_one_line_error(err, str(path))
+    assert not (tmp_path / "p.csv").exists()
+
+
+# Issue #15: help, argument errors and `info` answer without importing torch (well under 1.5 s).
+LIGHT = """
+import sys, runpy
+sys.argv = ["adaptsoup", *sys.argv[1:]]
+try:
+    runpy.run_module("adaptsoup_cli.main", run_name="__main__")
+except SystemExit:
+    pass
+heavy = sorted(m for m in ("torch", "timm", "torchvision") if m in sys.modules)
+print("HEAVY:" + ",".join(heavy), file=sys.stderr)
+"""
+
+
+def _light_run(*args) -> tuple[float, str]:
+    import time
+
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", LIGHT, *map(str, args)], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, COLUMNS="200"))
+    return time.perf_counter() - started, result.stderr
+
+
+def test_help_errors_and_info_do_not_import_torch(tmp_path, checkpoint):
+    from adaptsoup.deploy.onnx import export_onnx
+
+    onnx_path = export_onnx(tiny_model(), tmp_path / "m.onnx", log=lambda _: None).path
+    for args in (["--help"], ["adapt", "--help"], ["export", "--bogus"], ["adapt", "--batch-size", "0"],
+                 ["info", checkpoint], ["info", onnx_path], ["info", tmp_path / "missing.safetensors"]):
+        took, stderr = min(_light_run(*args), _light_run(*args))  # the faster of two: the machine may be busy
+        assert stderr.strip().endswith("HEAVY:"), f"{args}: {stderr[-500:]}"
+        assert took < 1.5, f"{args} took {took:.2f} s"
+
+
+def test_info_from_the_header_matches_the_tensors(capsys, checkpoint):
+    from adaptsoup.core.checkpoint import read_checkpoint, safetensors_summary
+
+    state, meta = read_checkpoint(checkpoint)
+    assert safetensors_summary(checkpoint) == (len(state), sum(v.numel() for v in state.values()), meta)
+
+
+def test_import_adaptsoup_is_light_and_still_registers_the_small_vits():
+    code = ("import sys, adaptsoup; assert 'torch' not in sys.modules; import timm; "
+            "print(type(timm.create_model('vit_pico_patch4_32')).__name__, adaptsoup.load_model.__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["VisionTransformer", "load_model"], result.stderr[-2000:]

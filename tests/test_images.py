@@ -225,3 +225,51 @@ def test_normalize_matches_preprocessing():
     out = PRE.normalize(images)
     expected = torch.tensor([(0 / 255 - MEAN[0]) / STD[0], (1 - MEAN[1]) / STD[1], (128 / 255 - MEAN[2]) / STD[2]])
     assert torch.allclose(out.flatten(), expected, atol=1e-5)
+
+
+# Issue #15: non-UTF-8 names, absurd decoded sizes refused before decoding, non-image entries counted and listed.
+def test_a_name_that_is_not_utf8_is_decoded_and_printable(tmp_path):
+    from helpers import NON_UTF8_NAME
+
+    write_noise_images(tmp_path / "imgs", 2)
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(tmp_path / "imgs" / NON_UTF8_NAME)
+    for cache in (True, False):
+        result = load_folder(tmp_path / "imgs", PRE, cache=cache, cache_dir=tmp_path / "cache")
+        assert len(result) == 3 and "caf\\xe9 \\xff.png" in result.paths
+        "\n".join(result.paths).encode("utf-8")  # printable, writable to a CSV or a manifest
+
+
+@pytest.mark.parametrize("width, height", [(100_000_000, 1), (4_000_000, 1), (500_000, 1), (1, 500_000), (20_000, 20_000), (12_000, 12_000)])
+def test_absurd_decoded_sizes_are_refused_before_decoding(tmp_path, width, height):
+    from helpers import png_claiming
+
+    write_noise_images(tmp_path / "imgs", 1)
+    (tmp_path / "imgs" / "bomb.png").write_bytes(png_claiming(width, height))
+    result = load_folder(tmp_path / "imgs", PRE, cache=False)
+    assert len(result) == 1
+    (path, reason), = result.skipped
+    assert path.endswith("bomb.png") and ("aspect" in reason or "too large" in reason or "Bomb" in reason), reason
+
+
+def test_entries_that_are_not_images_are_counted_and_listed(tmp_path):
+    root = tmp_path / "imgs"
+    write_noise_images(root, 2)
+    (root / "folder.jpg").mkdir()
+    (root / "gone.png").symlink_to(tmp_path / "missing.png")
+    os.mkfifo(root / "pipe.jpg")
+    (root / "drawing.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+    np.save(root / "array.npy", np.zeros((4, 4)))
+    (root / "notes.txt").write_text("ignored")
+    result = load_folder(root, PRE)
+    reasons = {Path(p).name: r for p, r in result.skipped}
+    assert sorted(reasons) == ["array.npy", "drawing.svg", "folder.jpg", "gone.png", "pipe.jpg"]
+    assert all(r.startswith("not an image") for r in reasons.values()) and len(result) == 2
+    again = load_folder(root, PRE)  # from the cache: the same list
+    assert again.skipped == result.skipped
+
+
+def test_labeled_folders_list_their_non_images_too(tmp_path):
+    write_noise_images(tmp_path / "lab" / "cat", 2)
+    (tmp_path / "lab" / "cat" / "x.npy").write_bytes(b"\x93NUMPY")
+    result = load_folder(tmp_path / "lab", PRE, labeled=True, cache=False)
+    assert [Path(p).name for p, _ in result.skipped] == ["x.npy"] and len(result) == 2

@@ -97,3 +97,76 @@ def test_mixing_methods_that_need_labels_are_refused_before_any_work(tmp_path):
     with pytest.raises(AdaptsoupError, match="mix-labeled"):
         run_adapt_job(AdaptRequest(settings=settings), echo=None)
     assert not (tmp_path / "run").exists()
+
+
+# Issue #15: resume that cannot surprise.
+def test_a_run_that_failed_before_any_work_does_not_block_the_corrected_rerun(tmp_path):
+    paths = inputs(tmp_path)
+    (tmp_path / "empty").mkdir()
+    settings = {**paths, "out": str(tmp_path / "run"), **TINY}
+    with pytest.raises(AdaptsoupError, match="no images"):
+        run_adapt_job(AdaptRequest(settings={**settings, "target": str(tmp_path / "empty")}), echo=None)
+    assert (tmp_path / "run" / "manifest.json").is_file()  # the folder the failed attempt left
+    cfg = resolve_config(AdaptRequest(settings=settings))
+    assert cfg.target == paths["target"] and not (tmp_path / "run" / "manifest.json").exists()
+
+
+def _recorded_run(tmp_path, monkeypatch) -> tuple:
+    """A run directory whose manifest recorded relative paths from ``tmp_path`` (no work needed to resume it)."""
+    from adaptsoup.pipeline.recipe import AdaptConfig
+
+    inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cfg = AdaptConfig.from_dict({"model": "stock.safetensors", "target": "target", "source": "source", "out": "run", **TINY})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"config": cfg.to_dict(), "cwd": str(tmp_path), "protocol": "deployed"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    return tmp_path / "run", elsewhere
+
+
+def test_resume_from_another_folder_finds_the_runs_inputs_and_the_run_itself(tmp_path, monkeypatch):
+    run, _ = _recorded_run(tmp_path, monkeypatch)
+    cfg = resolve_config(AdaptRequest(resume=run))
+    assert cfg.out == str(run) and cfg.target == str(tmp_path / "target") and cfg.model == str(tmp_path / "stock.safetensors")
+
+
+def test_resume_refuses_when_the_data_moved(tmp_path, monkeypatch):
+    run, _ = _recorded_run(tmp_path, monkeypatch)
+    (tmp_path / "target").rename(tmp_path / "moved")
+    with pytest.raises(AdaptsoupError, match=r"target .*target is not there any more"):
+        resolve_config(AdaptRequest(resume=run))
+
+
+@pytest.mark.parametrize("settings", [{"out": "elsewhere"}, {"inter": {"steps": [999]}}, {"finetune": {"lrs": [0.5]}}])
+def test_resume_refuses_flags_that_would_change_finished_work(tmp_path, monkeypatch, settings):
+    run, _ = _recorded_run(tmp_path, monkeypatch)
+    with pytest.raises(AdaptsoupError, match="--resume takes the recipe recorded"):
+        resolve_config(AdaptRequest(resume=run, settings=settings))
+
+
+def test_every_command_that_touched_a_run_stays_in_its_manifest(tmp_path):
+    from adaptsoup.core.manifest import Manifest
+    from adaptsoup.pipeline.context import record_command
+    from adaptsoup.pipeline.recipe import AdaptConfig
+
+    manifest = Manifest(tmp_path / "manifest.json")
+    record_command(manifest, "adaptsoup adapt --out run", AdaptConfig(), None)
+    record_command(manifest, "adaptsoup adapt --resume run --mix uniform", AdaptConfig(), None)
+    assert manifest.data["command"] == "adaptsoup adapt --out run"
+    assert [c["command"] for c in manifest.data["commands"]] == ["adaptsoup adapt --out run", "adaptsoup adapt --resume run --mix uniform"]
+
+
+def test_resume_checks_only_the_inputs_it_will_use_and_reads_a_bad_manifest_in_one_line(tmp_path, monkeypatch):
+    run, _ = _recorded_run(tmp_path, monkeypatch)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["config"]["mix_labeled"] = "labels-that-moved"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AdaptsoupError, match="mix_labeled"):
+        resolve_config(AdaptRequest(resume=run))
+    cfg = resolve_config(AdaptRequest(resume=run, settings={"mix_labeled": str(tmp_path / "source")}))
+    assert cfg.mix_labeled == str(tmp_path / "source")
+    (run / "manifest.json").write_text("{not json")
+    with pytest.raises(AdaptsoupError, match="cannot read the recipe"):
+        resolve_config(AdaptRequest(resume=run))

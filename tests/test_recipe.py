@@ -91,3 +91,52 @@ def test_bad_settings_are_clear_errors(item, message):
 
     with pytest.raises(AdaptsoupError, match=message):
         parse_settings([item], BenchConfig, reserved={"severity": "--severity"})
+
+
+# Issue #15: every value is typed before any work, with the key's path in a one-line message.
+@pytest.mark.parametrize("raw, fragment", [
+    ({"vanilla": "two"}, "vanilla: expected an integer, got 'two'"),
+    ({"seed": 1.5}, "seed: expected an integer, got 1.5"),
+    ({"checkpoint_every_s": "fast"}, "checkpoint_every_s: expected a finite number"),
+    ({"inter": {"lrs": "abc"}}, "inter.lrs[0]: expected a finite number, got 'abc'"),
+    ({"inter": {"mask_ratios": ["x"]}}, "inter.mask_ratios[0]: expected a finite number, got 'x'"),
+    ({"inter": {"batch_size": "8"}}, "inter.batch_size: expected an integer, got '8'"),
+    ({"inter": {"epochs": "ten"}}, "inter.epochs: expected a finite number, got 'ten'"),
+    ({"finetune": {"steps": "2"}}, "finetune.steps: expected an integer, got '2'"),
+    ({"inter": 5}, "[inter] must be a table"),
+    ({"inter": {"mocov3": {"temperatures": [True]}}}, "inter.mocov3.temperatures[0]: expected a finite number"),
+    ({"bf16": "yes"}, "bf16: expected true or false"),
+    ({"device": 3}, "device: expected a string"),
+    ({"inter": {"lrs": [float("nan")]}}, "inter.lrs[0]: expected a finite number"),
+])
+def test_wrong_types_are_refused_with_the_key_path(raw, fragment):
+    with pytest.raises(AdaptsoupError) as info:
+        AdaptConfig.from_dict(raw)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_recipe_that_is_not_a_table_is_refused(tmp_path):
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(AdaptsoupError, match="must be a table"):
+        AdaptConfig.from_dict(load_recipe_file(tmp_path / "list.yaml"))
+
+
+def test_comma_separated_lists_are_still_read_as_lists():
+    cfg = AdaptConfig.from_dict({"inter": {"lrs": "1e-5, 2e-5", "steps": "3,4", "ssl": "mae", "epochs": 2}, "evals": "a,b"})
+    assert cfg.inter.lrs == [1e-5, 2e-5] and cfg.inter.steps == [3, 4] and cfg.inter.epochs == 2.0 and cfg.evals == ["a", "b"]
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ({"inter": {"batch_size": 0}}, "inter.batch_size must be >= 1, got 0"),
+    ({"finetune": {"batch_size": -4}}, "finetune.batch_size must be >= 1, got -4"),
+    ({"inter": {"steps": [-5]}}, "inter.steps must be >= 0, got -5"),
+    ({"inter": {"epochs": -1}}, "inter.epochs must be > 0"),
+    ({"max_target_images": -1}, "max_target_images must be >= 0, got -1"),
+    ({"checkpoint_every_s": -1}, "checkpoint_every_s must be >= 0"),
+    ({"inter": {"seeds": []}}, "inter.seeds is a grid axis"),
+    ({"finetune": {"label_smoothing": 1.0}}, "finetune.label_smoothing must be < 1"),
+])
+def test_sizes_out_of_range_are_refused_with_the_key_path(raw, fragment):
+    with pytest.raises(AdaptsoupError) as info:
+        validate(AdaptConfig.from_dict({"source": "src", **raw}))
+    assert fragment in str(info.value)

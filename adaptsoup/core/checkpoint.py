@@ -14,11 +14,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    import torch  # imported where tensors are read or written: `adaptsoup info` and the CLI's errors stay light
 
 from adaptsoup.errors import CheckpointError
 from adaptsoup.core.io import atomic_path
@@ -82,6 +83,20 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
+
+
+def save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, imported on first use (it imports torch)."""
+    from safetensors.torch import save_file as write
+
+    write(tensors, filename, metadata=metadata)
+
+
+def load_file(filename: str) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``, imported on first use."""
+    from safetensors.torch import load_file as read
+
+    return read(filename)
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], CheckpointMeta | None]:
@@ -150,6 +165,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointMe
 
 
 def _read_torch(path: Path) -> Any:
+    import torch
+
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user-facing error
@@ -162,6 +179,8 @@ def _read_torch(path: Path) -> Any:
 
 def normalise_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     """Unwrap common containers (``state_dict``, ``model``, ...) and strip ``module.``/``model.`` prefixes."""
+    import torch
+
     for _ in range(4):
         if isinstance(obj, dict) and not _is_tensor_dict(obj):
             inner = next((obj[k] for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], dict)), None)
@@ -180,4 +199,32 @@ def normalise_state_dict(obj: Any) -> dict[str, torch.Tensor]:
 
 
 def _is_tensor_dict(obj: dict) -> bool:
+    import torch
+
     return bool(obj) and sum(isinstance(v, torch.Tensor) for v in obj.values()) >= max(1, len(obj) // 2)
+
+
+def safetensors_summary(path: str | os.PathLike) -> tuple[int, int, CheckpointMeta | None]:
+    """(tensors, parameters, metadata) of a safetensors file from its header alone: no tensor is read and
+    torch is not imported, so ``adaptsoup info`` answers at once."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 2 <= size <= min(path.stat().st_size - 8, 100_000_000):
+                raise ValueError("bad header length")
+            header = json.loads(handle.read(size))
+        metadata = header.pop("__metadata__", None) or {}
+        shapes = [entry["shape"] for entry in header.values()]
+        params = sum(_product(shape) for shape in shapes)
+        meta = CheckpointMeta.from_json(metadata[META_KEY]) if META_KEY in metadata else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read {path} as safetensors: {type(exc).__name__}: {str(exc)[:120]}") from None
+    return len(shapes), params, meta
+
+
+def _product(shape: list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    return count

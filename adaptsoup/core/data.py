@@ -100,22 +100,62 @@ class Preprocess:
 def check_folder(root: str | os.PathLike, what: str = "image folder") -> Path:
     root = Path(root).expanduser()
     if not root.exists():
-        raise DataError(f"{what} not found: {root}")
+        raise DataError(f"{what} not found: {shown_path(root)}")
     if not root.is_dir():
-        raise DataError(f"{what} must be a folder, got a file: {root}")
+        raise DataError(f"{what} must be a folder, got a file: {shown_path(root)}")
     return root
 
 
 def scan_images(root: str | os.PathLike) -> list[Path]:
     """All image files under ``root`` (recursive, case-insensitive suffixes, sorted); error if none."""
+    return scan_folder(root)[0]
+
+
+def scan_folder(root: str | os.PathLike) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The image files under ``root`` (recursive, sorted) and the entries that look meant as images but are
+    not ((path, "not an image (...)"): folders named ``x.jpg``, broken links, FIFOs, ``.svg``, ``.npy`` ...)."""
     root = check_folder(root)
-    paths = sorted(
-        (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
+    paths, others = _entries(root, root)
     if not paths:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
-    return paths
+        extra = f" ({len(others)} entries that are not images)" if others else ""
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {shown_path(root)}{extra}")
+    return paths, others
+
+
+# Suffixes of files that are images to a person but that the decoder does not read: counted as "not an image".
+UNDECODED_SUFFIXES = frozenset({".svg", ".svgz", ".npy", ".npz", ".heic", ".heif", ".avif", ".jxl", ".psd", ".raw",
+                                ".cr2", ".nef", ".arw", ".dng", ".exr", ".hdr", ".pdf", ".eps"})
+
+
+def _entries(folder: Path, root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    images: list[Path] = []
+    others: list[tuple[str, str]] = []
+    for p in sorted(folder.rglob("*"), key=lambda q: q.relative_to(root).as_posix()):
+        reason = _not_an_image(p)
+        if reason is None:
+            images.append(p)
+        elif reason:
+            others.append((shown_path(p), f"not an image ({reason})"))
+    return images, others
+
+
+def _not_an_image(p: Path) -> str | None:
+    """None for an image file to decode; why an entry is not one; "" for entries ignored silently."""
+    suffix = p.suffix.lower()
+    if p.is_dir():
+        return "a folder" if suffix in IMAGE_SUFFIXES else ""
+    if p.is_file():
+        if suffix in IMAGE_SUFFIXES:
+            return None
+        return f"{suffix} files are not decoded" if suffix in UNDECODED_SUFFIXES else ""
+    if p.name.startswith("."):
+        return ""
+    return "a broken link" if p.is_symlink() else "not a regular file"
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` as printable text: bytes that are not UTF-8 (surrogate escapes) become ``\\xNN``."""
+    return os.fspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def scan_labeled(root: str | os.PathLike, class_names: Sequence[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
@@ -124,32 +164,40 @@ def scan_labeled(root: str | os.PathLike, class_names: Sequence[str] | None = No
     With ``class_names`` (the model's classes) every folder must name one of them; the label index is the
     position in ``class_names``.  Without, classes are the sorted sub-folder names.
     """
+    paths, labels, names, _ = scan_labeled_folder(root, class_names)
+    return paths, labels, names
+
+
+def scan_labeled_folder(root: str | os.PathLike, class_names: Sequence[str] | None = None
+                        ) -> tuple[list[Path], list[int], list[str], list[tuple[str, str]]]:
+    """:func:`scan_labeled`, plus the entries of the class folders that are not images (see :func:`scan_folder`)."""
     root = check_folder(root, "labeled folder")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise DataError(f"labeled folder {root} has no class sub-folders (expected {root}/<class_name>/<image>)")
+        raise DataError(f"labeled folder {shown_path(root)} has no class sub-folders (expected {shown_path(root)}/<class_name>/<image>)")
     if class_names is None:
         class_names = folders
     else:
         class_names = list(class_names)
         unknown = [f for f in folders if f not in class_names]
         if unknown:
-            shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            shown = ", ".join(shown_path(u) for u in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
             raise DataError(
-                f"{root}: class folder(s) {shown} are not classes of the model "
+                f"{shown_path(root)}: class folder(s) {shown} are not classes of the model "
                 f"({', '.join(class_names[:10])}{' ...' if len(class_names) > 10 else ''})"
             )
     index = {name: i for i, name in enumerate(class_names)}
     paths: list[Path] = []
     labels: list[int] = []
+    others: list[tuple[str, str]] = []
     for folder in folders:
-        for p in sorted((root / folder).rglob("*"), key=lambda q: q.as_posix()):
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-                paths.append(p)
-                labels.append(index[folder])
+        found, not_images = _entries(root / folder, root / folder)
+        paths += found
+        labels += [index[folder]] * len(found)
+        others += not_images
     if not paths:
-        raise DataError(f"no images found in the class folders of {root}")
-    return paths, labels, list(class_names)
+        raise DataError(f"no images found in the class folders of {shown_path(root)}")
+    return paths, labels, list(class_names), others
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -169,12 +217,29 @@ def read_rgb(path: str | os.PathLike) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as img:
+                _check_decoded_size(img.size)  # from the header, before any pixel is decoded
                 img.load()
                 return _to_rgb8(img)
     except UnreadableImage:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, OverflowError, MemoryError, Image.DecompressionBombError) as exc:
         raise UnreadableImage(f"{type(exc).__name__}: {str(exc)[:120]}") from None
+
+
+# Refused before decoding: images whose decoded size or shape is absurd (a 500,000 x 1 PNG is 1.5 KB on disk, but
+# resizing its short side to the model's input would take gigabytes).
+MAX_DECODED_PIXELS = 2**27  # ~134 megapixels (an 11,585 x 11,585 image)
+MAX_ASPECT_RATIO = 100.0
+
+
+def _check_decoded_size(size: tuple[int, int]) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise UnreadableImage(f"empty image ({w}x{h})")
+    if w * h > MAX_DECODED_PIXELS:
+        raise UnreadableImage(f"too large to decode: {w}x{h} pixels (limit {MAX_DECODED_PIXELS:,})")
+    if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+        raise UnreadableImage(f"absurd aspect ratio: {w}x{h} (limit {MAX_ASPECT_RATIO:g}:1)")
 
 
 def _to_rgb8(img: Image.Image) -> Image.Image:
@@ -225,7 +290,7 @@ def decode_images(
             out[len(kept)] = np.asarray(img, dtype=np.uint8)
             kept.append(i)
         except UnreadableImage as exc:
-            skipped.append((str(path), str(exc)))
+            skipped.append((shown_path(path), str(exc)))
         if on_progress is not None:
             on_progress(1)
     images = torch.from_numpy(out[: len(kept)]).permute(0, 3, 1, 2).contiguous()
@@ -258,15 +323,15 @@ def load_folder(
     """
     root = check_folder(root, "labeled folder" if labeled else "image folder")
     if labeled:
-        paths, labels, names = scan_labeled(root, class_names)
+        paths, labels, names, others = scan_labeled_folder(root, class_names)
     else:
-        paths, labels, names = scan_images(root), None, list(class_names or [])
+        (paths, others), labels, names = scan_folder(root), None, list(class_names or [])
     key = _cache_key(root, paths, preprocess, labels)
     cache_file = Path(cache_dir or default_cache_dir()) / "images" / f"{key}.pt"
     if cache and cache_file.is_file():
         try:
             blob = torch.load(cache_file, map_location="cpu", weights_only=True)
-            return _image_set_from_blob(blob, root, names)
+            return _image_set_from_blob(blob, root, names, others)
         except Exception:  # noqa: BLE001 - a bad cache entry is rebuilt, never fatal
             pass
     task = None
@@ -278,9 +343,9 @@ def load_folder(
     if progress is not None:
         progress.remove_task(task)
     if not kept:
-        raise DataError(f"none of the {len(paths)} image files under {root} could be read")
+        raise DataError(f"none of the {len(paths)} image files under {shown_path(root)} could be read")
     kept_labels = None if labels is None else torch.tensor([labels[i] for i in kept], dtype=torch.long)
-    rel_paths = [paths[i].relative_to(root).as_posix() for i in kept]
+    rel_paths = [shown_path(paths[i].relative_to(root).as_posix()) for i in kept]
     blob = {"images": images, "paths": rel_paths, "labels": kept_labels, "skipped": [list(s) for s in skipped]}
     if cache:
         from adaptsoup.core.io import atomic_path
@@ -290,26 +355,27 @@ def load_folder(
                 torch.save(blob, tmp)
         except OSError:
             pass
-    return _image_set_from_blob(blob, root, names)
+    return _image_set_from_blob(blob, root, names, others)
 
 
-def _image_set_from_blob(blob: dict, root: Path, names: list[str]) -> ImageSet:
+def _image_set_from_blob(blob: dict, root: Path, names: list[str], others: list[tuple[str, str]]) -> ImageSet:
+    """The cached decode plus the entries that are not images (scanned afresh: they are not in the cache key)."""
     return ImageSet(
         images=blob["images"],
         paths=list(blob["paths"]),
         labels=blob["labels"],
         class_names=names,
-        skipped=[tuple(s) for s in blob["skipped"]],
-        root=str(root),
+        skipped=sorted(others + [(str(s[0]), str(s[1])) for s in blob["skipped"]]),
+        root=shown_path(root),
     )
 
 
 def _cache_key(root: Path, paths: Sequence[Path], preprocess: Preprocess, labels: Sequence[int] | None) -> str:
     digest = hashlib.sha256()
-    digest.update(repr((str(root.resolve()), preprocess, labels is not None)).encode())
+    digest.update(repr((str(root.resolve()), preprocess, labels is not None)).encode("utf-8", "surrogateescape"))
     for p, label in zip(paths, labels if labels is not None else [None] * len(paths)):
         st = p.stat()
-        digest.update(f"{p.relative_to(root).as_posix()}|{st.st_size}|{st.st_mtime_ns}|{label}\n".encode())
+        digest.update(f"{p.relative_to(root).as_posix()}|{st.st_size}|{st.st_mtime_ns}|{label}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:32]
 
 

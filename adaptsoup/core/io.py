@@ -79,3 +79,26 @@ def _json_default(obj: Any) -> Any:
 
         return dataclasses.asdict(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def check_destination(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Refuse, before any work, a file destination that cannot be written: an existing folder, a path under
+    a file, or a folder this process may not write in (probed with a temporary file, so read-only mounts and
+    ACLs count).  Missing parent folders are fine: :func:`atomic_path` creates them."""
+    from adaptsoup.errors import AdaptsoupError
+
+    path = Path(path)
+    if path.is_dir():
+        raise AdaptsoupError(f"{what} {path} is an existing folder: give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise AdaptsoupError(f"{what} {path}: {parent} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".adaptsoup-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise AdaptsoupError(f"{what} {path}: cannot write in {parent} ({exc.strerror or exc})") from None
+    return path

@@ -17,7 +17,7 @@ from adaptsoup.core.data import ImageSet, Preprocess
 from adaptsoup.core.io import atomic_path
 from adaptsoup.core.models import model_meta
 from adaptsoup.deploy.quantize import quantize_and_compare
-from adaptsoup.deploy.runtime import onnx_logits, ort_session, quiet
+from adaptsoup.deploy.runtime import onnx_logits, ort_session, quiet, read_onnx_metadata  # noqa: F401 (re-exported)
 from adaptsoup.errors import AdaptsoupError
 
 DEFAULT_OPSET = 18
@@ -120,22 +120,6 @@ def export_onnx(model: nn.Module, out_path: str | os.PathLike, opset: int = DEFA
         log(f"ONNX export: the torch.export-based exporter failed ({reason}); "
             f"wrote opset {written} with the TorchScript exporter instead of opset {opset}")
     return OnnxExport(path=out_path, exporter=exporter, opset=written, fallback_reason=reason)
-
-
-def read_onnx_metadata(path: str | os.PathLike) -> dict[str, object]:
-    """Class names and preprocessing stored by :func:`export_onnx`."""
-    props = ort_session(path).get_modelmeta().custom_metadata_map
-    if "adaptsoup.input_size" not in props:
-        raise AdaptsoupError(f"{path} was not exported by adaptsoup (no preprocessing metadata)")
-    return {
-        "arch": props.get("adaptsoup.arch", ""),
-        "class_names": json.loads(props.get("adaptsoup.class_names", "[]")),
-        "input_size": tuple(json.loads(props["adaptsoup.input_size"])),
-        "mean": tuple(json.loads(props["adaptsoup.mean"])),
-        "std": tuple(json.loads(props["adaptsoup.std"])),
-        "interpolation": props.get("adaptsoup.interpolation", "bicubic"),
-        "crop_pct": float(json.loads(props.get("adaptsoup.crop_pct", "1.0"))),
-    }
 
 
 def preprocess_from_onnx(path: str | os.PathLike) -> Preprocess:

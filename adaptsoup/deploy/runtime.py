@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import warnings
+from typing import Any
 
 import numpy as np
+
+from adaptsoup.errors import AdaptsoupError
 
 
 def ort_session(path: str | os.PathLike):
@@ -17,7 +21,40 @@ def ort_session(path: str | os.PathLike):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors (InvalidProtobuf, Fail, ...) share no base class
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise AdaptsoupError(f"cannot load ONNX model {path} (garbage, truncated or empty?): {reason}") from None
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, object]:
+    """Class names and preprocessing stored by :func:`export_onnx`."""
+    props = ort_session(path).get_modelmeta().custom_metadata_map
+    if "adaptsoup.input_size" not in props:
+        raise AdaptsoupError(f"{path} was not exported by adaptsoup (no preprocessing metadata)")
+
+    def value(key: str, default: str | None = None, count: int | None = None) -> Any:
+        try:
+            got = json.loads(props[key] if default is None else props.get(key, default))
+            if count is not None and not (isinstance(got, list) and len(got) == count and all(isinstance(v, (int, float)) for v in got)):
+                raise ValueError(f"expected {count} numbers")
+            return got
+        except (KeyError, ValueError, TypeError) as exc:
+            raise AdaptsoupError(f"{path}: bad adaptsoup metadata {key!r} ({str(exc).splitlines()[0][:100]})") from None
+
+    names, crop = value("adaptsoup.class_names", "[]"), value("adaptsoup.crop_pct", "1.0")
+    if not isinstance(names, list) or not isinstance(crop, (int, float)) or isinstance(crop, bool) or not 0 < crop <= 1:
+        raise AdaptsoupError(f"{path}: bad adaptsoup metadata (class_names must be a list, crop_pct a number in (0, 1])")
+    return {
+        "arch": props.get("adaptsoup.arch", ""),
+        "class_names": [str(n) for n in names],
+        "input_size": tuple(value("adaptsoup.input_size", count=3)),
+        "mean": tuple(value("adaptsoup.mean", count=3)),
+        "std": tuple(value("adaptsoup.std", count=3)),
+        "interpolation": props.get("adaptsoup.interpolation", "bicubic"),
+        "crop_pct": float(crop),
+    }
 
 
 def onnx_logits(session, batch: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -114,6 +115,17 @@ def open_manifest(run_dir: RunDir, world: World, shard: Shard | None) -> Manifes
     return manifest
 
 
+def record_command(manifest: Manifest, command: str, cfg: AdaptConfig, shard: Shard | None) -> None:
+    """The recipe and environment of this invocation; the first command and working folder stay recorded, and
+    every command that touched the run is added to ``commands`` (shards record theirs under ``shards``)."""
+    manifest.data.update(config=cfg.to_dict(), environment=environment())
+    manifest.data.setdefault("command", command)
+    manifest.data.setdefault("cwd", os.getcwd())
+    if shard is None:
+        manifest.data.setdefault("commands", []).append(
+            {"command": command, "cwd": os.getcwd(), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
 def open_run(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | None = print, command: str | None = None,
              on_step: Callable[[str, int], None] | None = None, shard: Shard | None = None) -> RunContext:
     """Check the recipe, join torchrun's process group if there is one, create (or reopen) the run
@@ -127,7 +139,7 @@ def open_run(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | N
     log = RunLog(run_dir.log if world.is_main else None, echo if world.is_main else None)
     manifest = open_manifest(run_dir, world, shard)
     command = command or " ".join(sys.argv)
-    manifest.data.update(command=command, config=cfg.to_dict(), environment=environment())
+    record_command(manifest, command, cfg, shard)
     if world.distributed:
         manifest.data["world_size"] = world.size
     if shard is not None:

@@ -35,7 +35,7 @@ class RunInputs:
         for label, images in (("target", self.target), ("source", self.source), *self.evals.items()):
             if images is not None and images.skipped:
                 shown = ", ".join(f"{p} ({r})" for p, r in images.skipped[:5]) + (" ..." if len(images.skipped) > 5 else "")
-                lines.append(f"{label}: skipped {len(images.skipped)} unreadable file(s): {shown}")
+                lines.append(f"{label}: skipped {len(images.skipped)} file(s) (unreadable or not images): {shown}")
         return lines
 
 

@@ -55,12 +55,25 @@ def resolve_config(request: AdaptRequest) -> AdaptConfig:
     if not cfg.out:
         cfg.out = str(Path("runs") / time.strftime("adapt-%Y%m%d-%H%M%S"))
     manifest = Path(cfg.out) / "manifest.json"
+    if manifest.is_file() and not request.shard and _never_started(manifest):
+        manifest.unlink()  # an earlier attempt failed before any work (bad data, a bad model): start afresh
     if manifest.is_file():
         if request.shard and _recorded(manifest) == cfg.to_dict():
             return cfg  # another shard of the same run (or this shard again)
         hint = " with another recipe: give every shard the same flags" if request.shard else ""
         raise AdaptsoupError(f"{cfg.out} already holds a run{hint}: use --resume {cfg.out} to continue it, or another --out")
     return cfg
+
+
+def _never_started(manifest: Path) -> bool:
+    """True when the run in ``manifest``'s folder stopped before any work: its inputs were never loaded (no
+    ``protocol`` recorded) and it holds no encoder, ingredient, training state or soup."""
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    made = any(any((manifest.parent / sub).glob("*")) for sub in ("inter", "ingredients", "state", "soups"))
+    return isinstance(data, dict) and "protocol" not in data and not made
 
 
 def _recorded(manifest: Path) -> dict | None:
@@ -79,8 +92,45 @@ def _resumed_config(request: AdaptRequest) -> AdaptConfig:
     if changed:
         raise AdaptsoupError(f"--resume takes the recipe recorded in {manifest}; do not also give {', '.join(changed)} "
                              f"(only {', '.join(AFTER_SOUPS)} may change)")
-    recorded = json.loads(manifest.read_text())["config"]
-    return AdaptConfig.from_dict(merge(recorded, {key: request.settings.get(key) for key in AFTER_SOUPS}))
+    try:
+        data = json.loads(manifest.read_text())
+        if not isinstance(data["config"], dict):
+            raise TypeError("config is not a table")
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise AdaptsoupError(f"--resume {request.resume}: cannot read the recipe in {manifest} ({type(exc).__name__})") from None
+    regiven = set(_given(request.settings))  # mix_labeled given again replaces the recorded one: not checked
+    config = {key: value for key, value in data["config"].items() if key not in regiven}
+    recorded = _where_the_run_saw_them(config, Path(data.get("cwd") or Path.cwd()), request.resume)
+    cfg = AdaptConfig.from_dict(merge(recorded, {key: request.settings.get(key) for key in AFTER_SOUPS}))
+    cfg.out = str(request.resume)  # the run is where it is now, whatever folder it was started from
+    return cfg
+
+
+PATH_KEYS = ("model", "target", "source", "stock", "pretrained", "mix_labeled")  # and each of ``evals``
+
+
+def _where_the_run_saw_them(config: dict[str, Any], cwd: Path, run: Path) -> dict[str, Any]:
+    """The recorded recipe with its relative paths resolved against the folder the run was started from;
+    refused when an input is not there any more."""
+    from adaptsoup.core.sources import HF_HUB, LOCAL_DIR
+
+    def absolute(key: str, value: str) -> str:
+        prefix = LOCAL_DIR if value.startswith(LOCAL_DIR) else ""
+        if value.startswith(HF_HUB):
+            return value
+        path = Path(value[len(prefix):]).expanduser()
+        path = path if path.is_absolute() else cwd / path
+        if not path.exists():
+            raise AdaptsoupError(f"--resume {run}: the run's {key} {path} is not there any more (moved?); "
+                                 f"put it back, or start a new run")
+        return prefix + str(path)
+
+    out = dict(config)
+    for key in PATH_KEYS:
+        if out.get(key):
+            out[key] = absolute(key, str(out[key]))
+    out["evals"] = [absolute("--eval folder", str(e)) for e in out.get("evals") or []]
+    return out
 
 
 def _given(settings: dict[str, Any], prefix: str = "") -> list[str]:

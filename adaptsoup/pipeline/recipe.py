@@ -8,6 +8,7 @@ cosine, batch 128) at learning rates {1e-5, 2e-5, 3e-5, 4e-5}; fine-tuning back 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -122,32 +123,74 @@ class AdaptConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "AdaptConfig":
-        raw = dict(raw)
-        inter = _build(InterTrainConfig, raw.pop("inter", {}) or {}, "inter")
-        finetune = _build(FineTuneConfig, raw.pop("finetune", {}) or {}, "finetune")
-        cfg = _build(cls, raw, "")
-        cfg.inter, cfg.finetune = inter, finetune
-        return cfg
+    def from_dict(cls, raw: Any) -> "AdaptConfig":
+        """A typed recipe from a dict (a recipe file, flags, a manifest): every value is checked against its
+        field's type, with the key's path in the message (``inter.lrs[0]: expected a number, got 'x'``)."""
+        return _build(cls, raw, "")
 
 
-def _build(cls, raw: dict[str, Any], section: str):
+_SECTIONS = frozenset({"InterTrainConfig", "FineTuneConfig", "MoCoV3Grid", "MMCRGrid"})  # nested tables
+
+
+def _build(cls, raw: Any, section: str):
+    if not isinstance(raw, dict):
+        what = f"[{section}]" if section else "a recipe"
+        raise AdaptsoupError(f"{what} must be a table of settings (key = value), got {_shown(raw)}")
     known = {f.name: f for f in fields(cls)}
-    unknown = [k for k in raw if k not in known]
+    unknown = [str(k) for k in raw if k not in known]
     if unknown:
         where = f"[{section}] " if section else ""
         raise AdaptsoupError(f"unknown recipe key(s) {where}{', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
     obj = cls()
     for key, value in raw.items():
-        if key in ("inter", "finetune"):
-            continue
-        default = getattr(obj, key)
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            value = _build(type(default), value, f"{section}.{key}" if section else key)
-        elif isinstance(default, list) and not isinstance(value, list):
-            value = [v.strip() for v in value.split(",")] if isinstance(value, str) else [value]
-        setattr(obj, key, value)
+        path = f"{section}.{key}" if section else key
+        kind = str(known[key].type).replace(" ", "")
+        if kind in _SECTIONS:
+            setattr(obj, key, _build(type(getattr(obj, key)), {} if value is None else value, path))
+        else:
+            setattr(obj, key, _typed(value, kind, path))
     return obj
+
+
+def _typed(value: Any, kind: str, path: str) -> Any:
+    """``value`` as the annotation ``kind`` says (int, float, bool, str, their lists, ``X | None``), or an error."""
+    if kind.endswith("|None"):
+        return None if value is None else _typed(value, kind.removesuffix("|None"), path)
+    if not kind.startswith("list["):
+        return _scalar(value, kind, path)
+    item = kind[len("list["):-1]
+    if isinstance(value, str):  # "1e-5, 2e-5": a comma-separated list
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        return [_scalar(_parsed(part, item, f"{path}[{i}]"), item, f"{path}[{i}]") for i, part in enumerate(parts)]
+    values = value if isinstance(value, list) else [value]
+    return [_scalar(v, item, f"{path}[{i}]") for i, v in enumerate(values)]
+
+
+def _parsed(text: str, kind: str, path: str) -> Any:
+    try:
+        return _SCALARS[kind](text)
+    except ValueError:
+        raise AdaptsoupError(f"{path}: expected {_NAMES[kind]}, got {_shown(text)}") from None
+
+
+def _scalar(value: Any, kind: str, path: str) -> Any:
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise AdaptsoupError(f"{path}: expected {_NAMES[kind]}, got {_shown(value)}")
+    return float(value) if kind == "float" else value
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_NAMES = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}
 
 
 def with_overrides(cfg, overrides: dict[str, Any]):
@@ -242,8 +285,51 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The smallest value of each size, count and rate ("> 0": strictly positive); list values are checked item by item.
+_AT_LEAST: dict[str, tuple[str, float]] = {
+    "vanilla": (">=", 0), "max_source_images": (">=", 0), "max_target_images": (">=", 0), "seed": (">=", 0),
+    "checkpoint_every_s": (">=", 0), "tta_batch_size": (">=", 1), "tta_base_lr": (">", 0),
+    "inter.steps": (">=", 0), "inter.seeds": (">=", 0), "inter.decoder_depths": (">=", 0), "inter.epochs": (">", 0),
+    "inter.batch_size": (">=", 1), "inter.weight_decay": (">=", 0), "inter.warmup_frac": (">=", 0),
+    "inter.decoder_warmup_steps": (">=", 0), "inter.decoder_warmup_lr": (">", 0), "inter.head_warmup_frac": (">=", 0),
+    "inter.partitions": (">=", 0), "inter.noise_multipliers": (">=", 0),
+    "inter.mocov3.temperatures": (">", 0), "inter.mocov3.batch_sizes": (">=", 0),
+    "inter.mmcr.lambdas": (">=", 0), "inter.mmcr.views": (">=", 2),
+    "finetune.seeds": (">=", 0), "finetune.epochs": (">", 0), "finetune.steps": (">=", 0), "finetune.batch_size": (">=", 1),
+    "finetune.weight_decay": (">=", 0), "finetune.warmup_frac": (">=", 0), "finetune.label_smoothing": (">=", 0),
+    "finetune.probe_weight_decay": (">=", 0),
+}
+_FRACTIONS = ("inter.warmup_frac", "inter.head_warmup_frac", "finetune.warmup_frac", "finetune.label_smoothing")
+_GRID_AXES = ("inter.lrs", "inter.mask_ratios", "inter.decoder_depths", "inter.steps", "inter.seeds", "inter.noise_multipliers",
+              "inter.mocov3.temperatures", "inter.mocov3.batch_sizes", "inter.mmcr.lambdas", "finetune.lrs", "finetune.seeds")
+
+
+def _at(cfg: AdaptConfig, path: str) -> Any:
+    value: Any = cfg
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate_ranges(cfg: AdaptConfig) -> None:
+    """Sizes, counts and rates in their ranges (non-positive batch sizes, negative steps ... refused), with the
+    key's path in the message."""
+    for path in _GRID_AXES:
+        if not _at(cfg, path):
+            raise AdaptsoupError(f"{path} is a grid axis and needs at least one value")
+    for path, (op, bound) in _AT_LEAST.items():
+        value = _at(cfg, path)
+        for v in value if isinstance(value, list) else [] if value is None else [value]:
+            if not (v > bound if op == ">" else v >= bound):
+                raise AdaptsoupError(f"{path} must be {op} {bound:g}, got {v!r}")
+    for path in _FRACTIONS:
+        if _at(cfg, path) >= 1:
+            raise AdaptsoupError(f"{path} must be < 1, got {_at(cfg, path)!r}")
+
+
 def validate(cfg: AdaptConfig) -> None:
     """Refuse a recipe that cannot run, before any work is done."""
+    validate_ranges(cfg)
     _validate_inter(cfg.inter)
     for name, values in (("inter.lrs", cfg.inter.lrs), ("finetune.lrs", cfg.finetune.lrs)):
         if not values or any(float(v) <= 0 for v in values):

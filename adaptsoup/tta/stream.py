@@ -106,7 +106,7 @@ def tta_run_dir(model_path: str, out_dir: str, cfg: TTAConfig, *, target: str | 
     images = load_folder(eval_labels or target, pre, labeled=eval_labels is not None, class_names=names if eval_labels else None,
                          progress=progress, description="decode stream")
     if images.skipped:
-        log(f"skipped {len(images.skipped)} unreadable file(s)")
+        log(f"skipped {len(images.skipped)} file(s) (unreadable or not images)")
     manifest = Manifest.load_or_new(out / "manifest.json", kind="tta")
     manifest.data.update(config=dataclasses.asdict(cfg), model=str(model_path), stream=str(eval_labels or target),
                          environment=environment(), data={"images": len(images), "skipped": len(images.skipped)})
