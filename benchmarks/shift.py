@@ -78,7 +78,7 @@ ROW_NAMES = (
     "supervised_soup+sar", "self_soup_target+sar",
     "supervised_soup+sar_reference_lr", "self_soup_target+sar_reference_lr",
 )
-PRETRAINED_ROWS = ("self_task_vector_soup",)  # rows of the pretrained protocol alone, after the self_plus ones
+PRETRAINED_ROWS = ("self_task_vector_soup", "cont_ssl_task_vector_soup")  # rows of the pretrained protocol alone, after the self_plus ones
 SAR_ROWS = {"+sar": "sar_base_lr", "+sar_reference_lr": "sar_reference_base_lr"}  # row suffix -> the config's base lr
 CENTERED = "self-season-centered"  # Self-Seasoning on batch-centred embeddings (``--center``), beside the paper's
 PROTOCOLS = ("deployed", "pretrained")
@@ -91,6 +91,7 @@ PAIRS = (
     ("self_soup_target_self_seasoned", "supervised_soup"), ("cont_ssl_soup", "supervised_soup"),
     ("supervised_soup", "deployed"), ("self_plus_deployed_soup", "deployed"),
     ("self_task_vector_soup", "deployed"), ("self_task_vector_soup", "supervised_soup"),
+    ("cont_ssl_task_vector_soup", "deployed"), ("self_task_vector_soup", "cont_ssl_task_vector_soup"),
 )
 
 
@@ -498,6 +499,10 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
         soups["self_task_vector_soup"] = write_task_vector_soup(self_run.run_dir / "soups" / "self_task_vector_soup.safetensors",
                                                                 data.stock, pretrained, inter_encoders(self_run.run_dir),
                                                                 cfg.task_vector_scale)
+        if cont is not None:  # the control: the task vector of MAE on the *source* images, onto the deployed model
+            soups["cont_ssl_task_vector_soup"] = write_task_vector_soup(cont.run_dir / "soups" / "cont_ssl_task_vector_soup.safetensors",
+                                                                        data.stock, pretrained, inter_encoders(cont.run_dir),
+                                                                        cfg.task_vector_scale)
     del stock_model
     candidates = {**soups, **{f"ingredient:{k}": v for k, v in ingredients.items()}}
     predictions: dict[str, dict[str, torch.Tensor]] = {}
@@ -533,6 +538,9 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     if "self_task_vector_soup" in soups:
         rows.append({**row("self_task_vector_soup", "self_task_vector_soup"), "task_vector_scale": cfg.task_vector_scale,
                      "note": "deployed + scale x (mean inter-trained encoder - pre-trained stock): no fine-tuning back"})
+    if "cont_ssl_task_vector_soup" in soups:
+        rows.append({**row("cont_ssl_task_vector_soup", "cont_ssl_task_vector_soup"), "task_vector_scale": cfg.task_vector_scale,
+                     "note": "the control: the same with MAE inter-training on the source images instead of the target"})
     candidates = soups
 
     # -- SAR on the soups (Table 2): online over each corruption's odd images, reset between corruptions ---------

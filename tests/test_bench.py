@@ -320,6 +320,7 @@ def test_c10c_pretrained_protocol_on_the_tuning_split(tmp_path):
     from adaptsoup.core.checkpoint import read_checkpoint
 
     assert "self_task_vector_soup" in names and "self_task_vector_soup-deployed" in result["paired"]
+    assert "cont_ssl_task_vector_soup" in names and "self_task_vector_soup-cont_ssl_task_vector_soup" in result["paired"]
     run = Path(result["runs"]["self"])
     soup, _ = read_checkpoint(run / "soups" / "self_task_vector_soup.safetensors")
     deployed, _ = read_checkpoint(stock)
