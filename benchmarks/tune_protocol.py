@@ -49,17 +49,16 @@ VARIANTS: dict[str, dict] = {
     "b-ft5e-4": dict(protocol="pretrained", inter_steps=STEPS, ft_steps=STEPS, ft_lrs=[5e-4], self_season_epochs=3),
     # (a) today's from-deployed quick recipe (two fine-tuning lrs, 200 + 60 steps) on the tuning split
     "a-deployed": dict(protocol="deployed", inter_steps=200, ft_steps=60, ft_lrs=[1e-4, 2e-4]),
-    # (c) fine-tuning budget 0.25x / 0.5x of inter-training (1x is b-ft<FT_LR>)
-    "c-ft0.25x": dict(protocol="pretrained", inter_steps=STEPS, ft_steps=STEPS // 4, ft_lrs=[FT_LR]),
+    # (c) + (d) in one curve: inter-training steps 150 / 300 / 600 at a fixed fine-tuning budget of 150 steps, i.e. a
+    # fine-tuning budget of 1x / 0.5x / 0.25x the inter-training (150 is b-ft<FT_LR>); does the gain grow with steps?
+    "d-inter300": dict(protocol="pretrained", inter_steps=2 * STEPS, ft_steps=STEPS, ft_lrs=[FT_LR]),
+    "d-inter600": dict(protocol="pretrained", inter_steps=4 * STEPS, ft_steps=STEPS, ft_lrs=[FT_LR]),
+    # (c) literally: half the fine-tuning budget at 150 inter-training steps
     "c-ft0.5x": dict(protocol="pretrained", inter_steps=STEPS, ft_steps=STEPS // 2, ft_lrs=[FT_LR]),
-    # (d) the gain against inter-training steps at a fixed fine-tuning budget (STEPS is b-ft<FT_LR>)
-    "d-inter50": dict(protocol="pretrained", inter_steps=STEPS // 3, ft_steps=STEPS, ft_lrs=[FT_LR]),
-    "d-inter450": dict(protocol="pretrained", inter_steps=STEPS * 3, ft_steps=STEPS, ft_lrs=[FT_LR]),
-    # (e) ideas: the deployed model as an extra ingredient is the row self_plus_deployed_soup of every variant;
-    # the continued-SSL control at the chosen recipe
-    "e-cont-ssl": dict(protocol="pretrained", inter_steps=STEPS, ft_steps=STEPS, ft_lrs=[FT_LR], cont_ssl=True, self_season_epochs=3),
+    # (e) ideas: a higher fine-tuning lr for from-pretrained (b-ft5e-4: the stock's own fine-tuning lr), and the deployed
+    # model as one more ingredient (the row self_plus_deployed_soup of every variant)
 }
-ORDER = list(VARIANTS)
+ORDER = ["b-ft1e-4", "b-ft5e-4", "a-deployed", "d-inter600", "d-inter300", "c-ft0.5x"]  # the order they were run in
 ROWS = ("deployed", "supervised_soup", "cont_ssl_soup", "self_soup_target", "self_plus_supervised_soup", "self_soup_target_self_seasoned",
         "self_plus_deployed_soup", "self_soup_target_best_ingredient")
 KEY_PAIRS = ("self_soup_target-supervised_soup", "self_soup_target-deployed", "self_plus_supervised_soup-supervised_soup",
@@ -148,7 +147,7 @@ def markdown(summary: dict) -> str:
 
 def plot(summary: dict, png: Path) -> None:
     """Self-Soup − supervised soup (disjoint, with its 95% interval) against inter-training steps at the chosen
-    fine-tuning lr and 300 fine-tuning steps, and against the fine-tuning budget at 300 inter-training steps."""
+    fine-tuning lr and STEPS fine-tuning steps, and against the fine-tuning budget at STEPS inter-training steps."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -276,12 +276,14 @@ def test_c10c_pretrained_protocol_on_the_tuning_split(tmp_path):
                               work=str(tmp_path / "work"), corruptions=["gaussian_noise", "contrast"], per_corruption=12, clean_images=9,
                               source_images=12, inter_lrs=[1e-3], inter_steps=2, ft_lrs=[1e-3], ft_steps=2, vanilla=2, batch_size=6,
                               self_season_epochs=1, self_season_subset=0, bf16=False, protocol="pretrained", split="tuning",
-                              sar=False, centered=False, bootstrap_resamples=200)
+                              sar=False, centered=False, joint=False, bootstrap_resamples=200)
     result = run_c10c(cfg, command="test", log=lambda m: None)
     assert result["protocol"] == "pretrained" and result["pretrained"] == str(pretrained)
     assert result["severity"] == 3 and result["split"]["used"] == "tuning"
     # the tuning pool is the first 3 of each class's 6 test images: indices 0-2, 6-8, 12-14
     assert set(result["split"]["corrupted_indices"]) | set(result["split"]["clean_indices"]) <= {0, 1, 2, 6, 7, 8, 12, 13, 14}
+    assert result["data"]["target_images"] == 10 and not any(k.startswith("even/") for k in result["data"]["eval_images"])  # joint=False; 9 tuning images, 5 even per corruption
+    assert all(r["joint"] is None for r in result["rows"])
     names = [r["name"] for r in result["rows"]]
     assert "self_plus_supervised_soup" in names and not any("+sar" in n for n in names)
     pair = result["paired"]["self_soup_target-supervised_soup"]
