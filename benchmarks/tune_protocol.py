@@ -58,6 +58,14 @@ VARIANTS: dict[str, dict] = {
     # (e) ideas: a higher fine-tuning lr for from-pretrained (b-ft5e-4: the stock's own fine-tuning lr), and the deployed
     # model as one more ingredient (the row self_plus_deployed_soup of every variant)
 }
+# what a reader of the summary must know about a variant's run
+NOTES = {
+    "b-ft1e-4": "its wall time is the invocation that wrote the results: the first invocation trained every ingredient "
+                "(about 25 min) and then stopped at an output bug (fixed in 93680d5); the rerun reused the trained files",
+    "b-ft5e-4": "reused b-ft1e-4's inter-trained encoders (same inter-training settings)",
+    "d-inter600": "reused b-ft5e-4's vanilla ingredients (same fine-tuning settings)",
+    "d-inter300": "reused b-ft5e-4's vanilla ingredients (same fine-tuning settings)",
+}
 ORDER = ["b-ft1e-4", "b-ft5e-4", "a-deployed", "d-inter600", "d-inter300", "c-ft0.5x"]  # the order they were run in
 ROWS = ("deployed", "supervised_soup", "cont_ssl_soup", "self_soup_target", "self_plus_supervised_soup", "self_soup_target_self_seasoned",
         "self_plus_deployed_soup", "self_soup_target_best_ingredient")
@@ -93,7 +101,7 @@ def summarise(name: str, result: dict) -> dict:
                         "clean": result["data"]["eval_images"].get("clean")},
         "rows": rows, "paired": {k: v for k, v in result.get("paired", {}).items() if k in KEY_PAIRS},
         "wall_time_s": result["wall_time_s"], "timings_s": result["timings_s"], "commit": result["commit"],
-        "results": str(Path(result_path(name)).relative_to(ROOT)),
+        "results": str(Path(result_path(name)).relative_to(ROOT)), "note": NOTES.get(name),
     }
 
 
@@ -133,6 +141,7 @@ def markdown(summary: dict) -> str:
                      + " | ".join(cell(n) for n in ROWS[:7])
                      + f" | {_ci(v['paired'].get('self_soup_target-supervised_soup'))} | {_ci(v['paired'].get('self_soup_target-deployed'))}"
                      + f" | {v['wall_time_s'] / 60:.1f} |")
+    lines += [""] + [f"- {v['variant']}: {v['note']}." for v in summary["variants"] if v.get("note")]
     lines += ["", "Disjoint accuracy (odd images, mean over the 15 corruptions) above; clean accuracy (1,000 clean tuning images) below.", "",
               "| variant | " + " | ".join(ROWS[:7]) + " | Self-Soup − supervised (clean) |", "|---|" + "---|" * 8]
     for v in summary["variants"]:
@@ -146,8 +155,9 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, png: Path) -> None:
-    """Self-Soup − supervised soup (disjoint, with its 95% interval) against inter-training steps at the chosen
-    fine-tuning lr and STEPS fine-tuning steps, and against the fine-tuning budget at STEPS inter-training steps."""
+    """Self-Soup (and self+supervised soup) − supervised soup, disjoint, with 95% intervals, from the pre-trained
+    stock at FT_LR: against inter-training steps at STEPS fine-tuning steps, and against the ratio of fine-tuning
+    to inter-training steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,9 +166,10 @@ def plot(summary: dict, png: Path) -> None:
     pre = [v for v in summary["variants"] if v["protocol"] == "pretrained" and v["ft_lrs"] == [summary["ft_lr"]]
            and "self_soup_target-supervised_soup" in v["paired"]]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (xkey, fixed_key, fixed, label) in zip(axes, (("inter_steps", "ft_steps", STEPS, f"inter-training steps ({STEPS} fine-tuning steps)"),
-                                                          ("ft_steps", "inter_steps", STEPS, f"fine-tuning steps ({STEPS} inter-training steps)"))):
-        pts = sorted(((v[xkey], v) for v in pre if v[fixed_key] == fixed), key=lambda p: p[0])
+    panels = ((lambda v: v["inter_steps"], lambda v: v["ft_steps"] == STEPS, f"inter-training steps ({STEPS} fine-tuning steps)"),
+              (lambda v: v["ft_steps"] / v["inter_steps"], lambda v: True, "fine-tuning budget / inter-training steps"))
+    for ax, (x_of, keep, label) in zip(axes, panels):
+        pts = sorted(((x_of(v), v) for v in pre if keep(v)), key=lambda p: p[0])
         for pair, colour in (("self_soup_target-supervised_soup", "C0"), ("self_plus_supervised_soup-supervised_soup", "C1")):
             xs = [x for x, v in pts if pair in v["paired"]]
             es = [v["paired"][pair]["disjoint"] for x, v in pts if pair in v["paired"]]
@@ -167,6 +178,7 @@ def plot(summary: dict, png: Path) -> None:
             ax.errorbar(xs, [e["mean"] for e in es], yerr=[[e["mean"] - e["ci95"][0] for e in es], [e["ci95"][1] - e["mean"] for e in es]],
                         marker="o", capsize=3, color=colour, label=pair.replace("-", " − "))
         ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
         ax.set_xlabel(label)
         ax.set_ylabel("difference, disjoint (points)")
         ax.legend(fontsize=7)
