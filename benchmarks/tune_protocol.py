@@ -62,7 +62,8 @@ VARIANTS: dict[str, dict] = {
 NOTES = {
     "b-ft1e-4": "its wall time is the invocation that wrote the results: the first invocation trained every ingredient "
                 "(about 25 min) and then stopped at an output bug (fixed in 93680d5); the rerun reused the trained files",
-    "b-ft5e-4": "reused b-ft1e-4's inter-trained encoders (same inter-training settings)",
+    "b-ft5e-4": "trained its inter-trained encoders again (same settings as b-ft1e-4's: the sharing of inter-trained "
+                "encoders keyed them by the target's path inside each work folder until a later commit)",
     "d-inter600": "reused b-ft5e-4's vanilla ingredients (same fine-tuning settings)",
     "d-inter300": "reused b-ft5e-4's vanilla ingredients (same fine-tuning settings)",
 }

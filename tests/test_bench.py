@@ -293,3 +293,25 @@ def test_c10c_pretrained_protocol_on_the_tuning_split(tmp_path):
     manifest = json.loads((Path(result["runs"]["self"]) / "manifest.json").read_text())
     assert manifest["protocol"] == "pretrained" and manifest["config"]["pretrained"] == str(pretrained)
     assert "Paired differences" in (tmp_path / "results" / "c10c_quick_s3.md").read_text()
+
+
+def test_trained_files_are_shared_by_configurations_that_agree_on_their_settings(tmp_path):
+    from adaptsoup.bench import INTER_SETTINGS, VANILLA_SETTINGS, share_trained, shared_dir
+
+    stock = tiny_stock_and_cifar(tmp_path)
+    base = dict(stock=str(stock), work=str(tmp_path / "work"), split="tuning")
+    a = C10CConfig.for_mode("quick", **base, ft_steps=10)
+    b = C10CConfig.for_mode("quick", **base, ft_steps=20)  # other fine-tuning, same inter-training
+    assert bench_work_dir(a, "c10c") != bench_work_dir(b, "c10c")
+    assert shared_dir(a, "c10c", "inter-self", INTER_SETTINGS) == shared_dir(b, "c10c", "inter-self", INTER_SETTINGS)
+    assert shared_dir(a, "c10c", "vanilla", VANILLA_SETTINGS) != shared_dir(b, "c10c", "vanilla", VANILLA_SETTINGS)
+    c = C10CConfig.for_mode("quick", **base, ft_steps=10, inter_steps=7)
+    assert shared_dir(a, "c10c", "inter-self", INTER_SETTINGS) != shared_dir(c, "c10c", "inter-self", INTER_SETTINGS)
+    assert shared_dir(a, "c10c", "vanilla", VANILLA_SETTINGS) == shared_dir(c, "c10c", "vanilla", VANILLA_SETTINGS)
+    run, shared = tmp_path / "run", tmp_path / "shared"
+    (run / "inter").mkdir(parents=True)
+    (run / "inter" / "mae00.safetensors").write_bytes(b"encoder")
+    assert share_trained(run, shared, ("inter/mae*.safetensors",), collect=True) == ["inter/mae00.safetensors"]
+    other = tmp_path / "other"
+    assert share_trained(other, shared, ("inter/mae*.safetensors",), collect=False) == ["inter/mae00.safetensors"]
+    assert (other / "inter" / "mae00.safetensors").read_bytes() == b"encoder"
