@@ -445,7 +445,9 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
 
     def adapt(kind: str, **changes) -> "AdaptResult":
         run_dir = work / "runs" / kind
-        inter_shared = shared_dir(cfg, data.benchmark, f"inter-{kind}", INTER_SETTINGS, str(data.target))
+        # the target is named by the settings that make it (and, for released layouts, their root), not by its path,
+        # which lies in this configuration's own work folder
+        inter_shared = shared_dir(cfg, data.benchmark, f"inter-{kind}", INTER_SETTINGS, data.notes.get("root", ""))
         vanilla_shared = shared_dir(cfg, data.benchmark, "vanilla", VANILLA_SETTINGS)
         inter_files = ("inter/mae*.safetensors",)
         vanilla_files = ("ingredients/vanilla-*.safetensors", "inter/stock.probe.safetensors", "inter/pretrained.probe.safetensors")

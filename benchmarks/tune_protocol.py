@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from adaptsoup_bench.shift import BenchConfig, results_stem, run_c10c  # noqa: E402
+from adaptsoup_bench.shift import BenchConfig, markdown_table, paired_from_work, results_stem, run_c10c  # noqa: E402
 from adaptsoup.core.io import atomic_path, write_json_atomic, write_text_atomic  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
@@ -49,21 +49,37 @@ VARIANTS: dict[str, dict] = {
     "b-ft5e-4": dict(protocol="pretrained", inter_steps=STEPS, ft_steps=STEPS, ft_lrs=[5e-4], self_season_epochs=3),
     # (a) today's from-deployed quick recipe (two fine-tuning lrs, 200 + 60 steps) on the tuning split
     "a-deployed": dict(protocol="deployed", inter_steps=200, ft_steps=60, ft_lrs=[1e-4, 2e-4]),
-    # (c) fine-tuning budget 0.25x / 0.5x of inter-training (1x is b-ft<FT_LR>)
-    "c-ft0.25x": dict(protocol="pretrained", inter_steps=STEPS, ft_steps=STEPS // 4, ft_lrs=[FT_LR]),
+    # (c) + (d) in one curve: inter-training steps 150 / 300 / 600 at a fixed fine-tuning budget of 150 steps, i.e. a
+    # fine-tuning budget of 1x / 0.5x / 0.25x the inter-training (150 is b-ft<FT_LR>); does the gain grow with steps?
+    "d-inter300": dict(protocol="pretrained", inter_steps=2 * STEPS, ft_steps=STEPS, ft_lrs=[FT_LR]),
+    "d-inter600": dict(protocol="pretrained", inter_steps=4 * STEPS, ft_steps=STEPS, ft_lrs=[FT_LR]),
+    # (c) literally: half the fine-tuning budget at 150 inter-training steps
     "c-ft0.5x": dict(protocol="pretrained", inter_steps=STEPS, ft_steps=STEPS // 2, ft_lrs=[FT_LR]),
-    # (d) the gain against inter-training steps at a fixed fine-tuning budget (STEPS is b-ft<FT_LR>)
-    "d-inter50": dict(protocol="pretrained", inter_steps=STEPS // 3, ft_steps=STEPS, ft_lrs=[FT_LR]),
-    "d-inter450": dict(protocol="pretrained", inter_steps=STEPS * 3, ft_steps=STEPS, ft_lrs=[FT_LR]),
-    # (e) ideas: the deployed model as an extra ingredient is the row self_plus_deployed_soup of every variant;
-    # the continued-SSL control at the chosen recipe
-    "e-cont-ssl": dict(protocol="pretrained", inter_steps=STEPS, ft_steps=STEPS, ft_lrs=[FT_LR], cont_ssl=True, self_season_epochs=3),
+    # (e) ideas: a higher fine-tuning lr for from-pretrained (b-ft5e-4: the stock's own fine-tuning lr), and the deployed
+    # model as one more ingredient (the row self_plus_deployed_soup of every variant)
+    # (e) task arithmetic instead of fine-tuning back: the row self_task_vector_soup = deployed + mean(inter-trained) −
+    # pretrained, and its control cont_ssl_task_vector_soup (MAE on the source images). The same trained files as
+    # b-ft5e-4 / d-inter600, evaluated again by the code that has these rows (adaptsoup bench c10c ... --label NAME)
+    "b-ft5e-4_task-vector": dict(protocol="pretrained", inter_steps=STEPS, ft_steps=STEPS, ft_lrs=[5e-4], self_season_epochs=3),
+    "d-inter600_task-vector": dict(protocol="pretrained", inter_steps=4 * STEPS, ft_steps=STEPS, ft_lrs=[FT_LR]),
+    "e-task-vector-control-inter600": dict(protocol="pretrained", inter_steps=4 * STEPS, ft_steps=STEPS, ft_lrs=[FT_LR], cont_ssl=True),
 }
-ORDER = list(VARIANTS)
+# what a reader of the summary must know about a variant's run
+NOTES = {
+    "b-ft1e-4": "its wall time is the invocation that wrote the results: the first invocation trained every ingredient "
+                "(about 25 min) and then stopped at an output bug (fixed in 93680d5); the rerun reused the trained files",
+    "b-ft5e-4": "trained its inter-trained encoders again (same settings as b-ft1e-4's: the sharing of inter-trained "
+                "encoders keyed them by the target's path inside each work folder until a later commit)",
+    "d-inter600": "reused b-ft5e-4's vanilla ingredients (same fine-tuning settings)",
+    "d-inter300": "reused b-ft5e-4's vanilla ingredients (same fine-tuning settings)",
+}
+ORDER = ["b-ft1e-4", "b-ft5e-4", "a-deployed", "d-inter600", "d-inter300", "c-ft0.5x", "b-ft5e-4_task-vector", "d-inter600_task-vector",
+         "e-task-vector-control-inter600"]  # the order they were run in
 ROWS = ("deployed", "supervised_soup", "cont_ssl_soup", "self_soup_target", "self_plus_supervised_soup", "self_soup_target_self_seasoned",
-        "self_plus_deployed_soup", "self_soup_target_best_ingredient")
+        "self_plus_deployed_soup", "self_soup_target_best_ingredient", "self_task_vector_soup", "cont_ssl_task_vector_soup")
 KEY_PAIRS = ("self_soup_target-supervised_soup", "self_soup_target-deployed", "self_plus_supervised_soup-supervised_soup",
-             "self_soup_target_self_seasoned-supervised_soup", "self_plus_deployed_soup-deployed")
+             "self_soup_target_self_seasoned-supervised_soup", "self_plus_deployed_soup-deployed", "self_task_vector_soup-deployed",
+             "self_task_vector_soup-cont_ssl_task_vector_soup")
 
 
 def config(name: str) -> BenchConfig:
@@ -94,12 +110,33 @@ def summarise(name: str, result: dict) -> dict:
                         "clean": result["data"]["eval_images"].get("clean")},
         "rows": rows, "paired": {k: v for k, v in result.get("paired", {}).items() if k in KEY_PAIRS},
         "wall_time_s": result["wall_time_s"], "timings_s": result["timings_s"], "commit": result["commit"],
-        "results": str(Path(result_path(name)).relative_to(ROOT)),
+        "results": str(Path(result_path(name)).relative_to(ROOT)), "note": NOTES.get(name),
     }
 
 
+def with_test_image_intervals(path: Path) -> dict:
+    """The variant's result, its paired intervals bootstrapped over test images (each with its 15 corrupted copies).
+
+    Results written before the bench resampled test images carry intervals over the 3,000 evaluation images,
+    which treat the 15 corruptions of one test image as independent draws and come out too narrow; they are
+    recomputed once from the work folder (:func:`paired_from_work`), written back with a note, and re-rendered.
+    """
+    result = json.loads(path.read_text())
+    first = next(iter(next(iter(result.get("paired", {}).values()), {}).values()), {})
+    work = Path(result["runs"]["self"]).parent.parent
+    if not first or "clusters" in first or not (work / f"correct_{result['protocol']}.npz").is_file():
+        return result
+    recomputed = paired_from_work(result)
+    result["paired"] = {k: recomputed[k] for k in result["paired"] if k in recomputed}  # the pairs this result had
+    result.setdefault("notes", []).append("paired intervals recomputed over test images (each with its corrupted copies) by "
+                                          "benchmarks/tune_protocol.py --render, from the run's per-image correctness")
+    write_json_atomic(path, result)
+    write_text_atomic(path.with_suffix(".md"), markdown_table(result))
+    return result
+
+
 def render() -> dict:
-    done = {n: json.loads(result_path(n).read_text()) for n in ORDER if result_path(n).is_file()}
+    done = {n: with_test_image_intervals(result_path(n)) for n in ORDER if result_path(n).is_file()}
     summary = {"question": "issue #13: Self-Soup vs supervised soup made the paper's way (from the pre-trained stock), tuning split only",
                "base": BASE, "ft_lr": FT_LR, "variants": [summarise(n, r) for n, r in done.items()]}
     write_json_atomic(OUT / "tuning_protocol.json", summary)
@@ -121,8 +158,8 @@ def markdown(summary: dict) -> str:
     lines = ["# Issue #13: the paper's protocol (from the pre-trained stock) on the tuning split", "",
              "CIFAR-10 → CIFAR-10-C, tuning split (first half of each class of the test set), severity 3. Every number below was "
              "measured by `python benchmarks/tune_protocol.py` (per-variant results in `benchmarks/results/tuning_protocol/`). "
-             "Accuracies in %; differences in percentage points with 95% paired bootstrap intervals over the evaluation images "
-             "(10,000 resamples).", "",
+             "Accuracies in %; differences in percentage points with 95% paired bootstrap intervals "
+             "(10,000 resamples) over the 200 test images behind the 3,000 evaluation images (each test image with its 15 corrupted copies).", "",
              f"Shared settings: `{json.dumps(summary['base'])}`.", "",
              "| variant | protocol | inter steps | ft steps | ft lr | deployed | supervised soup | cont-SSL soup | Self-Soup | self+supervised | "
              "Self-Seasoned | self+deployed | Self-Soup − supervised (disjoint) | Self-Soup − deployed (disjoint) | wall (min) |",
@@ -134,6 +171,7 @@ def markdown(summary: dict) -> str:
                      + " | ".join(cell(n) for n in ROWS[:7])
                      + f" | {_ci(v['paired'].get('self_soup_target-supervised_soup'))} | {_ci(v['paired'].get('self_soup_target-deployed'))}"
                      + f" | {v['wall_time_s'] / 60:.1f} |")
+    lines += [""] + [f"- {v['variant']}: {v['note']}." for v in summary["variants"] if v.get("note")]
     lines += ["", "Disjoint accuracy (odd images, mean over the 15 corruptions) above; clean accuracy (1,000 clean tuning images) below.", "",
               "| variant | " + " | ".join(ROWS[:7]) + " | Self-Soup − supervised (clean) |", "|---|" + "---|" * 8]
     for v in summary["variants"]:
@@ -142,13 +180,29 @@ def markdown(summary: dict) -> str:
     lines += ["", "Paired differences on the disjoint images:", "", "| variant | " + " | ".join(KEY_PAIRS) + " |", "|---|" + "---|" * len(KEY_PAIRS)]
     for v in summary["variants"]:
         lines.append(f"| {v['variant']} | " + " | ".join(_ci(v["paired"].get(k)) for k in KEY_PAIRS) + " |")
+    tv = [v for v in summary["variants"] if "self_task_vector_soup" in v["rows"]]
+    if tv:
+        lines += ["", "Task arithmetic instead of fine-tuning back (idea e): `self_task_vector_soup` = deployed + mean(inter-trained "
+                      "on the target) − pretrained; `cont_ssl_task_vector_soup`, its control, inter-trains on the source images. "
+                      "No fine-tuning, no labels.", "",
+                  "| variant | inter steps | deployed | self_task_vector_soup | cont_ssl_task_vector_soup | − deployed (disjoint) | "
+                  "− deployed (clean) | − control (disjoint) |", "|---|---|---|---|---|---|---|---|"]
+        for v in tv:
+            r, pr = v["rows"], v["paired"]
+            lines.append(f"| {v['variant']} | {v['inter_steps']} | {_f(r['deployed']['disjoint'])} ({_f(r['deployed']['clean'])}) | "
+                         f"{_f(r['self_task_vector_soup']['disjoint'])} ({_f(r['self_task_vector_soup']['clean'])}) | "
+                         + (f"{_f(r['cont_ssl_task_vector_soup']['disjoint'])} ({_f(r['cont_ssl_task_vector_soup']['clean'])})"
+                            if "cont_ssl_task_vector_soup" in r else "—")
+                         + f" | {_ci(pr.get('self_task_vector_soup-deployed'))} | {_ci(pr.get('self_task_vector_soup-deployed'), 'clean')} | "
+                         f"{_ci(pr.get('self_task_vector_soup-cont_ssl_task_vector_soup'))} |")
     lines.append("")
     return "\n".join(lines)
 
 
 def plot(summary: dict, png: Path) -> None:
-    """Self-Soup − supervised soup (disjoint, with its 95% interval) against inter-training steps at the chosen
-    fine-tuning lr and 300 fine-tuning steps, and against the fine-tuning budget at 300 inter-training steps."""
+    """Self-Soup (and self+supervised soup) − supervised soup, disjoint, with 95% intervals, from the pre-trained
+    stock at FT_LR: against inter-training steps at STEPS fine-tuning steps, and against the ratio of fine-tuning
+    to inter-training steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,9 +211,10 @@ def plot(summary: dict, png: Path) -> None:
     pre = [v for v in summary["variants"] if v["protocol"] == "pretrained" and v["ft_lrs"] == [summary["ft_lr"]]
            and "self_soup_target-supervised_soup" in v["paired"]]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (xkey, fixed_key, fixed, label) in zip(axes, (("inter_steps", "ft_steps", STEPS, f"inter-training steps ({STEPS} fine-tuning steps)"),
-                                                          ("ft_steps", "inter_steps", STEPS, f"fine-tuning steps ({STEPS} inter-training steps)"))):
-        pts = sorted(((v[xkey], v) for v in pre if v[fixed_key] == fixed), key=lambda p: p[0])
+    panels = ((lambda v: v["inter_steps"], lambda v: v["ft_steps"] == STEPS, f"inter-training steps ({STEPS} fine-tuning steps)"),
+              (lambda v: v["ft_steps"] / v["inter_steps"], lambda v: True, "fine-tuning budget / inter-training steps"))
+    for ax, (x_of, keep, label) in zip(axes, panels):
+        pts = sorted(((x_of(v), v) for v in pre if keep(v)), key=lambda p: p[0])
         for pair, colour in (("self_soup_target-supervised_soup", "C0"), ("self_plus_supervised_soup-supervised_soup", "C1")):
             xs = [x for x, v in pts if pair in v["paired"]]
             es = [v["paired"][pair]["disjoint"] for x, v in pts if pair in v["paired"]]
@@ -168,6 +223,7 @@ def plot(summary: dict, png: Path) -> None:
             ax.errorbar(xs, [e["mean"] for e in es], yerr=[[e["mean"] - e["ci95"][0] for e in es], [e["ci95"][1] - e["mean"] for e in es]],
                         marker="o", capsize=3, color=colour, label=pair.replace("-", " − "))
         ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
         ax.set_xlabel(label)
         ax.set_ylabel("difference, disjoint (points)")
         ax.legend(fontsize=7)

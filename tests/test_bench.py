@@ -301,12 +301,14 @@ def test_c10c_pretrained_protocol_on_the_tuning_split(tmp_path):
                               work=str(tmp_path / "work"), corruptions=["gaussian_noise", "contrast"], per_corruption=12, clean_images=9,
                               source_images=12, inter_lrs=[1e-3], inter_steps=2, ft_lrs=[1e-3], ft_steps=2, vanilla=2, batch_size=6,
                               self_season_epochs=1, self_season_subset=0, bf16=False, protocol="pretrained", split="tuning",
-                              sar=False, centered=False, bootstrap_resamples=200)
+                              sar=False, centered=False, joint=False, bootstrap_resamples=200)
     result = run_c10c(cfg, command="test", log=lambda m: None)
     assert result["protocol"] == "pretrained" and result["pretrained"] == str(pretrained)
     assert result["severity"] == 3 and result["split"]["used"] == "tuning"
     # the tuning pool is the first 3 of each class's 6 test images: indices 0-2, 6-8, 12-14
     assert set(result["split"]["corrupted_indices"]) | set(result["split"]["clean_indices"]) <= {0, 1, 2, 6, 7, 8, 12, 13, 14}
+    assert result["data"]["target_images"] == 10 and not any(k.startswith("even/") for k in result["data"]["eval_images"])  # joint=False; 9 tuning images, 5 even per corruption
+    assert all(r["joint"] is None for r in result["rows"])
     names = [r["name"] for r in result["rows"]]
     assert "self_plus_supervised_soup" in names and not any("+sar" in n for n in names)
     pair = result["paired"]["self_soup_target-supervised_soup"]
@@ -328,3 +330,25 @@ def test_c10c_pretrained_protocol_on_the_tuning_split(tmp_path):
     key = "blocks.0.attn.qkv.weight"
     assert torch.allclose(soup[key].double(), deployed[key].double() + inter[key].double() - pre.state_dict()[key].double(), atol=1e-6)
     assert torch.equal(soup["head.weight"], deployed["head.weight"])
+
+
+def test_trained_files_are_shared_by_configurations_that_agree_on_their_settings(tmp_path):
+    from adaptsoup_bench.shift import INTER_SETTINGS, VANILLA_SETTINGS, share_trained, shared_dir
+
+    stock = tiny_stock_and_cifar(tmp_path)
+    base = dict(stock=str(stock), work=str(tmp_path / "work"), split="tuning")
+    a = C10CConfig.for_mode("quick", **base, ft_steps=10)
+    b = C10CConfig.for_mode("quick", **base, ft_steps=20)  # other fine-tuning, same inter-training
+    assert bench_work_dir(a, "c10c") != bench_work_dir(b, "c10c")
+    assert shared_dir(a, "c10c", "inter-self", INTER_SETTINGS) == shared_dir(b, "c10c", "inter-self", INTER_SETTINGS)
+    assert shared_dir(a, "c10c", "vanilla", VANILLA_SETTINGS) != shared_dir(b, "c10c", "vanilla", VANILLA_SETTINGS)
+    c = C10CConfig.for_mode("quick", **base, ft_steps=10, inter_steps=7)
+    assert shared_dir(a, "c10c", "inter-self", INTER_SETTINGS) != shared_dir(c, "c10c", "inter-self", INTER_SETTINGS)
+    assert shared_dir(a, "c10c", "vanilla", VANILLA_SETTINGS) == shared_dir(c, "c10c", "vanilla", VANILLA_SETTINGS)
+    run, shared = tmp_path / "run", tmp_path / "shared"
+    (run / "inter").mkdir(parents=True)
+    (run / "inter" / "mae00.safetensors").write_bytes(b"encoder")
+    assert share_trained(run, shared, ("inter/mae*.safetensors",), collect=True) == ["inter/mae00.safetensors"]
+    other = tmp_path / "other"
+    assert share_trained(other, shared, ("inter/mae*.safetensors",), collect=False) == ["inter/mae00.safetensors"]
+    assert (other / "inter" / "mae00.safetensors").read_bytes() == b"encoder"
