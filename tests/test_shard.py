@@ -124,3 +124,46 @@ def test_jobs_sharing_a_manifest_keep_each_others_newer_records(tmp_path):
     a.update("shards", "1/2", {"status": "done"})  # must not write b's stale record back
     assert json.loads(path.read_text())["shards"] == {"1/2": {"status": "done"}, "2/2": {"status": "done"}}
     assert json.loads(path.read_text())["ingredients"] == {"x": 1}
+
+
+def test_a_shard_killed_with_sigkill_mid_fine_tuning_resumes_to_the_one_process_soup(tmp_path):
+    """A real ``kill -9`` of a ``--shard`` job (no exception handler runs): its claim and state file stay; the
+    rerun takes the claim over, resumes the fine-tuning, and the soup is bit-identical to one process's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    build_adapt_inputs(tmp_path, per_class=4, target=10)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'model = "{tmp_path / "stock.safetensors"}"\ntarget = "{tmp_path / "target"}"\nsource = "{tmp_path / "source"}"\n'
+                      "vanilla = 1\ncheckpoint_every_s = 0.0\n[inter]\nlrs = [1e-3, 2e-3]\nsteps = [2]\nbatch_size = 8\n"
+                      "decoder_warmup_steps = 1\n[finetune]\nlrs = [1e-3]\nsteps = 30\nbatch_size = 8\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def adapt(out: str, *extra: str, wait: bool = True) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "adaptsoup_cli.main", "adapt", "--config", str(recipe), "--out", str(tmp_path / out), "--no-progress", *extra]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if wait:
+            output, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, output
+        return proc
+
+    adapt("ref")
+    adapt("run", "--shard", "1/2")
+    victim = adapt("run", "--shard", "2/2", wait=False)
+    state = tmp_path / "run" / "state" / "mae01-ft00.pt"
+    deadline = time.monotonic() + 240
+    while not state.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert victim.poll() is None, "the shard finished before it could be killed: make its fine-tuning longer"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert (tmp_path / "run" / "claims" / "ingredient.mae01-ft00.json").exists() and not (tmp_path / "run" / "soup.safetensors").exists()
+    adapt("run", "--shard", "2/2")  # the array task again: takes its claim over and finishes the grid
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["ingredients"]["mae01-ft00"]["train"]["resumed_from_step"] > 0
+    got, _ = read_checkpoint(tmp_path / "run" / "soup.safetensors")
+    ref, _ = read_checkpoint(tmp_path / "ref" / "soup.safetensors")
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
