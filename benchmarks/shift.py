@@ -60,9 +60,9 @@ from adaptsoup.core.manifest import config_tag, environment, file_digest, proven
 from adaptsoup.soup.run import MixRequest, mix_run
 from adaptsoup.core.checkpoint import save_checkpoint
 from adaptsoup.core.run_dir import RunDir
-from adaptsoup.core.models import class_names, load_model, model_meta, with_pretrained_encoder
+from adaptsoup.core.models import class_names, load_model, model_meta
 from adaptsoup.soup.average import stream_weighted_average
-from adaptsoup.soup.task_vector import add_task_vector
+from adaptsoup.soup.task_vector import onto_deployed
 from adaptsoup_bench.datasets import default_stock_path
 from adaptsoup.core.evaluation import top1
 from adaptsoup.core.progress import NullProgress
@@ -338,9 +338,8 @@ def inter_encoders(run_dir: Path) -> list[Path]:
 def write_task_vector_soup(out: Path, deployed: Path, pretrained: Path, encoders: list[Path], scale: float) -> Path:
     """deployed + scale · (mean of the inter-trained ``encoders`` − the pre-trained stock), deployed head and metadata."""
     model = load_model(None, deployed)
-    base = with_pretrained_encoder(load_model(None, deployed), pretrained).state_dict()
     mean, _ = stream_weighted_average(encoders)
-    state = add_task_vector(model.state_dict(), base, mean, scale)
+    state = onto_deployed(model, pretrained, mean, scale)
     meta = model_meta(model, made_by="adaptsoup bench", stage="soup", method="task-vector", scale=scale,
                       parents=[deployed.name, pretrained.name, *(p.name for p in encoders)])
     return save_checkpoint(out, state, meta)

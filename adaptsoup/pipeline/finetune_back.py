@@ -7,18 +7,19 @@ are skipped.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 from torch import nn
 
 from adaptsoup.core.checkpoint import save_checkpoint
-from adaptsoup.core.models import load_model, model_meta
+from adaptsoup.core.models import model_meta
 from adaptsoup.pipeline.context import RunContext
 from adaptsoup.core.distributed import main_then_barrier
 from adaptsoup.pipeline.plan import Ingredient, Plan
 from adaptsoup.pipeline.shard import owns
 from adaptsoup.pipeline.start import load_start, probe_parent, start_checkpoint
-from adaptsoup.soup.task_vector import add_task_vector
+from adaptsoup.soup.task_vector import onto_deployed
 from adaptsoup.train.loop import TrainConfig
 from adaptsoup.train.lpft import LinearProbeConfig, cached_linear_probe, linear_probe_then_finetune
 from adaptsoup.train.optim import steps_for_epochs
@@ -62,11 +63,9 @@ def keep_encoder(ctx: RunContext, ing: Ingredient) -> None:
 
 def _with_task_vector(ctx: RunContext, inter_trained: nn.Module) -> nn.Module:
     """The deployed model + scale · (inter-trained − pretrained), head and buffers the deployed model's."""
-    cfg = ctx.cfg
-    pretrained = load_start(cfg, start_checkpoint(cfg, ctx.run_dir)).state_dict()
-    deployed = load_model(cfg.arch, cfg.model)
-    deployed.load_state_dict(add_task_vector(deployed.state_dict(), pretrained, inter_trained.state_dict(), cfg.task_vector_scale))
-    return deployed
+    model = copy.deepcopy(ctx.deployed)
+    model.load_state_dict(onto_deployed(ctx.deployed, ctx.cfg.pretrained, inter_trained.state_dict(), ctx.cfg.task_vector_scale))
+    return model
 
 
 def finetune_one(ctx: RunContext, ing: Ingredient) -> None:

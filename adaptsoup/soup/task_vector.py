@@ -9,10 +9,14 @@ model plus the *target task vector* of inter-training.  :func:`add_task_vector` 
 
 from __future__ import annotations
 
+import copy
+import os
 from typing import Mapping
 
 import torch
+from torch import nn
 
+from adaptsoup.core.models import with_pretrained_encoder
 from adaptsoup.soup.checks import SoupError
 
 StateDict = dict[str, torch.Tensor]
@@ -38,3 +42,10 @@ def add_task_vector(target: Mapping[str, torch.Tensor], base: Mapping[str, torch
         delta = tuned[key].to(torch.float64) - base[key].to(torch.float64)
         out[key] = (value.to(torch.float64) + scale * delta).to(value.dtype)
     return out
+
+
+def onto_deployed(deployed: nn.Module, pretrained: str | os.PathLike, tuned: Mapping[str, torch.Tensor], scale: float = 1.0) -> StateDict:
+    """``deployed + scale · (tuned − pretrained)``: the task vector of a model trained from the pre-trained
+    checkpoint (in the deployed model's architecture, its head left out) added to the deployed model."""
+    base = with_pretrained_encoder(copy.deepcopy(deployed), pretrained).state_dict()
+    return add_task_vector(deployed.state_dict(), base, tuned, scale)
