@@ -23,6 +23,7 @@ def mix(
     epochs: int = typer.Option(100, help="self-season: epochs over the target images."),
     subset: int = typer.Option(0, help="self-season: a seeded random subset of this many target images (0: all)."),
     batch_size: int = typer.Option(256, help="self-season batch size (the in-batch neighbours)."),
+    chunk_size: int = typer.Option(32, min=0, help="self-season: images per forward pass with gradients (gradient caching: memory is one chunk's, whatever --batch-size; 0: the whole batch at once)."),
     lr: float = typer.Option(0.1, help="self-season: AdamW learning rate, cosine-decayed to --min-lr."),
     min_lr: float = typer.Option(0.01, help="self-season: final learning rate."),
     k: int = typer.Option(16, help="Neighbours for the kNN entropy and kNN accuracy."),
@@ -44,7 +45,8 @@ def mix(
     if score not in ("auto", "classifier", "knn"):
         fail(f"--score must be auto, classifier or knn, got {score!r}")
     flags = {"epochs": epochs, "subset": subset, "batch_size": batch_size, "lr": lr, "min_lr": min_lr, "k": k, "temperature": temperature,
-             "center": center, "samples": samples, "split": split, "seed": seed, "tie": greedy_tie, "score": score, "bf16": bf16}
+             "center": center, "samples": samples, "split": split, "seed": seed, "tie": greedy_tie, "score": score, "bf16": bf16,
+             "chunk_size": chunk_size}
     req = MixRequest(run_dir=run_dir, methods=list(methods), target=str(target) if target else None,
                      labeled=str(labeled) if labeled else None, evals=[str(e) for e in eval_dirs] if eval_dirs else None,
                      ingredients=ingredients, options=mix_options(methods, flags), include_stock=include_stock, device=device, save_as=save_as)

@@ -214,6 +214,57 @@ def test_self_season_lowers_its_loss(tmp_path):
     assert torch.allclose(soup[key].double(), want, atol=1e-6)
 
 
+def _self_season_setup(tmp_path, count=3, images=40):
+    paths = [save_checkpoint(tmp_path / f"m{s}.safetensors", tiny_model(seed=s).state_dict(), model_meta(tiny_model(seed=s)))
+             for s in range(1, count + 1)]
+    model = tiny_model(seed=1)
+    write_noise_images(tmp_path / "target", images, seed=5)
+    pre = Preprocess.for_model(model)
+    return model, StackedIngredients(paths), load_folder(tmp_path / "target", pre, cache=False), pre
+
+
+def test_gradient_caching_gives_the_direct_gradient(tmp_path):
+    from adaptsoup.soup.grad_cache import ChunkedEmbedding, cached_embeddings
+    from adaptsoup.soup.knn import knn_entropy
+    from adaptsoup.soup.stacked import PreLogits
+    from torch.func import functional_call
+
+    model, stack, target, pre = _self_season_setup(tmp_path)
+    module = PreLogits(model).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+    def mix_params(logits):
+        return {"model." + k: v for k, v in stack.mix(torch.softmax(logits, 0)).items()}
+
+    def embed_chunk(params, idx):
+        return functional_call(module, params, (pre.normalize(target.images[idx]),)).float()
+
+    idx = torch.randperm(len(target), generator=torch.Generator().manual_seed(0))[:37]
+    start = torch.tensor([0.3, -0.2, 0.1])
+    grads = {}
+    for chunk in (37, 8, 5):  # one pass (plain back-propagation), then two chunkings with a ragged last chunk
+        logits = start.clone().requires_grad_(True)
+        loss = knn_entropy(cached_embeddings(logits, idx, ChunkedEmbedding(mix_params, embed_chunk, chunk)), k=6, center=True)
+        loss.backward()
+        grads[chunk] = (loss.item(), logits.grad.clone())
+    assert grads[37][1].abs().max() > 1e-4  # a real gradient, not zeros that trivially agree
+    for chunk in (8, 5):
+        assert grads[chunk][0] == pytest.approx(grads[37][0], abs=1e-6)
+        assert torch.allclose(grads[chunk][1], grads[37][1], rtol=1e-4, atol=1e-7)
+
+
+def test_self_season_with_gradient_caching_learns_the_same_coefficients(tmp_path):
+    model, stack, target, pre = _self_season_setup(tmp_path)
+    common = dict(epochs=4, batch_size=20, lr=0.3, min_lr=0.03, k=6, center=True)
+    direct = self_season(model, stack, target, pre, SelfSeasonOptions(**common, chunk_size=0))
+    cached = self_season(model, stack, target, pre, SelfSeasonOptions(**common, chunk_size=6))
+    assert max(direct.coefficients) - min(direct.coefficients) > 1e-3  # they moved
+    assert cached.coefficients == pytest.approx(direct.coefficients, abs=1e-5)
+    assert cached.losses == pytest.approx(direct.losses, abs=1e-5)
+    assert cached.best_epoch == direct.best_epoch
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("mixrun")

@@ -4,6 +4,10 @@ Learn M mixture logits ℓ (from 0) so that the mixed model θ(softmax(ℓ))'s p
 target images have confident in-batch nearest neighbours: minimise the k-NN entropy (k = 16, T = 0.07)
 by AdamW with a cosine learning rate.  As the authors' ``self_seasoning.py`` does, the coefficients kept
 are those at the end of the epoch with the lowest mean loss; the last epoch's are recorded beside them.
+
+Memory: the loss couples a batch only through its embeddings, so the gradient is computed by gradient
+caching (:mod:`adaptsoup.soup.grad_cache`), ``chunk_size`` images at a time: the activation memory is one
+chunk's whatever the batch (the paper's batch is 256), for one extra forward pass.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from adaptsoup.core.data import ImageSet, Preprocess
 from adaptsoup.core.progress import NullProgress
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.soup.checks import SoupError
+from adaptsoup.soup.grad_cache import ChunkedEmbedding, cached_embeddings
 from adaptsoup.soup.knn import KNN_K, KNN_TEMPERATURE, embedding_geometry, knn_entropy
 from adaptsoup.soup.registry import MixContext, MixResult, register
 from adaptsoup.soup.stacked import PreLogits, StackedIngredients, open_stack
@@ -40,6 +45,7 @@ class SelfSeasonOptions:
     center: bool = False  # subtract the batch mean of the embeddings first (not in the paper; see knn_entropy)
     seed: int = 0
     bf16: bool = False  # run the mixed model under bf16 autocast
+    chunk_size: int = 32  # images per forward pass with a graph (gradient caching); 0: the whole batch at once
 
 
 @dataclass
@@ -114,12 +120,20 @@ def self_season(model: nn.Module, stack: StackedIngredients, target: ImageSet, p
     for p in module.parameters():
         p.requires_grad_(False)
 
-    def embed(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """θ(softmax(ℓ))'s pre-logits embeddings of the target images ``idx`` (differentiable in ℓ)."""
-        params = {"model." + k: v for k, v in stack.mix(torch.softmax(logits, dim=0)).items()}
+    def mix_params(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """θ(softmax(ℓ)), keyed for ``module`` (differentiable in ℓ)."""
+        return {"model." + k: v for k, v in stack.mix(torch.softmax(logits, dim=0)).items()}
+
+    def embed_chunk(params: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+        """The pre-logits embeddings of the target images ``idx`` under ``params``."""
         x = pre.normalize(target.images[idx]).to(stack.device, non_blocking=True)
         with torch.autocast(stack.device.type, dtype=torch.bfloat16, enabled=options.bf16):
             return functional_call(module, params, (x,)).float()
+
+    how = ChunkedEmbedding(mix_params, embed_chunk, chunk=options.chunk_size or n)
+
+    def embed(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return cached_embeddings(logits, idx, how)
 
     def batch_loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return knn_entropy(embed(logits, idx), options.k, options.temperature, options.center)
