@@ -192,10 +192,16 @@ def normalise_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError("checkpoint holds no tensors")
+    return {new: tensors[old] for new, old in normalised_keys(list(tensors)).items()}
+
+
+def normalised_keys(keys: list[str]) -> dict[str, str]:
+    """``{normalised key: stored key}``: each of ``module.``, ``model.``, ``_orig_mod.`` (in turn) stripped when every key has it."""
+    names = {k: k for k in keys}
     for prefix in STRIP_PREFIXES:
-        if all(k.startswith(prefix) for k in tensors):
-            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
-    return tensors
+        if names and all(k.startswith(prefix) for k in names):
+            names = {k[len(prefix):]: old for k, old in names.items()}
+    return names
 
 
 def _is_tensor_dict(obj: dict) -> bool:

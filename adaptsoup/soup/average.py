@@ -7,52 +7,82 @@ equal weights.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
-from adaptsoup.core.checkpoint import CheckpointMeta, read_checkpoint
-from adaptsoup.soup.checks import SoupError, check_compatible, check_same_arch, normalise_weights, template
+from adaptsoup.core.checkpoint import CheckpointMeta
+from adaptsoup.core.tensor_files import TensorFile, open_tensors
+from adaptsoup.soup.checks import SoupError, check_compatible, check_same_arch, normalise_weights
 
 StateDict = dict[str, torch.Tensor]
 Weights = Sequence[float] | torch.Tensor
 
 
 def stream_weighted_average(paths: Sequence[str | os.PathLike], weights: Weights | None = None) -> tuple[StateDict, CheckpointMeta | None]:
-    """Σ_i w_i θ_i over checkpoint files, reading one file at a time (float64 accumulation).
+    """Σ_i w_i θ_i over checkpoint files, one tensor at a time (float64 accumulation).
 
     Returns the averaged state dict (in each tensor's original dtype) and the first ingredient's metadata.
+    Every file's header is checked (keys, shapes, architecture) before any tensor is read.  Then, tensor by
+    tensor, each ingredient's copy is read (:mod:`adaptsoup.core.tensor_files`: positioned reads, no memory
+    map) and added into a float64 sum that is cast back at once.  The sums are added in ingredient order,
+    so the result is bit for bit that of summing whole state dicts one file after the other.
 
-    Memory, in units of one float32 ingredient's state dict: the float64 sums are 2 units and the file
-    being read (memory-mapped, paged in as it is summed) 1 more, whatever the number of ingredients.
-    Measured: the peak RSS rose by 3.2 to 4.2 units over repeated runs (the extra unit, when it comes, is
-    freed temporaries the allocator keeps), against 5.25 to 5.5 when the first ingredient's whole state
-    dict was kept beside the sums and each tensor was copied to float64 before adding.  Command:
-    ``python -m adaptsoup_bench.soup_memory`` (4 ingredients of 100 MB each, one fresh process per
-    measurement, :class:`~adaptsoup.core.resources.PeakMemory`).
+    Memory, in units of one float32 ingredient: the result (1 unit) plus one tensor's float64 sum and read
+    buffer, whatever the number of ingredients.  Measured by ``python -m adaptsoup_bench.soup_memory``
+    (one fresh process per measurement, :class:`~adaptsoup.core.resources.PeakMemory`); the figures are in
+    benchmarks/README.md ("Memory of mixing").  Non-``.safetensors`` ingredients are read whole, one at a
+    time, and cost one more unit each while open.
     """
     if not paths:
         raise SoupError("no ingredients to mix")
     w = normalise_weights(weights if weights is not None else [1.0] * len(paths), len(paths))
-    names = [Path(p).name for p in paths]
-    metas: list[CheckpointMeta | None] = []
-    for i, path in enumerate(paths):
-        state, meta = read_checkpoint(path)
-        metas.append(meta)
-        if i == 0:
-            reference = template(state)
-            constants = {k: v.clone() for k, v in state.items() if not v.is_floating_point()}
-            sums = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in state.items() if v.is_floating_point()}
-        else:
-            check_compatible(reference, state, names[i], names[0])
-        check_same_arch(metas, names[: i + 1])
-        if float(w[i]) != 0.0:
-            for key, total in sums.items():
-                total.add_(state[key], alpha=float(w[i]))  # cast to float64 inside the kernel: no copy
-        del state  # freed before the next file is read
-    return _cast_back(sums, reference, constants), metas[0]
+    with contextlib.ExitStack() as files:
+        tensors = [files.enter_context(open_tensors(p)) for p in paths]
+        reference = _check_headers(tensors)
+        scratch = _Scratch()
+        out: StateDict = {}
+        for key, ref in reference.items():
+            if not ref.is_floating_point():
+                out[key] = tensors[0].read(key).clone()
+                continue
+            total = scratch.take(torch.float64, ref.shape).zero_()
+            for wi, source in zip(w.tolist(), tensors):
+                if wi != 0.0:
+                    read = scratch.take(source.templates[key].dtype, ref.shape, slot=1)
+                    source.read_into(key, read)
+                    wide = scratch.take(torch.float64, ref.shape, slot=2)
+                    wide.copy_(read)  # an explicit cast into a reused buffer: add_ would allocate a float64 temporary
+                    total.add_(wide, alpha=wi)
+            out[key] = total.to(ref.dtype)
+        return out, tensors[0].meta
+
+
+class _Scratch:
+    """Reusable buffers, grown to the largest tensor: one allocation instead of two per tensor, so freed
+    temporaries cannot pile up in the allocator (which is what made the peak vary by a unit)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.dtype, int], torch.Tensor] = {}
+
+    def take(self, dtype: torch.dtype, shape: torch.Size, slot: int = 0) -> torch.Tensor:
+        numel = math.prod(shape)
+        buffer = self.buffers.get((dtype, slot))
+        if buffer is None or buffer.numel() < numel:
+            self.buffers[(dtype, slot)] = buffer = torch.empty(max(numel, 1), dtype=dtype)
+        return buffer[:numel].view(shape)
+
+
+def _check_headers(tensors: Sequence[TensorFile]) -> dict[str, torch.Tensor]:
+    """The first ingredient's template, after checking every ingredient's keys, shapes and architecture against it."""
+    reference = tensors[0].templates
+    for i, other in enumerate(tensors[1:], start=1):
+        check_compatible(reference, other.templates, other.name, tensors[0].name)
+    check_same_arch([t.meta for t in tensors], [t.name for t in tensors])
+    return reference
 
 
 def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Weights | None = None) -> StateDict:
@@ -72,8 +102,3 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Weig
         else:
             out[key] = ref.clone()
     return out
-
-
-def _cast_back(sums: dict[str, torch.Tensor], reference: Mapping[str, torch.Tensor], constants: StateDict) -> StateDict:
-    """The state dict in ``reference``'s key order and dtypes; each float64 sum is freed once cast."""
-    return {k: (sums.pop(k).to(ref.dtype) if k in sums else constants[k]) for k, ref in reference.items()}

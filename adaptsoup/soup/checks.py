@@ -54,8 +54,3 @@ def check_same_arch(metas: Sequence[CheckpointMeta | None], names: Sequence[str]
     if len(archs) > 1:
         detail = ", ".join(f"{n}: {m.arch}" for n, m in zip(names, metas) if m is not None)
         raise SoupError(f"ingredients have different architectures ({detail})")
-
-
-def template(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keys, shapes and dtypes of ``state`` as data-less ``meta`` tensors (for :func:`check_compatible`)."""
-    return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}

@@ -7,18 +7,18 @@ the mixed model θ(α) = Σ_i α_i θ_i is one weighted sum per tensor, differen
 
 from __future__ import annotations
 
+import contextlib
 import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from adaptsoup.core.checkpoint import read_checkpoint
 from adaptsoup.core.data import ImageSet, Preprocess, eval_batches
 from adaptsoup.core.models import load_model
-from adaptsoup.soup.checks import SoupError, check_compatible, template
+from adaptsoup.core.tensor_files import TensorFile, open_tensors
+from adaptsoup.soup.checks import SoupError, check_compatible
 
 
 class PreLogits(nn.Module):
@@ -35,11 +35,12 @@ class PreLogits(nn.Module):
 class StackedIngredients:
     """The float tensors of M ingredients stacked once as ``[M, *shape]``; ``mix(α)`` gives Σ α_i θ_i.
 
-    Each ingredient file is copied into its slot of the preallocated stack and freed before the next is
-    read.  Memory, in units of one ingredient: the stack is M, the file being read 1 more.  Measured by
-    ``python -m adaptsoup_bench.soup_memory`` (4 float32 ingredients of 100 MB): loading raises the peak
-    RSS by 5.1 units (M + 1); it was 8.1 when the ingredients were gathered in lists and then stacked
-    (two copies of the stack, plus the first ingredient kept for the compatibility checks).
+    Every file's header is checked first; then each tensor of each ingredient is read straight into its
+    slot of the preallocated stack (:mod:`adaptsoup.core.tensor_files`: positioned reads, no memory map, no
+    intermediate copy when the dtypes agree).  Memory, in units of one ingredient: the stack's M units plus
+    one tensor.  Measured by ``python -m adaptsoup_bench.soup_memory`` (figures in benchmarks/README.md,
+    "Memory of mixing"); it was 8.1 units for 4 ingredients when they were gathered in lists and then
+    stacked, and 5.1 when each whole file was read before being copied into the stack.
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
@@ -49,24 +50,22 @@ class StackedIngredients:
         self.count = len(paths)
         self.stacked: dict[str, torch.Tensor] = {}
         self.constants: dict[str, torch.Tensor] = {}
-        for i, path in enumerate(paths):
-            state, _ = read_checkpoint(path)
-            if i == 0:
-                reference = template(state)
-                self._allocate(state, dtype)
-            else:
-                check_compatible(reference, state, Path(path).name, Path(paths[0]).name)
-            for key, slots in self.stacked.items():
-                slots[i].copy_(state[key])
-            del state  # freed before the next file is read
+        with contextlib.ExitStack() as files:
+            tensors = [files.enter_context(open_tensors(p)) for p in paths]
+            for other in tensors[1:]:
+                check_compatible(tensors[0].templates, other.templates, other.name, tensors[0].name)
+            self._allocate(tensors[0], dtype)
+            for i, source in enumerate(tensors):
+                for key, slots in self.stacked.items():
+                    source.read_into(key, slots[i])
 
-    def _allocate(self, first: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-        """Empty ``[M, *shape]`` stacks for the float tensors; the non-float ones copied from the first ingredient."""
-        for key, value in first.items():
+    def _allocate(self, first: TensorFile, dtype: torch.dtype) -> None:
+        """Empty ``[M, *shape]`` stacks for the float tensors; the non-float ones read from the first ingredient."""
+        for key, value in first.templates.items():
             if value.is_floating_point():
                 self.stacked[key] = torch.empty((self.count, *value.shape), dtype=dtype, device=self.device)
             else:
-                self.constants[key] = value.to(self.device, copy=True)
+                self.constants[key] = first.read(key).to(self.device, copy=True)
 
     def mix(self, alpha: torch.Tensor) -> dict[str, torch.Tensor]:
         """θ(α) = Σ_i α_i θ_i for every float tensor (differentiable in α); constants as they are."""
