@@ -108,7 +108,7 @@ def run_families(cfg: FamiliesConfig, *, command: str = "", progress=None, log: 
         t0 = time.perf_counter()
         run = run_adapt(AdaptConfig(model=str(data.stock), stock=data.decoder, source=data.source, target=str(data.target),
                                     out=str(work / "runs" / family), max_source_images=b.source_images, seed=b.seed,
-                                    device=b.device, bf16=b.bf16, inter=inter, finetune=ft),
+                                    device=b.device, precision="bf16" if b.bf16 else "fp32", inter=inter, finetune=ft),
                         progress=progress, echo=log, command=command)
         timings[f"adapt_{family}"] = time.perf_counter() - t0
         family_soups[family] = run.soup_path

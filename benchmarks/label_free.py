@@ -115,7 +115,7 @@ def run_label_free(stock: str, decoder: str | None, tasks: dict[str, Task | tupl
         inter = InterTrainConfig(ssl=["mae", "mmcr", "mocov3"], lrs=[cfg.lr], steps=[cfg.steps], batch_size=cfg.batch_size,
                                  mmcr=MMCRGrid(lambdas=list(cfg.mmcr_lambdas), views=cfg.mmcr_views), mocov3=MoCoV3Grid(temperatures=list(cfg.mocov3_temperatures)))
         run = run_adapt(AdaptConfig(model=stock, stock=decoder, target=train_dir, out=str(work_dir / "runs" / f"{name}-{tag}"), finetune_back=False,
-                                    max_target_images=cfg.max_train_images, seed=cfg.seed, bf16=cfg.bf16, device=cfg.device, inter=inter),
+                                    max_target_images=cfg.max_train_images, seed=cfg.seed, precision="bf16" if cfg.bf16 else "fp32", device=cfg.device, inter=inter),
                         progress=progress, echo=log, command=command)
         self_season = SelfSeasonOptions(epochs=cfg.self_season_epochs, subset=cfg.self_season_subset, k=cfg.k, seed=cfg.seed, bf16=cfg.bf16)
         options = {"self-season": self_season, "season": SeasonOptions(score="knn", k=cfg.k, seed=cfg.seed, samples=cfg.samples),

@@ -435,7 +435,7 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     out.mkdir(parents=True, exist_ok=True)
     pretrained = pretrained_path(cfg)
     common = dict(model=str(data.stock), source=data.source, stock=data.decoder, max_source_images=cfg.source_images,
-                  seed=cfg.seed, device=cfg.device, bf16=cfg.bf16, pretrained=str(pretrained) if pretrained else None)
+                  seed=cfg.seed, device=cfg.device, precision="bf16" if cfg.bf16 else "fp32", pretrained=str(pretrained) if pretrained else None)
     inter = InterTrainConfig(lrs=list(cfg.inter_lrs), steps=[cfg.inter_steps], batch_size=cfg.batch_size,
                              decoder_warmup_loaded=cfg.decoder_warmup_loaded)
     ft = FineTuneConfig(lrs=list(cfg.ft_lrs), steps=cfg.ft_steps, batch_size=cfg.batch_size)

@@ -219,7 +219,7 @@ def main() -> None:
         cfg = TrainConfig(
             steps=steps_for_epochs(args.mae_epochs, len(train_set), args.mae_batch), lr=args.mae_lr,
             batch_size=args.mae_batch, weight_decay=0.05, betas=(0.9, 0.95), warmup_frac=0.05, augment="crop-flip",
-            crop_scale=(0.35, 1.0), seed=args.seed, bf16=args.bf16, device=args.device, grad_clip=None,
+            crop_scale=(0.35, 1.0), seed=args.seed, precision="bf16" if args.bf16 else "fp32", device=args.device, grad_clip=None,
         )
         log(f"MAE pre-training: {cfg.steps} steps")
         res = train(mae, mae_loss, train_set, pre, cfg, state_path=work / "mae_state.pt", description="MAE",
@@ -251,7 +251,7 @@ def main() -> None:
         cfg = TrainConfig(
             steps=steps_for_epochs(args.ft_epochs, len(train_set), args.ft_batch), lr=args.ft_lr,
             batch_size=args.ft_batch, weight_decay=0.05, warmup_frac=0.05, augment="3a", crop_scale=(0.35, 1.0),
-            seed=args.seed + 1, bf16=args.bf16, device=args.device,
+            seed=args.seed + 1, precision="bf16" if args.bf16 else "fp32", device=args.device,
         )
         log(f"fine-tuning: {cfg.steps} steps")
         res = train(encoder, classification_loss(0.1), train_set, pre, cfg, state_path=work / "ft_state.pt",

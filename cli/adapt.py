@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from adaptsoup_cli.common import command_line, log_line, out, print_metrics
+from adaptsoup_cli.common import command_line, fail, log_line, out, print_metrics
 from adaptsoup_cli.common import parse_floats as _floats
 from adaptsoup_cli.common import parse_ints as _ints
 from adaptsoup_cli.mix import print_mixes
@@ -44,7 +44,8 @@ def adapt(
     max_target_images: Optional[int] = typer.Option(None, min=1, help="Use a seeded random subset of this many target images."),
     seed: Optional[int] = typer.Option(None, min=0, help="Seed of data subsets and decoder warm-up."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="Train under bf16 autocast."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Training precision: auto (default: each kind of training run times its own step in fp32, bf16 and bf16 with the MATH attention kernel and keeps the fastest), fp32 or bf16."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", hidden=True, help="Same as --precision bf16 / fp32."),
     tta_method: Optional[str] = typer.Option(None, "--tta", help="Stack test-time adaptation (sar or tent) over the target on the soup: the last --mix soup, else the uniform one."),
     tta_batch_size: Optional[int] = typer.Option(None, "--tta-batch-size", min=1, help="With --tta: images per adaptation step (default 64)."),
     tta_base_lr: Optional[float] = typer.Option(None, "--tta-base-lr", help="With --tta: learning rate per 64 images (default: SAR 1e-3, Tent 2.5e-4, their references)."),
@@ -65,7 +66,7 @@ def adapt(
         "model": _path(model), "target": _path(target), "source": _path(source), "out": _path(out_dir), "stock": _path(stock), "pretrained": _path(pretrained),
         "arch": arch, "evals": [str(e) for e in eval_dirs] if eval_dirs else None, "vanilla": vanilla,
         "max_source_images": max_source_images, "max_target_images": max_target_images, "seed": seed,
-        "device": device, "bf16": bf16, "finetune_back": finetune_back,
+        "device": device, "precision": _precision(precision, bf16), "finetune_back": finetune_back,
         "mix": list(mix_methods) if mix_methods else None, "mix_labeled": _path(mix_labeled),
         "tta": tta_method, "tta_batch_size": tta_batch_size, "tta_base_lr": tta_base_lr,
         "inter": {
@@ -101,3 +102,13 @@ def adapt(
 
 def _path(value: Optional[Path]) -> Optional[str]:
     return str(value) if value is not None else None
+
+
+def _precision(precision: Optional[str], bf16: Optional[bool]) -> Optional[str]:
+    """--precision, or its older spelling --bf16/--fp32; both at once only when they agree."""
+    if precision is not None and precision not in ("auto", "fp32", "bf16"):
+        fail(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+    legacy = None if bf16 is None else ("bf16" if bf16 else "fp32")
+    if precision is not None and legacy is not None and precision != legacy:
+        fail(f"--precision {precision} contradicts --{legacy}")
+    return precision or legacy

@@ -61,6 +61,12 @@ def test_adapt_writes_a_complete_run(setup):
         assert record["status"] == "done" and (run / record["path"]).is_file()
         assert record["train"]["config"]["steps"] == 3
     assert set(manifest["timings_s"]) >= {"load_data", "inter_train", "fine_tune", "soup", "evaluate"}
+    # precision auto (the default): one probe per kind of training run (decoder warm-up, MAE, fine-tuning), kept in the
+    # manifest; every run says which precision it used, and the runs of one kind all used the probe's choice
+    probes = manifest["precision_probes"]
+    assert len(probes) == 3 and set(probes.values()) <= {"fp32", "bf16", "bf16+math-attention"}
+    trained = [r["train"]["precision"] for r in [*manifest["inter"].values(), *manifest["ingredients"].values()]]
+    assert all(p["requested"] == "auto" and p["precision"] in probes.values() for p in trained)
     scores = manifest["metrics"]["eval"]
     assert set(scores) >= {"deployed", "soup", "supervised_soup", *names}
     assert all(0.0 <= v <= 100.0 for v in scores.values())

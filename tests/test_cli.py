@@ -312,6 +312,29 @@ def test_adapt_refuses_non_positive_sizes(capsys, tmp_path, checkpoint, image_fo
     assert not (tmp_path / "run").exists()
 
 
+# Issue #16: --precision auto|fp32|bf16 (and the older --bf16/--fp32, when they agree).
+@pytest.mark.parametrize("flags, fragment", [
+    (["--precision", "fp16"], "--precision must be auto, fp32 or bf16"),
+    (["--precision", "bf16", "--fp32"], "--precision bf16 contradicts --fp32"),
+])
+def test_adapt_refuses_a_bad_precision(capsys, tmp_path, checkpoint, image_folder, flags, fragment):
+    code, _, err = run_cli(capsys, "adapt", "--model", checkpoint, "--target", image_folder, "--source", image_folder,
+                           "--out", tmp_path / "run", "--no-progress", *flags)
+    assert code == 2
+    assert_one_line_error(err, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_with_the_older_bf16_key_still_reads():
+    from adaptsoup.pipeline.recipe import AdaptConfig
+
+    assert AdaptConfig.from_dict({"bf16": True}).precision == "bf16"
+    assert AdaptConfig.from_dict({"bf16": False}).precision == "fp32"
+    assert AdaptConfig.from_dict({}).precision == "auto"
+    with pytest.raises(Exception, match="contradicts"):
+        AdaptConfig.from_dict({"bf16": True, "precision": "fp32"})
+
+
 def test_tta_refuses_batch_size_zero(capsys, tmp_path, checkpoint, image_folder):
     code, _, err = run_cli(capsys, "tta", "--model", checkpoint, "--target", image_folder, "--out", tmp_path / "t", "--batch-size", "0")
     assert code == 2

@@ -31,7 +31,7 @@ class Crash(Exception):
 
 def _config(root: Path, out: str) -> AdaptConfig:
     return AdaptConfig(model=str(root / "stock.safetensors"), target=str(root / "target"), source=str(root / "source"), out=str(root / out),
-                       checkpoint_every_s=0.0, inter=InterTrainConfig(lrs=[1e-3], steps=[3], batch_size=8, decoder_warmup_steps=1),
+                       checkpoint_every_s=0.0, precision="fp32", inter=InterTrainConfig(lrs=[1e-3], steps=[3], batch_size=8, decoder_warmup_steps=1),
                        finetune=FineTuneConfig(lrs=[1e-3], steps=3, batch_size=7, probe_weight_decay=0.1))  # 7: uneven slices; a well-posed probe
 
 

@@ -23,7 +23,7 @@ class Crash(Exception):
 
 def _config(root, out: str) -> AdaptConfig:
     return AdaptConfig(model=str(root / "stock.safetensors"), target=str(root / "target"), source=str(root / "source"), out=str(root / out),
-                       evals=[str(root / "eval")], vanilla=1, checkpoint_every_s=0.0,
+                       evals=[str(root / "eval")], vanilla=1, checkpoint_every_s=0.0, precision="fp32",
                        inter=InterTrainConfig(lrs=[1e-3, 2e-3], steps=[2], batch_size=8, decoder_warmup_steps=1),
                        finetune=FineTuneConfig(lrs=[1e-3], steps=3, batch_size=8))
 
@@ -138,7 +138,7 @@ def test_a_shard_killed_with_sigkill_mid_fine_tuning_resumes_to_the_one_process_
     build_adapt_inputs(tmp_path, per_class=4, target=10)
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(f'model = "{tmp_path / "stock.safetensors"}"\ntarget = "{tmp_path / "target"}"\nsource = "{tmp_path / "source"}"\n'
-                      "vanilla = 1\ncheckpoint_every_s = 0.0\n[inter]\nlrs = [1e-3, 2e-3]\nsteps = [2]\nbatch_size = 8\n"
+                      "vanilla = 1\ncheckpoint_every_s = 0.0\nprecision = \"fp32\"\n[inter]\nlrs = [1e-3, 2e-3]\nsteps = [2]\nbatch_size = 8\n"
                       "decoder_warmup_steps = 1\n[finetune]\nlrs = [1e-3]\nsteps = 30\nbatch_size = 8\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -96,7 +96,7 @@ def test_every_ssl_algorithm_trains_under_bf16_autocast(tmp_path):
     """The benchmarks run with --bf16: every inter-training loss and the fine-tuning must stay finite there."""
     stock = build_adapt_inputs(tmp_path, target=16)
     cfg = AdaptConfig(model=str(stock), target=str(tmp_path / "target"), source=str(tmp_path / "source"), out=str(tmp_path / "run"),
-                      checkpoint_every_s=1e9, bf16=True,
+                      checkpoint_every_s=1e9, precision="bf16",
                       inter=InterTrainConfig(ssl=["mae", "mocov3", "mmcr"], lrs=[1e-3], steps=[3], batch_size=8, decoder_warmup_steps=1,
                                              head_warmup_frac=0.5, mmcr=MMCRGrid(lambdas=[0.1], views=2)),
                       finetune=FineTuneConfig(lrs=[1e-3], steps=2, batch_size=8))

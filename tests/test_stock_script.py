@@ -55,7 +55,7 @@ def test_fine_tuning_state_round_trips_through_the_committable_files(stock_scrip
     elsewhere.mkdir()
     assert stock_script.restore_wip_ft_state(elsewhere, _args())
     model2, optimizer2 = _model_and_optimizer()
-    step, losses, wall = load_train_state(elsewhere / "ft_state.pt", model2, optimizer2)
+    step, losses, wall, _ = load_train_state(elsewhere / "ft_state.pt", model2, optimizer2)
     assert (step, losses, wall) == (7, [1.0, 0.5], 123.0)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
     s1, s2 = optimizer.state_dict(), optimizer2.state_dict()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import MutableMapping
 import os
 import sys
 import time
@@ -94,6 +95,11 @@ class RunContext:
         """Seconds since this invocation opened the run."""
         return time.perf_counter() - self.started
 
+    @property
+    def precision_memo(self) -> "PrecisionMemo":
+        """What ``precision = auto`` chose for each kind of training run, kept in the manifest (see ``train``)."""
+        return PrecisionMemo(self.manifest, self.log)
+
     def reload_manifest(self) -> None:
         """Read the manifest again after a library call that wrote it itself (``mix_run``)."""
         self.manifest = open_manifest(self.run_dir, self.world, self.shard)
@@ -106,6 +112,34 @@ class RunContext:
         """Parameter noise of ``multiplier`` x the stock's per-tensor std, seeded by ``name`` (nothing at 0)."""
         if multiplier:
             model.load_state_dict(add_parameter_noise(model.state_dict(), multiplier, self._noise_stds, name_seed(name, self.cfg.seed)))
+
+
+class PrecisionMemo(MutableMapping):
+    """The manifest's ``precision_probes`` section as a mapping; each new entry is saved at once and logged."""
+
+    def __init__(self, manifest: Manifest, log: Callable[[str], None]) -> None:
+        self.manifest = manifest
+        self.log = log
+
+    def _section(self) -> dict[str, str]:
+        return self.manifest.data.setdefault("precision_probes", {})
+
+    def __getitem__(self, key: str) -> str:
+        return self._section()[key]
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self.manifest.update("precision_probes", key, value)
+        self.log(f"precision auto: {value} for {key} (the fastest train step measured here; its timings are in the manifest)")
+
+    def __delitem__(self, key: str) -> None:
+        del self._section()[key]
+        self.manifest.save()
+
+    def __iter__(self):
+        return iter(dict(self._section()))
+
+    def __len__(self) -> int:
+        return len(self._section())
 
 
 def open_manifest(run_dir: RunDir, world: World, shard: Shard | None) -> Manifest:

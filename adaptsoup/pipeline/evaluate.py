@@ -20,6 +20,6 @@ def evaluate(ctx: RunContext, plan: Plan) -> dict[str, dict[str, float]]:
             candidates = {DEPLOYED: Path(cfg.model), **{ing.name: ctx.run_dir.ingredient(ing.name) for ing in plan.ingredients}}
             candidates.update({name: ctx.run_dir.soup(name) for name in (SOUP, SUPERVISED_SOUP) if name in ctx.manifest.data["soups"]})
             metrics = evaluate_checkpoints(candidates, ctx.inputs.evals, ctx.inputs.preprocess, arches={DEPLOYED: cfg.arch},
-                                           device=cfg.device, bf16=cfg.bf16, progress=ctx.progress, known=metrics)
+                                           device=cfg.device, bf16=cfg.precision == "bf16", progress=ctx.progress, known=metrics)
             ctx.manifest.data["metrics"] = metrics
     return metrics

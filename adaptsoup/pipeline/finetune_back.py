@@ -80,11 +80,11 @@ def finetune_one(ctx: RunContext, ing: Ingredient) -> None:
     tcfg = TrainConfig(
         steps=ft.steps or steps_for_epochs(ft.epochs, len(source), ft.batch_size), lr=ing.finetune.lr, batch_size=ft.batch_size,
         weight_decay=ft.weight_decay, warmup_frac=ft.warmup_frac, augment=ft.augment, seed=_finetune_seed(ing),
-        bf16=cfg.bf16, device=cfg.device, checkpoint_every_s=cfg.checkpoint_every_s,
+        precision=cfg.precision, device=cfg.device, checkpoint_every_s=cfg.checkpoint_every_s,
     )
     parent = probe_parent(cfg, ing.inter)
     ctx.log(f"fine-tune {ing.name}: LP-FT on source, lr {ing.finetune.lr:g}, {tcfg.steps} steps")
-    probe_cfg = LinearProbeConfig(weight_decay=ft.probe_weight_decay, device=cfg.device, bf16=cfg.bf16)
+    probe_cfg = LinearProbeConfig(weight_decay=ft.probe_weight_decay, device=cfg.device, bf16=cfg.precision == "bf16")
     on_probe = lambda p: ctx.log(f"linear probe on {parent}: train accuracy {p['train_acc']:.1f}% ({p['wall_s']:.0f}s)")  # noqa: E731
     if ctx.world.distributed:  # rank 0 fits (or finds) the probe; the others read its cached head
         with main_then_barrier() as main:
@@ -96,6 +96,7 @@ def finetune_one(ctx: RunContext, ing: Ingredient) -> None:
         model, source, ctx.inputs.preprocess, probe_cfg, tcfg,
         label_smoothing=ft.label_smoothing, probe_cache=ctx.run_dir.probe(parent), state_path=ctx.run_dir.state(ing.name),
         progress=ctx.progress, description=f"fine-tune {ing.name}", on_step=ctx.step_hook(ing.name), on_probe=on_probe,
+        precision_memo=ctx.precision_memo,
     )
     model.cpu()
     if noise_stage == "before_mix" and ing.inter is not None:

@@ -69,14 +69,15 @@ def inter_train_one(ctx: RunContext, run: InterRun, data: ImageSet, decoder_stat
     objective = _objective(ctx, run, encoder, data, decoder_state)
     tcfg = TrainConfig(
         steps=run.steps, lr=run.lr, batch_size=run.batch_size or cfg.inter.batch_size, weight_decay=cfg.inter.weight_decay,
-        warmup_frac=cfg.inter.warmup_frac, augment=objective.augment, seed=run.seed, bf16=cfg.bf16, device=cfg.device,
+        warmup_frac=cfg.inter.warmup_frac, augment=objective.augment, seed=run.seed, precision=cfg.precision, device=cfg.device,
         checkpoint_every_s=cfg.checkpoint_every_s, views=objective.views,
     )
     where = f"source partition {run.partition}" if run.partition is not None else cfg.inter.data
     ctx.log(f"inter-train {run.name}: {objective.description} on {where} ({len(data)} images), lr {run.lr:g}, {run.steps} steps"
             + (f", noise x{run.noise:g} {cfg.inter.noise_stage}" if run.noise else ""))
     result = train(objective.module, objective.loss_fn, data, ctx.inputs.preprocess, tcfg, state_path=ctx.run_dir.state(run.name),
-                   progress=ctx.progress, description=f"inter-train {run.name}", on_step=ctx.step_hook(run.name))
+                   progress=ctx.progress, description=f"inter-train {run.name}", on_step=ctx.step_hook(run.name),
+                   precision_memo=ctx.precision_memo)
     encoder = objective.module.encoder.cpu()
     out = ctx.run_dir.inter(run.name)
     meta = model_meta(encoder, made_by="adaptsoup adapt", stage="inter-train", ssl=run.ssl, parents=[str(start.path)], run=dataclasses.asdict(run))

@@ -110,7 +110,10 @@ class AdaptConfig:
     max_target_images: int = 0
     seed: int = 0
     device: str = "cpu"
-    bf16: bool = False
+    # Training precision: auto (each kind of training run times its own step in fp32, bf16 and bf16 with the
+    # MATH attention kernel, and keeps the fastest; bf16 on CUDA where supported), fp32 or bf16.  Evaluation,
+    # linear probes and mixing run in bf16 only when bf16 is asked for.  adaptsoup.train.precision
+    precision: str = "auto"
     checkpoint_every_s: float = 120.0
     finetune_back: bool = True  # False: the inter-trained encoders are the ingredients (label-free soups)
     # Without fine-tuning back under the pretrained protocol, each ingredient is the deployed model plus this
@@ -126,6 +129,14 @@ class AdaptConfig:
     def from_dict(cls, raw: Any) -> "AdaptConfig":
         """A typed recipe from a dict (a recipe file, flags, a manifest): every value is checked against its
         field's type, with the key's path in the message (``inter.lrs[0]: expected a number, got 'x'``)."""
+        if isinstance(raw, dict) and "bf16" in raw:  # the older spelling of precision (recipes and manifests before 0.2)
+            raw = dict(raw)
+            legacy = raw.pop("bf16")
+            if not isinstance(legacy, bool):
+                raise AdaptsoupError(f"bf16: expected true or false, got {_shown(legacy)}")
+            if raw.get("precision") not in (None, "bf16" if legacy else "fp32"):
+                raise AdaptsoupError(f"bf16 = {str(legacy).lower()} contradicts precision = {raw['precision']!r}")
+            raw["precision"] = "bf16" if legacy else "fp32"
         return _build(cls, raw, "")
 
 
@@ -341,6 +352,8 @@ def validate(cfg: AdaptConfig) -> None:
             raise AdaptsoupError(f"unknown augmentation {aug!r}; choose one of {', '.join(AUGMENTATIONS)}")
     if cfg.vanilla < 0:
         raise AdaptsoupError("--vanilla must be >= 0")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise AdaptsoupError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
     if not isinstance(cfg.task_vector_scale, (int, float)) or isinstance(cfg.task_vector_scale, bool) or not cfg.task_vector_scale > 0:
         raise AdaptsoupError(f"task_vector_scale must be a number > 0, got {cfg.task_vector_scale!r}")
     if cfg.pretrained:

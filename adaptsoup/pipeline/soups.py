@@ -48,7 +48,7 @@ def mixed_soups(ctx: RunContext) -> dict:
         return {}
     ctx.manifest.save()  # mix_run reads and writes the manifest itself
     request = MixRequest(run_dir=ctx.run_dir.root, methods=list(cfg.mix), labeled=cfg.mix_labeled,
-                         options={m: mixing_methods.get(m).options_from({"bf16": cfg.bf16}) for m in dict.fromkeys(cfg.mix)},
+                         options={m: mixing_methods.get(m).options_from({"bf16": cfg.precision == "bf16"}) for m in dict.fromkeys(cfg.mix)},
                          device=cfg.device)
     mixes = mix_run(request, progress=ctx.progress, log=ctx.log)
     ctx.reload_manifest()

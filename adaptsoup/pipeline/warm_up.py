@@ -55,12 +55,12 @@ def prepare_decoder(ctx: RunContext, mae: MaskedAutoencoder, run: InterRun, deco
                 + ("the stock's decoder as it is" if loaded else "a random decoder"))
         return
     tcfg = TrainConfig(steps=inter.decoder_warmup_steps, lr=inter.decoder_warmup_lr, batch_size=inter.batch_size, weight_decay=inter.weight_decay,
-                       warmup_frac=0.1, augment=inter.augment, seed=ctx.cfg.seed, bf16=ctx.cfg.bf16, device=ctx.cfg.device,
+                       warmup_frac=0.1, augment=inter.augment, seed=ctx.cfg.seed, precision=ctx.cfg.precision, device=ctx.cfg.device,
                        checkpoint_every_s=ctx.cfg.checkpoint_every_s)
     ctx.log(f"decoder warm-up ({'from the stock decoder' if loaded else 'fresh decoder'}): {tcfg.steps} steps, lr {tcfg.lr:g}, encoder frozen")
     with frozen(mae.encoder):
         train(mae, mae_loss, data, ctx.inputs.preprocess, tcfg, state_path=ctx.run_dir.state(ctx.state_name(warm.stem)),
-              progress=ctx.progress, description="decoder warm-up")
+              progress=ctx.progress, description="decoder warm-up", precision_memo=ctx.precision_memo)
     if ctx.world.is_main:  # every shard that needs it warms it up alike; the file is written atomically
         save_checkpoint(warm, mae.decoder_state_dict(), None)
     ctx.written(warm.stem)
@@ -89,12 +89,12 @@ def warm_up_heads(ctx: RunContext, module: nn.Module, run: InterRun, views: int,
         module.load_state_dict({**module.state_dict(), **read_checkpoint(warm)[0]})
         return
     tcfg = TrainConfig(steps=steps, lr=run.lr, batch_size=run.batch_size or inter.batch_size, weight_decay=inter.weight_decay,
-                       warmup_frac=0.0, augment=inter.contrastive_augment, seed=run.seed + 7, bf16=ctx.cfg.bf16, device=ctx.cfg.device,
+                       warmup_frac=0.0, augment=inter.contrastive_augment, seed=run.seed + 7, precision=ctx.cfg.precision, device=ctx.cfg.device,
                        checkpoint_every_s=ctx.cfg.checkpoint_every_s, views=views)
     ctx.log(f"{run.name}: head warm-up, {steps} steps with the encoder frozen")
     with frozen(module.encoder):
         train(module, multiview_loss, data, ctx.inputs.preprocess, tcfg, state_path=ctx.run_dir.state(warm.stem), progress=ctx.progress,
-              description="head warm-up")
+              description="head warm-up", precision_memo=ctx.precision_memo)
     if ctx.world.is_main:
         save_checkpoint(warm, {k: v for k, v in module.state_dict().items() if not k.startswith("encoder.")}, None)
     ctx.written(warm.stem)

@@ -18,7 +18,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, MutableMapping
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from adaptsoup.core.progress import NullProgress
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.train.losses import LossFn
 from adaptsoup.train.optim import make_optimizer, make_scheduler
+from adaptsoup.train.precision import FP32, Precision, PrecisionChoice, resolve_precision
 
 
 @dataclass
@@ -47,7 +48,7 @@ class TrainConfig:
     augment: str = "3a"
     crop_scale: tuple[float, float] = (0.35, 1.0)
     seed: int = 0
-    bf16: bool = False
+    precision: str = "fp32"  # auto (the fastest, probed on this machine), fp32 or bf16 (autocast): adaptsoup.train.precision
     device: str = "cpu"
     checkpoint_every_s: float = 120.0
     views: int = 1  # > 1: each batch is augmented this many times, stacked as [views, B, C, H, W]
@@ -63,12 +64,13 @@ class TrainResult:
     wall_s: float = 0.0
     images_per_s: float = 0.0
     resumed_from: int = 0
+    precision: dict = field(default_factory=dict)  # PrecisionChoice.record(): what ran, what was asked, the probe
 
     def record(self, cfg: TrainConfig) -> dict:
         """The manifest's record of this run: its config, time, throughput and losses."""
         return {"config": cfg.to_dict(), "wall_s": round(self.wall_s, 2), "images_per_s": round(self.images_per_s, 1),
                 "final_loss": self.losses[-1] if self.losses else None, "losses": [round(x, 5) for x in self.losses],
-                "resumed_from_step": self.resumed_from}
+                "resumed_from_step": self.resumed_from, "precision": self.precision}
 
 
 def train(
@@ -82,11 +84,14 @@ def train(
     progress=None,
     description: str = "train",
     on_step: Callable[[int, float], None] | None = None,
+    precision_memo: MutableMapping[str, str] | None = None,
 ) -> TrainResult:
     """Run ``cfg.steps`` optimizer steps of ``loss_fn`` on augmented batches of ``data``.
 
     If ``state_path`` exists the run resumes from it; the state is written there (atomically) every
-    ``cfg.checkpoint_every_s`` seconds and removed when the run completes.
+    ``cfg.checkpoint_every_s`` seconds and removed when the run completes.  ``precision_memo`` keeps the
+    precision ``auto`` chose for each kind of run (a run's manifest keeps it, so that every run of a grid
+    and every later resume of it use the choice of the first probe).
     """
     progress = progress or NullProgress()
     world = distributed.world()
@@ -96,15 +101,17 @@ def train(
     scheduler = make_scheduler(optimizer, cfg.steps, cfg.lr, cfg.warmup_frac, cfg.min_lr_ratio)
     transform = make_train_transform(preprocess, cfg.augment, cfg.crop_scale)
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    start_step, losses, wall_before = 0, [], 0.0
+    torch.manual_seed(cfg.seed), random.seed(cfg.seed)
+    start_step, losses, wall_before, resumed_precision = 0, [], 0.0, None
     state_path = Path(state_path) if state_path else None
     if state_path is not None and state_path.is_file():
-        start_step, losses, wall_before = load_train_state(state_path, module, optimizer)
+        start_step, losses, wall_before, resumed_precision = load_train_state(state_path, module, optimizer)
     result = TrainResult(steps=cfg.steps, losses=losses, resumed_from=start_step)
     if start_step >= cfg.steps:
         return result
+    choice = _choose_precision(module, loss_fn, data, preprocess, transform, cfg, device, world, resumed_precision,
+                               {} if precision_memo is None else precision_memo)
+    result.precision = choice.record()
 
     net = _data_parallel(module, cfg, world, device)
     task = progress.add_task(description, total=cfg.steps, completed=start_step)
@@ -121,7 +128,7 @@ def train(
         x, y, share = _rank_batch(data, idx, preprocess, transform, cfg.views, device, world)
         _set_batch_share(module, share if world.distributed else None)
         try:
-            loss = _optimizer_step(net, loss_fn, x, y, optimizer, cfg, device, share)
+            loss = _optimizer_step(net, loss_fn, x, y, optimizer, cfg, device, share, choice.precision)
         except FloatingPointError as exc:
             raise FloatingPointError(f"{description}: {exc} (step {step})") from None
         seen += len(idx)
@@ -135,18 +142,62 @@ def train(
         progress.update(task, advance=1, info=f"loss {losses[-1] if losses else loss:.4f}  {seen / max(elapsed, 1e-9):.0f} img/s")
         if (world.is_main and state_path is not None and time.monotonic() - last_save > cfg.checkpoint_every_s
                 and step + 1 < cfg.steps):
-            save_train_state(state_path, step + 1, module, optimizer, losses, wall_before + time.perf_counter() - t0)
+            save_train_state(state_path, step + 1, module, optimizer, losses, wall_before + time.perf_counter() - t0,
+                             choice.precision.label)
             last_save = time.monotonic()
     _set_batch_share(module, None)
     elapsed = time.perf_counter() - t0
-    result.images_per_s = seen / max(elapsed, 1e-9)
-    result.wall_s = wall_before + elapsed  # over all sittings of a resumed run
-    result.losses = losses
+    result.images_per_s, result.wall_s, result.losses = seen / max(elapsed, 1e-9), wall_before + elapsed, losses  # wall: all sittings
     progress.remove_task(task)
     module.eval()
     if world.is_main and state_path is not None and state_path.exists():
         state_path.unlink()
     return result
+
+
+_PROBED: dict[str, PrecisionChoice] = {}  # one probe per kind of run and process (a grid trains many alike)
+
+
+def _choose_precision(module: nn.Module, loss_fn: LossFn, data: ImageSet, preprocess: Preprocess, transform, cfg: TrainConfig,
+                      device: torch.device, world: distributed.World, resumed: str | None, memo: MutableMapping[str, str]) -> PrecisionChoice:
+    """The run's precision: the one it started with when resuming; for ``auto`` the one recorded in ``memo``
+    for this kind of run, else a probe of this run's own step on its first batch (model, gradients and RNG
+    left as found; once per process and kind); else :func:`resolve_precision`."""
+    if resumed is not None:
+        return PrecisionChoice(Precision.from_label(resumed), cfg.precision, "kept from the run being resumed")
+    if cfg.precision != "auto" or device.type != "cpu":
+        return resolve_precision(cfg.precision, device.type, None)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    key = (f"{type(module).__name__}/{sum(p.numel() for p in module.parameters())} params, {trainable} trained/batch {cfg.batch_size}"
+           f"/views {cfg.views}/{getattr(loss_fn, '__qualname__', type(loss_fn).__name__)}")
+    if key in memo:
+        return PrecisionChoice(Precision.from_label(memo[key]), cfg.precision, "as the first probe of this run chose")
+    if world.distributed:
+        return PrecisionChoice(FP32, cfg.precision, "not probed under torchrun (every rank must use the same precision)")
+    if key not in _PROBED:
+        _PROBED[key] = _probe(module, loss_fn, data, preprocess, transform, cfg, device)
+    memo[key] = _PROBED[key].precision.label
+    return _PROBED[key]
+
+
+def _probe(module: nn.Module, loss_fn: LossFn, data: ImageSet, preprocess: Preprocess, transform, cfg: TrainConfig,
+           device: torch.device) -> PrecisionChoice:
+    rng_torch, rng_python = torch.get_rng_state(), random.getstate()
+    x, y = _batch(data, next(batch_indices(len(data), cfg.batch_size, cfg.seed, 0)), preprocess, transform, cfg.views, device)
+    module.train()
+
+    def step(precision: Precision) -> None:
+        with precision.context(device.type):
+            loss = loss_fn(module, x, y)
+        loss.backward()
+        module.zero_grad(set_to_none=True)
+
+    try:
+        return resolve_precision("auto", device.type, step)
+    finally:
+        module.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng_torch)
+        random.setstate(rng_python)
 
 
 def _data_parallel(module: nn.Module, cfg: TrainConfig, world: distributed.World, device: torch.device) -> nn.Module:
@@ -197,11 +248,11 @@ def _batch(data: ImageSet, idx: torch.Tensor, preprocess: Preprocess, transform,
 
 
 def _optimizer_step(module: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor | None, optimizer: torch.optim.Optimizer,
-                    cfg: TrainConfig, device: torch.device, share: tuple[int, int, int]) -> float:
-    """One step: loss (under bf16 autocast if asked), backward, gradient clipping, update; returns the
-    global batch's loss.  A rank's loss is weighted by its share of the batch, so the gradients that
-    DistributedDataParallel averages are the global batch's."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    cfg: TrainConfig, device: torch.device, share: tuple[int, int, int], precision: Precision) -> float:
+    """One step: loss (in ``precision``: bf16 autocast, attention kernel), backward, gradient clipping, update;
+    returns the global batch's loss.  A rank's loss is weighted by its share of the batch, so the gradients
+    that DistributedDataParallel averages are the global batch's."""
+    with precision.context(device.type):
         loss = loss_fn(module, x, y)
     start, stop, total = share
     world_size = distributed.world().size
@@ -232,8 +283,9 @@ def _global_loss(weighted: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 def save_train_state(path: Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, losses: list[float],
-                     wall_s: float) -> None:
+                     wall_s: float, precision: str = "fp32") -> None:
     state = {
+        "precision": precision,
         "wall_s": wall_s,
         "step": step,
         "module": module.state_dict(),
@@ -246,15 +298,16 @@ def save_train_state(path: Path, step: int, module: nn.Module, optimizer: torch.
         torch.save(state, tmp)
 
 
-def load_train_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[float], float]:
-    """Restore ``module``, ``optimizer`` and the RNG states; returns (next step, losses so far, wall time so far)."""
+def load_train_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[float], float, str | None]:
+    """Restore ``module``, ``optimizer`` and the RNG states; returns (next step, losses so far, wall time so far,
+    the precision label the run started with — None in a file from before precisions were recorded)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     module.load_state_dict(state["module"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_torch"])
     version, internal, gauss = state["rng_python"]
     random.setstate((version, tuple(internal), gauss))
-    return int(state["step"]), list(state["losses"]), float(state.get("wall_s", 0.0))
+    return int(state["step"]), list(state["losses"]), float(state.get("wall_s", 0.0)), state.get("precision")
 
 
 def _python_rng_state():

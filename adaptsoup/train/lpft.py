@@ -10,7 +10,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, MutableMapping
 
 import torch
 from torch import nn
@@ -82,12 +82,13 @@ def cached_linear_probe(model: nn.Module, data: ImageSet, preprocess: Preprocess
 def linear_probe_then_finetune(model: nn.Module, data: ImageSet, preprocess: Preprocess, probe: LinearProbeConfig, finetune: TrainConfig,
                                *, label_smoothing: float, probe_cache: Path, state_path: Path, progress=None, description: str = "fine-tune",
                                on_step: Callable[[int, float], None] | None = None,
-                               on_probe: Callable[[dict], None] | None = None) -> tuple[dict, TrainResult]:
+                               on_probe: Callable[[dict], None] | None = None,
+                               precision_memo: MutableMapping[str, str] | None = None) -> tuple[dict, TrainResult]:
     """LP-FT on labeled ``data``: the cached linear probe sets the head, then every parameter is fine-tuned
     (resumable from ``state_path``).  ``on_probe(record)`` is told about a probe fitted by this call."""
     record, fitted = cached_linear_probe(model, data, preprocess, probe, probe_cache)
     if fitted and on_probe is not None:
         on_probe(record)
     result = train(model, classification_loss(label_smoothing), data, preprocess, finetune, state_path=state_path,
-                   progress=progress, description=description, on_step=on_step)
+                   progress=progress, description=description, on_step=on_step, precision_memo=precision_memo)
     return record, result
