@@ -81,3 +81,17 @@ def test_a_resumed_run_keeps_the_precision_it_started_with(tmp_path):
     resumed = train(tiny_model(), classification_loss(0.0), _data(), Preprocess.for_model(model),
                     TrainConfig(**{**cfg.to_dict(), "precision": "auto"}), state_path=state)
     assert resumed.precision["precision"] == "bf16" and "resumed" in resumed.precision["reason"]
+
+
+def test_the_precision_benchmark_reports_the_probe_beside_the_measured_speeds(tmp_path):
+    import json
+
+    from adaptsoup_bench.precision_speed import main
+
+    main(["--configs", "pico32", "--rounds", "1", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "precision_speed.json").read_text())
+    assert [r["stage"] for r in result["rows"]] == ["MAE inter-training", "fine-tuning"]
+    for row in result["rows"]:
+        assert set(row["images_per_s"]) == {"fp32", "bf16", "bf16+math-attention"}
+        assert row["auto_chose"] in row["images_per_s"] and 0 < row["auto_choice_speed_vs_fastest"] <= 1
+    assert "auto chose" in (tmp_path / "precision_speed.md").read_text() and result["environment"]["cpu"]

@@ -30,7 +30,7 @@ from adaptsoup.core.progress import NullProgress
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.train.losses import LossFn
 from adaptsoup.train.optim import make_optimizer, make_scheduler
-from adaptsoup.train.precision import FP32, Precision, PrecisionChoice, resolve_precision
+from adaptsoup.train.precision import FP32, Precision, PrecisionChoice, resolve_precision, train_step_probe
 
 
 @dataclass
@@ -185,15 +185,8 @@ def _probe(module: nn.Module, loss_fn: LossFn, data: ImageSet, preprocess: Prepr
     rng_torch, rng_python = torch.get_rng_state(), random.getstate()
     x, y = _batch(data, next(batch_indices(len(data), cfg.batch_size, cfg.seed, 0)), preprocess, transform, cfg.views, device)
     module.train()
-
-    def step(precision: Precision) -> None:
-        with precision.context(device.type):
-            loss = loss_fn(module, x, y)
-        loss.backward()
-        module.zero_grad(set_to_none=True)
-
     try:
-        return resolve_precision("auto", device.type, step)
+        return resolve_precision("auto", device.type, train_step_probe(module, loss_fn, x, y, device.type))
     finally:
         module.zero_grad(set_to_none=True)
         torch.set_rng_state(rng_torch)

@@ -76,6 +76,21 @@ def fastest(seconds_per_step: dict[str, float]) -> str:
     return min(seconds_per_step, key=lambda label: seconds_per_step[label])
 
 
+def train_step_probe(module: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor | None,
+                     device_type: str) -> Callable[[Precision], None]:
+    """``step(precision)``: forward and backward of ``loss_fn(module, x, y)`` in that precision, gradients
+    then cleared (no optimizer step: the module is left as it was; the optimizer's update costs the same
+    in every precision)."""
+
+    def step(precision: Precision) -> None:
+        with precision.context(device_type):
+            loss = loss_fn(module, x, y)
+        loss.backward()
+        module.zero_grad(set_to_none=True)
+
+    return step
+
+
 def time_candidates(step: Callable[[Precision], None], candidates=CPU_CANDIDATES, rounds: int = 3) -> dict[str, float]:
     """Median seconds of ``step(precision)`` per candidate: one untimed warm-up each, then ``rounds`` rounds
     that alternate the candidates, so that a machine's drift touches them all alike."""
