@@ -71,12 +71,14 @@ class _CachedEmbeddings(torch.autograd.Function):
             leaf = logits.detach().requires_grad_(True)
             mixed = how.mix_params(leaf)
             cut = {k: v.detach().requires_grad_(True) for k, v in mixed.items() if v.requires_grad}
+            for v in cut.values():  # allocated before the chunks' activations come and go (no fragmentation)
+                v.grad = torch.zeros_like(v)
             params = {**mixed, **cut}
             start = 0
             for part in how.chunks(idx):
                 z = how.embed_chunk(params, part)
                 z.backward(grad_z[start : start + len(part)].to(z.dtype))
                 start += len(part)
-            used = [k for k, v in cut.items() if v.grad is not None]
+            used = list(cut)
             (grad_logits,) = torch.autograd.grad([mixed[k] for k in used], leaf, [cut[k].grad for k in used])
         return grad_logits, None, None
