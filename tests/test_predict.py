@@ -106,8 +106,8 @@ class CountingSessions:
         session, counter = self.real(*args, **kwargs), self
 
         class Session:
-            def get_inputs(self):
-                return session.get_inputs()
+            def __getattr__(self, name):
+                return getattr(session, name)
 
             def run(self, *run_args, **run_kwargs):
                 counter.runs += 1
@@ -233,3 +233,15 @@ def test_a_failure_keeps_the_previous_csv(model_path, folder, tmp_path, monkeypa
         predict_folder(model_path, folder, tmp_path / "p.csv", batch_size=2)
     assert (tmp_path / "p.csv").read_text() == "the previous run's predictions\n"
     assert sorted(os.listdir(tmp_path)) == ["p.csv"]
+
+
+def test_ctrl_c_in_the_command_exits_130_and_writes_nothing(model_path, folder, tmp_path, monkeypatch, capsys):
+    import onnxruntime
+    from adaptsoup_cli.main import main
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", CountingSessions(onnxruntime.InferenceSession, fail_on_run=2, error=KeyboardInterrupt()))
+    with pytest.raises(SystemExit) as info:
+        main(["predict", "--onnx", str(model_path), str(folder), "--csv", str(tmp_path / "p.csv"), "--batch-size", "2", "--no-progress"])
+    assert info.value.code == 130  # (Typer turns Ctrl-C into exit 130)
+    assert "Traceback" not in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
