@@ -16,7 +16,10 @@ a temporary folder), in a fresh process (so that one measurement's freed memory 
 ``ratio`` = predict images/s / raw images/s (issue #16 asks for at least 0.9); the peak RSS of predict should
 not grow with N.  Defaults: the stock CIFAR-10 ViT (``benchmarks/stock``) exported to ONNX in a temporary
 folder, CIFAR-10's 10,000 test JPEGs (see :mod:`adaptsoup_bench.datasets`), sizes 1,000 and 10,000.
-``--quick``: 100 and 400 generated noise PNGs (32x32), the same model: a smoke test of this script.
+``--quick``: 200 and 800 generated noise PNGs (32x32), the same model: a smoke test of this script.
+
+The RSS rise is over the RSS before ``predict_folder`` starts, so it includes onnxruntime's import, the
+session and its buffers; in a run it levels off after the first batches (sizes of a few batches at least).
 Writes ``benchmarks/results/predict_speed.{json,md}`` (``--quick``: ``predict_speed_quick.{json,md}``).
 """
 
@@ -124,7 +127,7 @@ def markdown(result: dict) -> str:
              f"Commit {result['commit']}, {machine['cpu']} ({machine['cpu_count']} cores, {result['threads']} onnxruntime "
              f"threads), model {result['model']}, batch {result['batch_size']}, wall time {result['wall_time_s']:.0f} s."]
     lines += [f"\n> {note}" for note in result["notes"]]
-    lines += ["", "| images | predict images/s | raw session.run images/s (no spin / spin) | ratio | predict peak RSS MB | RSS rise MB |",
+    lines += ["", "| images | predict images/s | raw session.run images/s (no spin / spin) | ratio | predict peak RSS MB | RSS rise during predict MB |",
               "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         mem = r["predict_memory"]
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--onnx", type=Path, help="an ONNX model exported by adaptsoup (default: the stock CIFAR-10 ViT)")
     parser.add_argument("--images", type=Path, help="image folder (default: CIFAR-10 test; --quick: generated PNGs)")
-    parser.add_argument("--sizes", default=None, help="comma-separated folder sizes (default 1000,10000; --quick 100,400)")
+    parser.add_argument("--sizes", default=None, help="comma-separated folder sizes (default 1000,10000; --quick 200,800)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--threads", type=int, default=usable_cores())
     parser.add_argument("--quick", action="store_true", help="a smoke test: small generated folders")
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         onnx_path, folder, batch_size, threads = args.child
         print(json.dumps(predict_vs_raw(onnx_path, folder, int(batch_size), int(threads))))
         return
-    sizes = [int(s) for s in (args.sizes or ("100,400" if args.quick else "1000,10000")).split(",")]
+    sizes = [int(s) for s in (args.sizes or ("200,800" if args.quick else "1000,10000")).split(",")]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="predict-speed-") as tmp:
         tmp = Path(tmp)
