@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -122,9 +123,11 @@ def in_child(onnx_path: Path, folder: Path, batch_size: int, threads: int) -> di
 
 
 def markdown(result: dict) -> str:
+    from adaptsoup.core.manifest import tree_state
+
     machine = result["machine"]
     lines = [f"Command: `{result['command']}`  ",
-             f"Commit {result['commit']}, {machine['cpu']} ({machine['cpu_count']} cores, {result['threads']} onnxruntime "
+             f"Commit {result['commit']} ({tree_state(result['source_dirty'])}), {machine['cpu']} ({machine['cpu_count']} cores, {result['threads']} onnxruntime "
              f"threads), model {result['model']}, batch {result['batch_size']}, wall time {result['wall_time_s']:.0f} s."]
     lines += [f"\n> {note}" for note in result["notes"]]
     lines += ["", "| images | predict images/s | raw session.run images/s (no spin / spin) | ratio | predict peak RSS MB | RSS rise during predict MB |",
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = [in_child(onnx_path, first_files(images, n, tmp / f"first{n}"), args.batch_size, args.threads) for n in sizes]
         for row in rows:
             print(json.dumps(row), flush=True)
-    result = {"command": "python -m adaptsoup_bench.predict_speed " + " ".join(sys.argv[1:] if argv is None else argv),
+    result = {"command": shlex.join(["python", "-m", "adaptsoup_bench.predict_speed", *(sys.argv[1:] if argv is None else argv)]),
               "commit": git_commit(), "source_dirty": git_dirty(), "machine": {"cpu": cpu_model(), "cpu_count": usable_cores()},
               "model": str(args.onnx or "stock CIFAR-10 ViT (benchmarks/stock), exported"), "images": str(args.images or ("generated PNGs" if args.quick else "CIFAR-10 test")),
               "batch_size": args.batch_size, "threads": args.threads, "notes": args.note, "wall_time_s": round(time.perf_counter() - start, 1), "rows": rows}

@@ -55,7 +55,7 @@ def predict(
     onnx: Path = typer.Option(..., "--onnx", help="An ONNX model exported by adaptsoup."),
     images: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
     csv: Path = typer.Option(Path("predictions.csv"), "--csv", help="Where to write path,class,probability."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per onnxruntime run."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per onnxruntime run."),  # predict.DEFAULT_BATCH_SIZE
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime threads (default: the cores this process may use)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -71,6 +71,6 @@ def predict(
         report = predict_folder(onnx, images, csv, batch_size=batch_size, threads=threads, progress=bars)
     skipped = f", {len(report.skipped)} skipped (unreadable or not images)" if report.skipped else ", 0 skipped"
     out.print(f"wrote {report.csv_path}: {report.images} images{skipped}, {report.images_per_s:.1f} images/s, "
-              f"{report.seconds:.1f} s ({report.threads} threads, batch {report.batch_size})")
+              f"{report.seconds:.1f} s ({report.threads} thread{'' if report.threads == 1 else 's'}, batch {report.batch_size})")
     for path, reason in report.skipped[:10]:
         err.print(f"  skipped {path}: {reason}", markup=False, highlight=False, soft_wrap=True)

@@ -180,7 +180,7 @@ def test_export_then_predict(capsys, tmp_path, checkpoint, image_folder):
     csv_path = tmp_path / "preds" / "predictions.csv"
     code, out, err = run_cli(capsys, "predict", "--onnx", onnx_path, image_folder, "--csv", csv_path, "--batch-size", "5", "--threads", "1")
     assert code == 0, err
-    assert "12images,1skipped" in squeeze(out) and "images/s" in out and "(1threads,batch5)" in squeeze(out)
+    assert "12images,1skipped" in squeeze(out) and "images/s" in out and "(1thread,batch5)" in squeeze(out)
     assert "corrupt.jpg" in squeeze(err)  # the unreadable file is reported, not fatal
     with open(csv_path, newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))

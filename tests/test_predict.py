@@ -245,3 +245,12 @@ def test_ctrl_c_in_the_command_exits_130_and_writes_nothing(model_path, folder, 
     assert info.value.code == 130  # (Typer turns Ctrl-C into exit 130)
     assert "Traceback" not in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_the_command_defaults_to_the_library_batch_size():
+    import inspect
+
+    from adaptsoup.deploy.predict import DEFAULT_BATCH_SIZE
+    from adaptsoup_cli.deploy import predict
+
+    assert inspect.signature(predict).parameters["batch_size"].default.default == DEFAULT_BATCH_SIZE
