@@ -254,3 +254,16 @@ def test_the_command_defaults_to_the_library_batch_size():
     from adaptsoup_cli.deploy import predict
 
     assert inspect.signature(predict).parameters["batch_size"].default.default == DEFAULT_BATCH_SIZE
+
+
+def test_the_throughput_benchmark_compares_predict_with_raw_onnxruntime(model_path, folder):
+    from adaptsoup_bench.predict_speed import markdown, predict_vs_raw
+
+    row = predict_vs_raw(model_path, folder, batch_size=4, threads=1)
+    assert row["images"] == len(MESSY_GOOD) + 14 and row["skipped"] == len(MESSY_BAD) + 1
+    assert row["ratio"] == pytest.approx(row["predict_images_per_s"] / row["raw_images_per_s"], rel=0.01)
+    assert row["raw_images_per_s"] == max(row["raw_spin_images_per_s"], row["raw_no_spin_images_per_s"])
+    assert row["predict_memory"]["rss_peak_mb"] > 0
+    text = markdown({"command": "c", "commit": "abc", "source_dirty": False, "machine": {"cpu": "CPU", "cpu_count": 2},
+                     "threads": 1, "model": "m", "batch_size": 4, "wall_time_s": 1.0, "notes": [], "rows": [row]})
+    assert text.startswith("Command: `c`") and "CPU (2 cores" in text and f"| {row['images']} |" in text
