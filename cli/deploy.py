@@ -55,13 +55,22 @@ def predict(
     onnx: Path = typer.Option(..., "--onnx", help="An ONNX model exported by adaptsoup."),
     images: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
     csv: Path = typer.Option(Path("predictions.csv"), "--csv", help="Where to write path,class,probability."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per onnxruntime run."),  # predict.DEFAULT_BATCH_SIZE
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime threads (default: the cores this process may use)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Run an exported model over a folder of images in onnxruntime; write a CSV of top-1 predictions."""
+    """Run an exported model over a folder of images in onnxruntime; write a CSV of top-1 predictions.
+
+    The folder is streamed (decoding the next batch while the model runs), so memory does not grow with it."""
     from adaptsoup.core.io import check_destination
+    from adaptsoup.core.progress import progress_bars
     from adaptsoup.deploy.predict import predict_folder
 
     check_destination(csv, "--csv")
-    report = predict_folder(onnx, images, csv)
-    out.print(f"wrote {report.csv_path}: {report.images} images" + (f", {len(report.skipped)} skipped (unreadable or not images)" if report.skipped else ""))
+    with progress_bars(progress) as bars:
+        report = predict_folder(onnx, images, csv, batch_size=batch_size, threads=threads, progress=bars)
+    skipped = f", {len(report.skipped)} skipped (unreadable or not images)" if report.skipped else ", 0 skipped"
+    out.print(f"wrote {report.csv_path}: {report.images} images{skipped}, {report.images_per_s:.1f} images/s, "
+              f"{report.seconds:.1f} s ({report.threads} thread{'' if report.threads == 1 else 's'}, batch {report.batch_size})")
     for path, reason in report.skipped[:10]:
         err.print(f"  skipped {path}: {reason}", markup=False, highlight=False, soft_wrap=True)

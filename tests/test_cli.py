@@ -178,9 +178,9 @@ def test_export_then_predict(capsys, tmp_path, checkpoint, image_folder):
         assert name in out
 
     csv_path = tmp_path / "preds" / "predictions.csv"
-    code, out, err = run_cli(capsys, "predict", "--onnx", onnx_path, image_folder, "--csv", csv_path)
+    code, out, err = run_cli(capsys, "predict", "--onnx", onnx_path, image_folder, "--csv", csv_path, "--batch-size", "5", "--threads", "1")
     assert code == 0, err
-    assert "12images" in squeeze(out)
+    assert "12images,1skipped" in squeeze(out) and "images/s" in out and "(1thread,batch5)" in squeeze(out)
     assert "corrupt.jpg" in squeeze(err)  # the unreadable file is reported, not fatal
     with open(csv_path, newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
@@ -357,6 +357,14 @@ def test_export_refuses_bad_destinations_before_loading_the_model(capsys, tmp_pa
         code, _, err = run_cli(capsys, "export", "--model", missing_model, "--onnx", onnx)
         assert code == 2
         assert_one_line_error(err, "--onnx", fragment)
+
+
+@pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--batch-size", "-3"), ("--batch-size", "many"),
+                                           ("--threads", "0"), ("--threads", "two")])
+def test_bad_predict_options_are_one_line(capsys, tmp_path, image_folder, option, value):
+    code, _, err = run_cli(capsys, "predict", "--onnx", tmp_path / "unread.onnx", image_folder, option, value)
+    assert code == 2
+    assert_one_line_error(err, option)
 
 
 def test_predict_refuses_a_csv_it_cannot_write_before_any_work(capsys, tmp_path, image_folder):

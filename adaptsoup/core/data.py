@@ -86,11 +86,26 @@ class Preprocess:
             interpolation=str(cfg.get("interpolation") or "bicubic"),
         )
 
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Preprocess":
+        """From a model's metadata (``input_size`` ``(3, H, W)``, ``mean``, ``std``, ``crop_pct``, ``interpolation``),
+        e.g. what :func:`adaptsoup.deploy.runtime.read_onnx_metadata` returns."""
+        _, h, w = meta["input_size"]
+        return cls(size=(int(h), int(w)), mean=tuple(meta["mean"]), std=tuple(meta["std"]), crop_pct=meta["crop_pct"],
+                   interpolation=meta["interpolation"])
+
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, 3, H, W]`` -> normalised float32."""
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         return (images_uint8.float() - mean) / std
+
+    def normalize_array(self, images_hwc: np.ndarray) -> np.ndarray:
+        """uint8 ``[B, H, W, 3]`` (as decoded) -> normalised float32 ``[B, 3, H, W]``: :meth:`normalize` in numpy,
+        the same float32 arithmetic, for callers that need no torch tensors (onnxruntime)."""
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(1, 3, 1, 1) * np.float32(255.0)
+        std = np.asarray(self.std, dtype=np.float32).reshape(1, 3, 1, 1) * np.float32(255.0)
+        return (images_hwc.transpose(0, 3, 1, 2).astype(np.float32) - mean) / std
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -274,6 +289,12 @@ def resize_center_crop(img: Image.Image, size: tuple[int, int], crop_pct: float,
     return img
 
 
+def decode_image(path: str | os.PathLike, preprocess: Preprocess) -> np.ndarray:
+    """One image file as uint8 ``[H, W, 3]`` at the model's input size; raises :class:`UnreadableImage`."""
+    img = resize_center_crop(read_rgb(path), preprocess.size, preprocess.crop_pct, preprocess.interpolation)
+    return np.asarray(img, dtype=np.uint8)
+
+
 def decode_images(
     paths: Sequence[Path],
     preprocess: Preprocess,
@@ -286,8 +307,7 @@ def decode_images(
     skipped: list[tuple[str, str]] = []
     for i, path in enumerate(paths):
         try:
-            img = resize_center_crop(read_rgb(path), preprocess.size, preprocess.crop_pct, preprocess.interpolation)
-            out[len(kept)] = np.asarray(img, dtype=np.uint8)
+            out[len(kept)] = decode_image(path, preprocess)
             kept.append(i)
         except UnreadableImage as exc:
             skipped.append((shown_path(path), str(exc)))
@@ -343,9 +363,9 @@ def load_folder(
     if progress is not None:
         progress.remove_task(task)
     if not kept:
-        raise DataError(f"none of the {len(paths)} image files under {shown_path(root)} could be read")
+        raise none_readable(root, len(paths))
     kept_labels = None if labels is None else torch.tensor([labels[i] for i in kept], dtype=torch.long)
-    rel_paths = [shown_path(paths[i].relative_to(root).as_posix()) for i in kept]
+    rel_paths = [relative_name(paths[i], root) for i in kept]
     blob = {"images": images, "paths": rel_paths, "labels": kept_labels, "skipped": [list(s) for s in skipped]}
     if cache:
         from adaptsoup.core.io import atomic_path
@@ -365,9 +385,23 @@ def _image_set_from_blob(blob: dict, root: Path, names: list[str], others: list[
         paths=list(blob["paths"]),
         labels=blob["labels"],
         class_names=names,
-        skipped=sorted(others + [(str(s[0]), str(s[1])) for s in blob["skipped"]]),
+        skipped=all_skipped(others, [(str(s[0]), str(s[1])) for s in blob["skipped"]]),
         root=shown_path(root),
     )
+
+
+def relative_name(path: Path, root: Path) -> str:
+    """How a decoded image is named in results: its path under the folder scanned, printable."""
+    return shown_path(path.relative_to(root).as_posix())
+
+
+def all_skipped(not_images: list[tuple[str, str]], unreadable: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A folder's skipped entries, as reported: the entries that are not images and the unreadable files, sorted."""
+    return sorted(not_images + unreadable)
+
+
+def none_readable(root: Path, count: int) -> DataError:
+    return DataError(f"none of the {count} image files under {shown_path(root)} could be read")
 
 
 def _cache_key(root: Path, paths: Sequence[Path], preprocess: Preprocess, labels: Sequence[int] | None) -> str:

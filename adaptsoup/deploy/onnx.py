@@ -124,9 +124,7 @@ def export_onnx(model: nn.Module, out_path: str | os.PathLike, opset: int = DEFA
 
 def preprocess_from_onnx(path: str | os.PathLike) -> Preprocess:
     """The :class:`Preprocess` an exported model expects, from its metadata."""
-    meta = read_onnx_metadata(path)
-    _, h, w = meta["input_size"]
-    return Preprocess(size=(int(h), int(w)), mean=meta["mean"], std=meta["std"], crop_pct=meta["crop_pct"], interpolation=meta["interpolation"])
+    return Preprocess.from_meta(read_onnx_metadata(path))
 
 
 def parity_batch(model: nn.Module, images: ImageSet | None, batch_size: int = 64, seed: int = 0) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from adaptsoup.deploy.onnx_props import read_metadata_props
 from adaptsoup.errors import AdaptsoupError
 
 
@@ -29,8 +30,9 @@ def ort_session(path: str | os.PathLike):
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, object]:
-    """Class names and preprocessing stored by :func:`export_onnx`."""
-    props = ort_session(path).get_modelmeta().custom_metadata_map
+    """Class names and preprocessing stored by :func:`export_onnx`, read from the file's metadata properties
+    alone: no onnxruntime session, no parsing of the weights (:mod:`adaptsoup.deploy.onnx_props`)."""
+    props = read_metadata_props(path)
     if "adaptsoup.input_size" not in props:
         raise AdaptsoupError(f"{path} was not exported by adaptsoup (no preprocessing metadata)")
 
@@ -76,3 +78,24 @@ def quiet():
             yield
         finally:
             torch_logger.setLevel(level)
+
+
+def threaded_session(path: str | os.PathLike, threads: int, spin: bool = False):
+    """:func:`ort_session` with ``threads`` intra-op threads and one inter-op thread, for ``predict``.
+
+    ``spin=False`` stops the idle intra-op threads from busy-waiting for the next run, which would take the
+    cores from the threads that decode the next batch meanwhile.  (Fold into :func:`ort_session` once it takes
+    a thread count.)
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - as in ort_session
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise AdaptsoupError(f"cannot load ONNX model {path} (garbage, truncated or empty?): {reason}") from None
