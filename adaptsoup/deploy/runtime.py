@@ -15,12 +15,49 @@ import numpy as np
 from adaptsoup.errors import AdaptsoupError
 
 
-def ort_session(path: str | os.PathLike):
-    """A CPU onnxruntime session that logs only errors."""
+def session_options(threads: int | None = None, optimized_model_path: str | os.PathLike | None = None):
+    """The onnxruntime settings adaptsoup runs an exported model with (see :func:`ort_session`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads is not None:
+        if threads < 1:
+            raise AdaptsoupError(f"threads must be at least 1, got {threads}")
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    return options
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None, *, optimized_model_path: str | os.PathLike | None = None):
+    """A CPU onnxruntime session that logs only errors, set up the way adaptsoup measures its models.
+
+    * ``threads``: onnxruntime's intra-op thread count (the threads one operator, e.g. a MatMul, is split
+      over).  ``None`` keeps onnxruntime's default, one per physical core; on a server that runs several
+      sessions side by side, give each its share.  Inter-op parallelism is off (1 thread): a ViT is one chain
+      of operators, nothing runs beside it.
+    * Graph optimisation ``ORT_ENABLE_ALL`` (onnxruntime's default, spelled out): constant folding, its own
+      fusions and the CPU-specific layout changes, applied when the session is created.  The transformer
+      fusions (Attention, BiasGelu, LayerNormalization) are already in files exported with optimisation on,
+      so any session that loads them runs them.
+    * Execution mode ``ORT_SEQUENTIAL``: operators one after the other.
+    * ``optimized_model_path``: also save the graph as onnxruntime optimised it (for inspection; such a file
+      is tied to this machine's CPU and onnxruntime version, so adaptsoup does not ship it).
+
+    The same settings in a user's own server::
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 4
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = onnxruntime.InferenceSession("model.onnx", options, providers=["CPUExecutionProvider"])
+    """
+    import onnxruntime as ort
+
+    options = session_options(threads, optimized_model_path)
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors (InvalidProtobuf, Fail, ...) share no base class
