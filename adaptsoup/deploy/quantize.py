@@ -41,7 +41,7 @@ class StaticConfig:
 
 def quantize_kinds(value: str | Sequence[str] | None) -> tuple[str, ...]:
     """``"dynamic"``, ``"static"``, ``"dynamic,static"`` (or a list of them; ``int8`` = dynamic) as a tuple of kinds."""
-    if value is None:
+    if value is None or (not isinstance(value, str) and len(value) == 0):
         return ()
     parts = value.split(",") if isinstance(value, str) else list(value)
     kinds = [ALIASES.get(p.strip().lower(), p.strip().lower()) for p in parts if p.strip()]
