@@ -71,9 +71,9 @@ def decoded_inputs(onnx_path: str | Path, folder: str | Path):
 
 def session_images_per_s(onnx_path: str | Path, inputs, batch_size: int, threads: int, spin: bool) -> float:
     """``session.run`` alone over ``inputs``, ``batch_size`` at a time (after one warm-up batch)."""
-    from adaptsoup.deploy.runtime import threaded_session
+    from adaptsoup.deploy.runtime import ort_session
 
-    session = threaded_session(onnx_path, threads, spin=spin)
+    session = ort_session(onnx_path, threads, spin=spin)
     name = session.get_inputs()[0].name
     session.run(None, {name: inputs[:batch_size]})
     start = time.perf_counter()

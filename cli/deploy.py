@@ -14,21 +14,32 @@ def export(
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to export (adaptsoup .safetensors, or a state dict with --arch)."),
     onnx: Path = typer.Option(..., "--onnx", "-o", help="Where to write the ONNX model."),
     arch: Optional[str] = typer.Option(None, help="timm architecture, if the checkpoint carries no adaptsoup metadata."),
-    images: Optional[Path] = typer.Option(None, help="Image folder for the parity batch (and accuracy, if labeled)."),
+    images: Optional[Path] = typer.Option(None, help="Image folder for the parity batch (and accuracy, if labeled); static int8 calibrates on it."),
     labeled: bool = typer.Option(False, help="--images is an ImageFolder layout: also report accuracy."),
-    quantize: Optional[str] = typer.Option(None, help="'int8': also write NAME.int8.onnx (onnxruntime dynamic quantization)."),
+    quantize: Optional[str] = typer.Option(
+        None, help="int8 copies: 'dynamic' (NAME.int8.onnx; 'int8' is an alias), 'static' (NAME.int8-static.onnx, QDQ, "
+                   "calibrated on --images) or 'dynamic,static'."),
+    calibration: str = typer.Option("percentile", help="Static int8 activation ranges: 'percentile' or 'minmax'."),
+    optimize: bool = typer.Option(True, "--optimize/--no-optimize", help="Write onnxruntime's fused operators (Attention, BiasGelu, LayerNorm) into the file."),
     opset: int = typer.Option(18, min=17, help="ONNX opset (17 or newer)."),
     tolerance: float = typer.Option(1e-3, help="Largest allowed |logit difference| between ONNX and PyTorch."),
 ) -> None:
-    """Export a checkpoint to ONNX, check parity in onnxruntime, optionally quantize to int8."""
+    """Export a checkpoint to ONNX (optimised for onnxruntime), check parity in onnxruntime, optionally quantize to int8."""
     from adaptsoup.core.data import Preprocess, load_folder
+    from adaptsoup.core.io import check_destination
     from adaptsoup.core.models import class_names, load_model
     from adaptsoup.deploy.onnx import ParityError, export_and_check
+    from adaptsoup.deploy.quantize import CALIBRATIONS, StaticConfig, quantize_kinds
+    from adaptsoup.errors import AdaptsoupError
 
-    from adaptsoup.core.io import check_destination
-
-    if quantize not in (None, "int8"):  # before the model is loaded and exported
-        fail(f"--quantize: unknown quantization {quantize!r}; only 'int8' (dynamic) is supported")
+    try:  # before the model is loaded and exported
+        kinds = quantize_kinds(quantize)
+    except AdaptsoupError as exc:
+        fail(f"--quantize: {exc}")
+    if calibration not in CALIBRATIONS:
+        fail(f"--calibration: unknown calibration {calibration!r}; use {' or '.join(CALIBRATIONS)}")
+    if "static" in kinds and images is None:
+        fail("--quantize static needs calibration images: pass --images FOLDER (the images the model will see)")
     check_destination(onnx, "--onnx")
     net = load_model(arch, model)
     image_set = None
@@ -36,18 +47,29 @@ def export(
         pre = Preprocess.for_model(net)
         image_set = load_folder(images, pre, labeled=labeled, class_names=class_names(net) if labeled else None)
     try:
-        report = export_and_check(net, onnx, images=image_set, quantize=quantize, opset=opset, tolerance=tolerance, log=log_line)
+        report = export_and_check(net, onnx, images=image_set, quantize=kinds, opset=opset, tolerance=tolerance, log=log_line,
+                                  optimize=optimize, static=StaticConfig(calibration=calibration))
     except ParityError as exc:
         fail(str(exc), code=1)
+    print_export_report(report)
+
+
+def print_export_report(report) -> None:
+    """What ``export`` wrote: the fp32 file (with its fusions and parity), then each int8 copy."""
     out.print(f"wrote {report.path} ({report.size_bytes / 1e6:.2f} MB, opset {report.opset}, {report.exporter} exporter)")
+    if report.optimized:
+        fused = ", ".join(f"{count} {op}" for op, count in report.fusions.items()) or "nothing"
+        out.print(f"optimised for onnxruntime: {fused}")
+    else:
+        out.print("not optimised" + (f" ({report.optimize_note})" if report.optimize_note else " (--no-optimize)"))
     out.print(f"parity on {report.batch_size} images: max |logit diff| {report.max_abs_diff:.2e}, top-1 agreement {report.top1_agreement:.1f}%")
     if report.fp32_accuracy is not None:
         out.print(f"fp32 accuracy: {report.fp32_accuracy:.2f}%")
-    if report.quantized_path:
+    for check in report.quantized:
         out.print(
-            f"wrote {report.quantized_path} ({report.int8_size_bytes / 1e6:.2f} MB): top-1 agreement with fp32 "
-            f"{report.int8_top1_agreement:.1f}%, max |logit diff| {report.int8_max_abs_diff:.2e}"
-            + (f", accuracy {report.int8_accuracy:.2f}%" if report.int8_accuracy is not None else "")
+            f"wrote {check.path} ({check.size_bytes / 1e6:.2f} MB, {check.kind} int8): top-1 agreement with fp32 "
+            f"{check.top1_agreement:.1f}%, max |logit diff| {check.max_abs_diff:.2e}"
+            + (f", accuracy {check.accuracy:.2f}%" if check.accuracy is not None else "")
         )
 
 

@@ -1,9 +1,11 @@
-"""ONNX export: metadata, parity with PyTorch, dynamic batch, int8 quantization and folder prediction."""
+"""ONNX export: metadata, parity with PyTorch, dynamic batch, onnxruntime fusions, int8 quantization (dynamic
+and static) and folder prediction."""
 
 from __future__ import annotations
 
 import csv
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,11 @@ from adaptsoup.errors import AdaptsoupError
 from adaptsoup.deploy.onnx import ParityError, export_and_check, preprocess_from_onnx, read_onnx_metadata
 from adaptsoup.deploy.predict import predict_folder
 from adaptsoup.deploy.runtime import ort_session
-from adaptsoup.core.models import set_class_names
+from adaptsoup.core.models import model_meta, set_class_names
+from adaptsoup.core.checkpoint import save_checkpoint
+from adaptsoup.deploy.quantize import quantize_kinds
 
-from helpers import ARCH, MEAN, STD, logits, random_batch, tiny_model, write_noise_images
+from helpers import ARCH, CLASS_NAMES, MEAN, STD, logits, random_batch, tiny_model, write_noise_images
 
 NAMES = ["airplane", "boat", "car"]
 
@@ -169,3 +173,161 @@ def test_exporter_fallback_says_why_and_reports_the_opset_it_wrote(tmp_path, mon
     assert report.opset == declared.get("", declared.get("ai.onnx")) == 17
     assert report.fallback_reason == "RuntimeError: torch.export could not trace this model"
     assert len(lines) == 1 and "torch.export could not trace this model" in lines[0] and "opset 17" in lines[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The optimised export (onnxruntime's fused operators in the file)
+
+
+def op_counts(path) -> Counter:
+    import onnx
+
+    return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+def test_the_export_holds_onnxruntime_fusions(exported):
+    """vit_pico has 2 blocks: one fused Attention and one BiasGelu each; LayerNorm stays unfused from the residual add."""
+    _, report = exported
+    ops = op_counts(report.path)
+    assert report.optimized and report.optimize_note is None
+    assert ops["Attention"] == 2 and ops["BiasGelu"] == 2
+    assert ops["LayerNormalization"] == 5  # norm1 + norm2 per block, and the final norm
+    assert ops["SkipLayerNormalization"] == 0  # measured slower than Add + LayerNormalization on the CPU
+    assert ops["Softmax"] == 0 and ops["Erf"] == 0  # nothing left outside the fused nodes
+    assert report.fusions == {op: ops[op] for op in ("Attention", "BiasGelu", "LayerNormalization")}
+
+
+def test_no_optimize_writes_the_plain_graph(tmp_path):
+    model = tiny_model(seed=3)
+    report = export_and_check(model, tmp_path / "plain.onnx", optimize=False, log=lambda _: None)
+    ops = op_counts(report.path)
+    assert not report.optimized and report.fusions == {} and report.optimize_note is None
+    assert ops["Attention"] == 0 and ops["BiasGelu"] == 0 and ops["MatMul"] > 0
+    assert report.max_abs_diff < 1e-4
+    assert read_onnx_metadata(report.path)["class_names"] == CLASS_NAMES
+
+
+def test_the_optimizer_failing_falls_back_to_the_plain_graph_and_says_why(tmp_path, monkeypatch):
+    import adaptsoup.deploy.optimize as optimize
+
+    def broken(proto, shape):
+        raise RuntimeError("fusion exploded\nsecond line")
+
+    monkeypatch.setattr(optimize, "fused_graph", broken)
+    lines: list[str] = []
+    model = tiny_model(seed=6)
+    set_class_names(model, NAMES)
+    report = export_and_check(model, tmp_path / "m.onnx", images=None, log=lines.append)
+    assert not report.optimized and report.fusions == {}
+    assert report.optimize_note == "RuntimeError: fusion exploded"
+    assert len(lines) == 1 and "fusion exploded" in lines[0] and "plain graph" in lines[0] and "second line" not in lines[0]
+    assert op_counts(report.path)["Attention"] == 0
+    assert report.max_abs_diff < 1e-4
+    assert read_onnx_metadata(report.path)["class_names"] == NAMES
+
+
+def test_ort_session_threads(exported):
+    _, report = exported
+    session = ort_session(report.path, threads=1)
+    assert session.get_session_options().intra_op_num_threads == 1
+    assert session.run(None, {"input": random_batch(2).numpy()})[0].shape == (2, 3)
+    with pytest.raises(AdaptsoupError, match="threads"):
+        ort_session(report.path, threads=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# int8: dynamic and static (QDQ)
+
+
+@pytest.mark.parametrize("value, kinds", [
+    ("int8", ("dynamic",)), ("dynamic", ("dynamic",)), ("static", ("static",)), ("dynamic,static", ("dynamic", "static")),
+    (["static", "int8", "dynamic"], ("static", "dynamic")), (None, ()), ([], ()),
+])
+def test_quantize_kinds(value, kinds):
+    assert quantize_kinds(value) == kinds
+
+
+@pytest.mark.parametrize("value", ["int4", "", "dynamic,fp16"])
+def test_quantize_kinds_refuses_unknown_values(value):
+    with pytest.raises(AdaptsoupError, match="unknown quantization"):
+        quantize_kinds(value)
+
+
+def test_the_dynamic_int8_model_quantizes_the_fused_attention(exported):
+    _, report = exported
+    ops = op_counts(report.quantized_path)
+    assert ops["QAttention"] == 2 and ops["Attention"] == 0
+    assert [c.kind for c in report.quantized] == ["dynamic"]
+
+
+def test_static_int8_is_qdq_and_agrees_with_fp32(tmp_path):
+    model = tiny_model(seed=5)
+    set_class_names(model, NAMES)
+    write_noise_images(tmp_path / "target", 48, seed=21)
+    images = load_folder(tmp_path / "target", Preprocess.for_model(model), cache=False)
+    report = export_and_check(model, tmp_path / "out" / "model.onnx", images=images, quantize="static")
+    (check,) = report.quantized
+    assert check.kind == "static" and Path(check.path).name == "model.int8-static.onnx"
+    assert report.quantized_path is None  # the legacy fields describe the dynamic model only
+    ops = op_counts(check.path)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    assert check.top1_agreement >= 75.0 and np.isfinite(check.max_abs_diff)
+    assert check.size_bytes == Path(check.path).stat().st_size
+    assert read_onnx_metadata(check.path)["class_names"] == NAMES
+    out = ort_session(check.path).run(None, {"input": random_batch(5).numpy()})[0]
+    assert out.shape == (5, 3)
+    assert sorted(os.listdir(tmp_path / "out")) == ["model.int8-static.onnx", "model.onnx"]
+
+
+def test_static_int8_needs_images(tmp_path, pico_model):
+    with pytest.raises(AdaptsoupError, match="calibration images"):
+        export_and_check(pico_model, tmp_path / "m.onnx", quantize="static")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The export command's flags
+
+
+def run_export(capsys, *args) -> tuple[int, str, str]:
+    from adaptsoup_cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["export", *[str(a) for a in args]])
+    captured = capsys.readouterr()
+    return (info.value.code or 0), captured.out, captured.err
+
+
+@pytest.fixture
+def stock(tmp_path) -> Path:
+    model = tiny_model(seed=4)
+    return save_checkpoint(tmp_path / "stock.safetensors", model.state_dict(), model_meta(model))
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--quantize", "static"], "--images"),
+    (["--quantize", "int4"], "int4"),
+    (["--quantize", "dynamic", "--calibration", "median"], "--calibration"),
+])
+def test_export_flag_errors_are_one_line(capsys, tmp_path, flags, fragment):
+    code, out, err = run_export(capsys, "--model", tmp_path / "not-read.safetensors", "--onnx", tmp_path / "m.onnx", *flags)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("adaptsoup: error:") and fragment in lines[0]
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_command_reports_fusions_and_both_int8_models(capsys, tmp_path, stock, image_folder):
+    code, out, err = run_export(capsys, "--model", stock, "--onnx", tmp_path / "m.onnx", "--images", image_folder,
+                                "--quantize", "dynamic,static", "--calibration", "minmax")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "optimised for onnxruntime: 2 Attention, 2 BiasGelu, 5 LayerNormalization" in text
+    assert "dynamic int8" in text and "static int8" in text
+    assert (tmp_path / "m.int8.onnx").is_file() and (tmp_path / "m.int8-static.onnx").is_file()
+
+
+def test_export_command_no_optimize(capsys, tmp_path, stock):
+    code, out, err = run_export(capsys, "--model", stock, "--onnx", tmp_path / "m.onnx", "--no-optimize")
+    assert code == 0, err
+    assert "not optimised (--no-optimize)" in " ".join(out.split())
+    assert op_counts(tmp_path / "m.onnx")["Attention"] == 0

@@ -22,7 +22,7 @@ from adaptsoup.core.data import Preprocess, all_skipped, check_folder, none_read
 from adaptsoup.core.io import atomic_path
 from adaptsoup.core.prefetch import DecodeAhead
 from adaptsoup.core.progress import NullProgress
-from adaptsoup.deploy.runtime import read_onnx_metadata, threaded_session
+from adaptsoup.deploy.runtime import ort_session, read_onnx_metadata
 from adaptsoup.errors import AdaptsoupError
 
 DEFAULT_BATCH_SIZE = 16  # measured: the stock CIFAR-10 ViT takes less onnxruntime CPU time per image in batches of 8-16 than of 64-256
@@ -84,7 +84,7 @@ def predict_folder(onnx_path: str | os.PathLike, images_dir: str | os.PathLike, 
     root = check_folder(images_dir, "image folder")
     paths, not_images = scan_folder(root)
     threads = threads or usable_cores()
-    session = threaded_session(onnx_path, threads)
+    session = ort_session(onnx_path, threads, spin=False)
     with atomic_path(csv_path) as tmp:
         images, unreadable = _write_predictions(session, tmp, root, paths, Preprocess.from_meta(meta), meta["class_names"],
                                                 batch_size, decode_workers(threads), progress or NullProgress())

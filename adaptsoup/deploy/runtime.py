@@ -16,12 +16,54 @@ from adaptsoup.deploy.onnx_props import read_metadata_props
 from adaptsoup.errors import AdaptsoupError
 
 
-def ort_session(path: str | os.PathLike):
-    """A CPU onnxruntime session that logs only errors."""
+def session_options(threads: int | None = None, optimized_model_path: str | os.PathLike | None = None, spin: bool | None = None):
+    """The onnxruntime settings adaptsoup runs an exported model with (see :func:`ort_session`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads is not None:
+        if threads < 1:
+            raise AdaptsoupError(f"threads must be at least 1, got {threads}")
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    if spin is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    return options
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None, *, optimized_model_path: str | os.PathLike | None = None,
+                spin: bool | None = None):
+    """A CPU onnxruntime session that logs only errors, set up the way adaptsoup measures its models.
+
+    * ``threads``: onnxruntime's intra-op thread count (the threads one operator, e.g. a MatMul, is split
+      over).  ``None`` keeps onnxruntime's default, one per physical core; on a server that runs several
+      sessions side by side, give each its share.  Inter-op parallelism is off (1 thread): a ViT is one chain
+      of operators, nothing runs beside it.
+    * Graph optimisation ``ORT_ENABLE_ALL`` (onnxruntime's default, spelled out): constant folding, its own
+      fusions and the CPU-specific layout changes, applied when the session is created.  The transformer
+      fusions (Attention, BiasGelu, LayerNormalization) are already in files exported with optimisation on,
+      so any session that loads them runs them.
+    * Execution mode ``ORT_SEQUENTIAL``: operators one after the other.
+    * ``spin``: whether idle intra-op threads busy-wait for the next run (None: onnxruntime's default, on).
+      ``predict`` turns it off, so that they leave the cores to the thread decoding the next batch.
+    * ``optimized_model_path``: also save the graph as onnxruntime optimised it (for inspection; such a file
+      is tied to this machine's CPU and onnxruntime version, so adaptsoup does not ship it).
+
+    The same settings in a user's own server::
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 4
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = onnxruntime.InferenceSession("model.onnx", options, providers=["CPUExecutionProvider"])
+    """
+    import onnxruntime as ort
+
+    options = session_options(threads, optimized_model_path, spin)
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors (InvalidProtobuf, Fail, ...) share no base class
@@ -78,24 +120,3 @@ def quiet():
             yield
         finally:
             torch_logger.setLevel(level)
-
-
-def threaded_session(path: str | os.PathLike, threads: int, spin: bool = False):
-    """:func:`ort_session` with ``threads`` intra-op threads and one inter-op thread, for ``predict``.
-
-    ``spin=False`` stops the idle intra-op threads from busy-waiting for the next run, which would take the
-    cores from the threads that decode the next batch meanwhile.  (Fold into :func:`ort_session` once it takes
-    a thread count.)
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - as in ort_session
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise AdaptsoupError(f"cannot load ONNX model {path} (garbage, truncated or empty?): {reason}") from None
