@@ -37,6 +37,10 @@ benchmarks: stock
 	$(BIN)/adaptsoup bench c10c --mode quick --severity 3 --no-progress
 	$(BIN)/adaptsoup bench families --mode quick --no-progress
 	$(BIN)/adaptsoup bench label-free --preset cifar --mode quick --no-progress
+	$(BIN)/python -m adaptsoup_bench.precision_speed
+	$(BIN)/python benchmarks/deploy_speed.py
+	$(BIN)/python -m adaptsoup_bench.predict_speed
+	$(BIN)/python -m adaptsoup_bench.soup_memory --self-season
 
 clean:
 	rm -rf $(VENV) build *.egg-info
