@@ -17,9 +17,7 @@ Writes ``benchmarks/results/precision_speed.{json,md}`` (``--out``); the CPU is 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -45,7 +43,7 @@ def stages(arch: str, size: int, batch: int):
 
 def time_train_steps(module, loss_fn, x, y, rounds: int) -> dict[str, float]:
     """Median seconds per full train step (with AdamW) per precision, the precisions alternating in each round."""
-    from adaptsoup.train.precision import CPU_CANDIDATES
+    from adaptsoup.train.precision import CPU_CANDIDATES, time_candidates
 
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-6)
 
@@ -56,15 +54,7 @@ def time_train_steps(module, loss_fn, x, y, rounds: int) -> dict[str, float]:
         loss.backward()
         opt.step()
 
-    times: dict[str, list[float]] = {p.label: [] for p in CPU_CANDIDATES}
-    for p in CPU_CANDIDATES:
-        step(p)
-    for _ in range(rounds):
-        for p in CPU_CANDIDATES:
-            t0 = time.perf_counter()
-            step(p)
-            times[p.label].append(time.perf_counter() - t0)
-    return {label: statistics.median(v) for label, v in times.items()}
+    return time_candidates(step, CPU_CANDIDATES, rounds)
 
 
 def measure(config: str, rounds: int) -> list[dict]:

@@ -303,21 +303,10 @@ def test_adapt_pretrained_must_exist_in_one_line(capsys, tmp_path, checkpoint, i
     (["--batch-size", "-4"], "--batch-size"),
     (["--max-target-images", "-1"], "--max-target-images"),
     (["--inter-epochs", "-1"], "inter.epochs must be > 0"),
-])
-def test_adapt_refuses_non_positive_sizes(capsys, tmp_path, checkpoint, image_folder, flags, fragment):
-    code, _, err = run_cli(capsys, "adapt", "--model", checkpoint, "--target", image_folder, "--source", image_folder,
-                           "--out", tmp_path / "run", "--no-progress", *flags)
-    assert code == 2
-    assert_one_line_error(err, fragment)
-    assert not (tmp_path / "run").exists()
-
-
-# Issue #16: --precision auto|fp32|bf16 (and the older --bf16/--fp32, when they agree).
-@pytest.mark.parametrize("flags, fragment", [
-    (["--precision", "fp16"], "--precision must be auto, fp32 or bf16"),
+    (["--precision", "fp16"], "--precision must be auto, fp32 or bf16"),  # issue #16
     (["--precision", "bf16", "--fp32"], "--precision bf16 contradicts --fp32"),
 ])
-def test_adapt_refuses_a_bad_precision(capsys, tmp_path, checkpoint, image_folder, flags, fragment):
+def test_adapt_refuses_non_positive_sizes_and_bad_precisions(capsys, tmp_path, checkpoint, image_folder, flags, fragment):
     code, _, err = run_cli(capsys, "adapt", "--model", checkpoint, "--target", image_folder, "--source", image_folder,
                            "--out", tmp_path / "run", "--no-progress", *flags)
     assert code == 2
