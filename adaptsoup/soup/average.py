@@ -34,8 +34,8 @@ def stream_weighted_average(paths: Sequence[str | os.PathLike], weights: Weights
     Memory, in units of one float32 ingredient: the result (1 unit) plus one tensor's float64 sum and read
     buffer, whatever the number of ingredients.  Measured by ``python -m adaptsoup_bench.soup_memory``
     (one fresh process per measurement, :class:`~adaptsoup.core.resources.PeakMemory`); the figures are in
-    benchmarks/README.md ("Memory of mixing").  Non-``.safetensors`` ingredients are read whole, one at a
-    time, and cost one more unit each while open.
+    benchmarks/README.md ("Memory of mixing").  Ingredients in other formats (``.pt``) are read whole and
+    all held while mixing (one unit each).
     """
     if not paths:
         raise SoupError("no ingredients to mix")
