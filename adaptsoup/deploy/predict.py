@@ -25,7 +25,7 @@ from adaptsoup.core.progress import NullProgress
 from adaptsoup.deploy.runtime import ort_session, read_onnx_metadata
 from adaptsoup.errors import AdaptsoupError
 
-DEFAULT_BATCH_SIZE = 16  # measured: the stock CIFAR-10 ViT takes less onnxruntime CPU time per image in batches of 8-16 than of 64-256
+DEFAULT_BATCH_SIZE = 16  # small batches keep the decode thread's work and onnxruntime's interleaved
 CSV_HEADER = ["path", "class", "probability"]
 
 
@@ -59,9 +59,8 @@ def usable_cores() -> int:
 
 
 def decode_workers(threads: int) -> int:
-    """Background decode threads beside ``threads`` onnxruntime threads.  One keeps up with the stock CIFAR-10
-    ViT (decoding a 32x32 JPEG takes about 3% of the CPU time of its inference) and does not fight onnxruntime
-    for the cores; a second from 8 threads on is for large photos (a guess: measured on 2 cores only)."""
+    """Background decode threads beside ``threads`` onnxruntime threads: one, and a second from 8 threads on
+    for large photos (a guess: no machine with more than 2 cores has measured it)."""
     return 1 if threads < 8 else 2
 
 

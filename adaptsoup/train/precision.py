@@ -1,9 +1,9 @@
 """Which precision a training run uses: fp32, bf16 autocast, or bf16 with PyTorch's MATH attention kernel.
 
-Whether bf16 pays depends on the machine, not on the model: on one of this project's CPUs (AMD EPYC) bf16
-autocast trained about 1.1x faster than fp32, on another (an Intel Xeon with avx512_bf16 and no AMX) it ran
-at 0.49x, partly because PyTorch's CPU flash-attention backward is several times slower in bf16 than the
-MATH kernel.  So ``precision="auto"`` (the default of ``adapt``) does not guess: it times the run's own
+Whether bf16 pays depends on the machine, not on the model: on an AMD EPYC bf16 autocast with the MATH
+attention kernel trained 1.6x faster than fp32 (``python -m adaptsoup_bench.precision_speed``, figures in
+benchmarks/README.md), while issue #16 measured 0.49x on an Intel Xeon without AMX, partly because
+PyTorch's CPU flash-attention backward is slow in bf16.  So ``precision="auto"`` (the default of ``adapt``) does not guess: it times the run's own
 training step (forward and backward on its first batch; no optimizer step, the RNG states restored, the
 gradients cleared) in each candidate and keeps the fastest.  On CUDA it takes bf16 where the device
 supports it.  ``fp32`` and ``bf16`` are taken as asked (bf16 with PyTorch's default attention kernel).
