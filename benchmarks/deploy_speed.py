@@ -66,6 +66,7 @@ class Subject:
     images: np.ndarray  # normalised float32 [N, 3, H, W]; timing batches are cut from it
     labels: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
+    calibration: np.ndarray | None = None  # static int8's calibration images (default: the first timing images)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ def build_variants(subject: Subject, workdir: Path, cfg: SpeedConfig) -> tuple[d
     plain = export_onnx(subject.model, workdir / "plain.onnx", optimize=False, log=quiet)
     optimised = export_onnx(subject.model, workdir / "model.onnx", optimize=True, log=quiet)
     dynamic = quantize_int8(optimised.path)
-    calibration = subject.images[: cfg.calibration_images]
+    calibration = (subject.images if subject.calibration is None else subject.calibration)[: cfg.calibration_images]
     static = quantize_static_int8(optimised.path, calibration, StaticConfig(max_images=cfg.calibration_images))
     paths = {"ORT fp32 (plain)": plain.path, "ORT fp32 (optimised)": optimised.path, "ORT int8 dynamic": dynamic, "ORT int8 static": static}
     runners: dict[str, Runner] = {"eager fp32": eager_runner(subject.model, False), "eager bf16": eager_runner(subject.model, True)}
@@ -100,7 +101,7 @@ def build_variants(subject: Subject, workdir: Path, cfg: SpeedConfig) -> tuple[d
     info["ORT fp32 (plain)"]["exporter"] = plain.exporter
     info["ORT fp32 (optimised)"].update(exporter=optimised.exporter, fusions=optimised.optimization.fused,
                                         optimize_note=optimised.optimization.reason)
-    info["ORT int8 static"]["calibration"] = f"{StaticConfig().calibration}, {len(calibration)} images"  # the first ones
+    info["ORT int8 static"]["calibration"] = f"{StaticConfig().calibration}, {len(calibration)} images"
     return runners, info
 
 
@@ -192,11 +193,17 @@ def reference_subject(stock: Path, data: str | None, accuracy_images: int, minim
         note = "no CIFAR-10 found: timed on noise images, no accuracy" if accuracy_images > 0 else "accuracy not asked for"
         log(f"reference: {note}")
         return Subject(Path(stock).stem, model, noise_images(model, max(minimum, 64)), notes=[note])
-    test = load_folder(root / "test", Preprocess.for_model(model), labeled=True, class_names=class_names(model))
+    pre = Preprocess.for_model(model)
+    test = load_folder(root / "test", pre, labeled=True, class_names=class_names(model))
     keep = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:accuracy_images]
-    images = Preprocess.for_model(model).normalize(test.images[keep]).numpy()
-    note = f"accuracy on {len(keep)} CIFAR-10 test images (a seeded subset); static int8 calibrated on the first of them, unlabeled"
-    return Subject(Path(stock).stem, model, images, test.labels[keep].numpy(), notes=[note])
+    images = pre.normalize(test.images[keep]).numpy()
+    # Calibrated on training images, never on the images the accuracy is reported on.
+    train = load_folder(root / "train", pre, labeled=False)
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:minimum]
+    calibration = pre.normalize(train.images[pick]).numpy()
+    note = (f"accuracy on {len(keep)} CIFAR-10 test images (a seeded subset); static int8 calibrated on {len(pick)} "
+            "seeded CIFAR-10 training images, unlabeled")
+    return Subject(Path(stock).stem, model, images, test.labels[keep].numpy(), notes=[note], calibration=calibration)
 
 
 def vit_base_subject(count: int) -> Subject:
