@@ -19,7 +19,7 @@ from adaptsoup.deploy.predict import predict_folder
 from adaptsoup.deploy.runtime import ort_session
 from adaptsoup.core.models import model_meta, set_class_names
 from adaptsoup.core.checkpoint import save_checkpoint
-from adaptsoup.deploy.quantize import quantize_kinds
+from adaptsoup.deploy.quantize import StaticConfig, calibration_reader, quantize_kinds, quantize_static_int8
 
 from helpers import ARCH, CLASS_NAMES, MEAN, STD, logits, random_batch, tiny_model, write_noise_images
 
@@ -277,6 +277,69 @@ def test_static_int8_is_qdq_and_agrees_with_fp32(tmp_path):
     out = ort_session(check.path).run(None, {"input": random_batch(5).numpy()})[0]
     assert out.shape == (5, 3)
     assert sorted(os.listdir(tmp_path / "out")) == ["model.int8-static.onnx", "model.onnx"]
+
+
+def test_the_calibration_reader_has_equal_batches_a_length_and_ranges():
+    images = np.arange(11 * 2, dtype=np.float64).reshape(11, 2)
+    reader = calibration_reader(images, "input", 4)
+    assert len(reader) == 2  # 11 images in batches of 4: the last 3 are left out
+    batches = list(iter(reader.get_next, None))
+    assert [b["input"].shape for b in batches] == [(4, 2), (4, 2)] and batches[0]["input"].dtype == np.float32
+    reader.set_range(1, 5)
+    (only,) = list(iter(reader.get_next, None))
+    np.testing.assert_array_equal(only["input"], images[4:8].astype(np.float32))
+
+
+def _qdq_scales(path) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_scale")}
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(tmp_path_factory):
+    model = tiny_model(seed=5)
+    set_class_names(model, NAMES)
+    report = export_and_check(model, tmp_path_factory.mktemp("calib") / "model.onnx")
+    return Path(report.path)
+
+
+def test_static_calibration_streams_one_batch_at_a_time(fp32_onnx, monkeypatch):
+    """Each calibration step sees one batch, so memory holds one batch's activations, not all of them."""
+    from onnxruntime.quantization import calibrate
+
+    seen: list[int] = []
+    original = calibrate.HistogramCalibrater.collect_data
+
+    def counting(self, reader):
+        class Counted:
+            def get_next(self_inner):
+                item = reader.get_next()
+                if item is not None:
+                    seen[-1] += 1
+                return item
+        seen.append(0)
+        return original(self, Counted())
+
+    monkeypatch.setattr(calibrate.HistogramCalibrater, "collect_data", counting)
+    images = random_batch(20).numpy()
+    quantize_static_int8(fp32_onnx, images, StaticConfig(calibration="percentile", batch_size=4))
+    assert seen == [1] * 5
+
+
+def test_streamed_minmax_calibration_equals_calibrating_all_images_at_once(fp32_onnx, tmp_path):
+    images = random_batch(24).numpy()
+    scales = {}
+    for batch in (24, 4):
+        copy = tmp_path / f"b{batch}" / "model.onnx"
+        copy.parent.mkdir()
+        copy.write_bytes(fp32_onnx.read_bytes())
+        scales[batch] = _qdq_scales(quantize_static_int8(copy, images, StaticConfig(calibration="minmax", batch_size=batch)))
+    assert scales[24].keys() == scales[4].keys() and len(scales[24]) > 0
+    for name in scales[24]:
+        np.testing.assert_array_equal(scales[24][name], scales[4][name])
 
 
 def test_static_int8_needs_images(tmp_path, pico_model):
