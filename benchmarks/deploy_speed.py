@@ -10,8 +10,13 @@ Variants, per model and batch size: eager fp32, eager bf16 (autocast), ORT fp32 
 random weights (224 px).  All variants are timed in one process, alternating in rounds (the median of the
 rounds is reported), after a warm-up; ``--threads`` sets both torch's and onnxruntime's intra-op threads.
 With CIFAR-10 (``--data`` or ``../shared/datasets``), the reference stock's variants are also scored on
-``--accuracy-images`` test images; its static int8 model is calibrated on the first 512 of them, unlabeled,
-the way ``export --quantize static --images`` calibrates on the target images it is given.
+``--accuracy-images`` test images; its static int8 model is calibrated on 512 seeded CIFAR-10 *training*
+images, unlabeled, never on the images its accuracy is scored on.
+
+How close fp32 is to the machine: each model's FLOPs per image are counted (``torch.utils.flop_counter``)
+and each fp32 variant's images/s turned into GFLOP/s, against the **fp32 GEMM ceiling** measured in the
+same run: the faster of ``torch.mm`` and an onnxruntime ``MatMul`` on 2048x2048 float32 matrices, at the
+same threads. A variant near the ceiling cannot be made much faster in fp32 by any graph change.
 
 Writes benchmarks/results/deploy_speed.json and .md (atomically).  ``main(argv)`` assembles a dict of
 sections, one function each (:func:`eager_vs_onnx`); other sections can be added beside it.
@@ -152,17 +157,79 @@ def ratios(speeds: dict[str, dict]) -> dict[str, float]:
     return {label: round(rate[a] / rate[b], 3) for label, (a, b) in pairs.items() if a in rate and b in rate}
 
 
-def eager_vs_onnx(subject: Subject, cfg: SpeedConfig, workdir: Path, log: Callable[[str], None] = print) -> dict:
-    """Section: every variant's images/s at each batch size (and accuracy when ``subject`` has labels)."""
+FP32_VARIANTS = ("eager fp32", "ORT fp32 (plain)", "ORT fp32 (optimised)")
+
+
+def flops_per_image(model: torch.nn.Module, input_size: tuple[int, ...]) -> float:
+    """Floating-point operations (a multiply-add counts 2) of one forward pass on one image, as
+    ``torch.utils.flop_counter`` counts them (matrix products and attention; elementwise ops are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(torch.zeros(1, *input_size))
+    return float(counter.get_total_flops())
+
+
+def gemm_ceiling(threads: int, workdir: Path, size: int = 2048, rounds: int = 5) -> dict:
+    """GFLOP/s of a large float32 matrix product at ``threads`` threads, in torch (``torch.mm``) and in
+    onnxruntime (a one-node ``MatMul`` graph): what fp32 inference can reach on this machine at most."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])],
+                              [numpy_helper.from_array(b, "b")])
+    path = workdir / "gemm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    session = ort_session(path, threads=threads)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    runs = {"torch.mm": lambda: torch.mm(ta, tb), "onnxruntime MatMul": lambda: session.run(None, {"a": a})}
+    flops = 2.0 * size**3
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # warm-up
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            rates[name].append(flops / (time.perf_counter() - start) / 1e9)
+    gflops = {name: round(statistics.median(r), 1) for name, r in rates.items()}
+    return {"size": size, "threads": threads, "gflops": gflops, "ceiling_gflops": max(gflops.values())}
+
+
+def fp32_efficiency(speeds: dict[str, dict], gflop_per_image: float, ceiling: float) -> dict[str, dict]:
+    """GFLOP/s of each fp32 variant and its fraction of the GEMM ``ceiling``."""
+    out = {}
+    for name in FP32_VARIANTS:
+        if name in speeds:
+            rate = speeds[name]["images_per_s"] * gflop_per_image
+            out[name] = {"gflops": round(rate, 1), "of_ceiling": round(rate / ceiling, 3)}
+    return out
+
+
+def eager_vs_onnx(subject: Subject, cfg: SpeedConfig, workdir: Path, log: Callable[[str], None] = print,
+                  ceiling: float | None = None) -> dict:
+    """Section: every variant's images/s at each batch size (and accuracy when ``subject`` has labels); with the
+    fp32 GEMM ``ceiling`` (GFLOP/s), each fp32 variant's GFLOP/s and fraction of it."""
     torch.set_num_threads(cfg.threads)
+    gflop = flops_per_image(subject.model, tuple(subject.images.shape[1:])) / 1e9
     runners, files = build_variants(subject, workdir, cfg)
     rows = []
     for batch_size in cfg.batches:
         batch = np.ascontiguousarray(np.resize(subject.images, (batch_size, *subject.images.shape[1:])))
         speeds = time_variants(runners, batch, cfg)
-        rows.append({"batch": batch_size, "speeds": speeds, "ratios": ratios(speeds)})
+        row = {"batch": batch_size, "speeds": speeds, "ratios": ratios(speeds)}
+        if ceiling:
+            row["fp32_efficiency"] = fp32_efficiency(speeds, gflop, ceiling)
+        rows.append(row)
         log(f"{subject.name} batch {batch_size}: " + ", ".join(f"{n} {s['images_per_s']:.1f}/s" for n, s in speeds.items()))
-    section = {"model": subject.name, "input_size": list(subject.images.shape[1:]), "files": files, "rows": rows, "notes": subject.notes}
+    section = {"model": subject.name, "input_size": list(subject.images.shape[1:]), "gflop_per_image": float(f"{gflop:.6g}"),
+               "files": files, "rows": rows, "notes": subject.notes}
     if subject.labels is not None:
         section["accuracy"] = accuracy(runners, subject.images, subject.labels)
         section["accuracy_images"] = int(len(subject.labels))
@@ -251,6 +318,11 @@ def eager_vs_onnx_markdown(section: dict) -> list[str]:
     labels = list(section["rows"][0]["ratios"])
     lines += ["", "| batch | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
     lines += [f"| {row['batch']} | " + " | ".join(f"{row['ratios'][k]:.2f}x" for k in labels) + " |" for row in section["rows"]]
+    if all("fp32_efficiency" in row for row in section["rows"]):
+        lines += ["", f"fp32 GFLOP/s ({section['gflop_per_image']} GFLOP per image) and fraction of the GEMM ceiling:", "",
+                  "| batch | " + " | ".join(FP32_VARIANTS) + " |", "|---" * (len(FP32_VARIANTS) + 1) + "|"]
+        lines += [f"| {row['batch']} | " + " | ".join(f"{row['fp32_efficiency'][n]['gflops']:.1f} ({row['fp32_efficiency'][n]['of_ceiling']:.0%})"
+                                                       for n in FP32_VARIANTS) + " |" for row in section["rows"]]
     if "accuracy" in section:
         lines += ["", f"Top-1 accuracy on {section['accuracy_images']} images:", "",
                   "| " + " | ".join(section["accuracy"]) + " |", "|---" * len(section["accuracy"]) + "|",
@@ -263,6 +335,10 @@ def markdown(result: dict) -> str:
              f"CPU: {result['machine']['cpu']} ({result['machine']['cpu_count']} logical cores); {result['threads']} thread(s) "
              f"for torch and onnxruntime; median of {result['rounds']} alternating rounds. torch {result['machine'].get('torch')}, "
              f"onnxruntime {result['machine'].get('onnxruntime')}.", ""]
+    ceiling = result["sections"].get("fp32_ceiling")
+    if ceiling:
+        lines += [f"fp32 GEMM ceiling ({ceiling['size']}x{ceiling['size']}, {ceiling['threads']} thread(s)): "
+                  + ", ".join(f"{name} {g:.1f} GFLOP/s" for name, g in ceiling["gflops"].items()) + ".", ""]
     for section in result["sections"].get("eager_vs_onnx", []):
         lines += eager_vs_onnx_markdown(section)
     return "\n".join(lines)
@@ -307,14 +383,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"deploy_speed: --models takes reference and/or vit_base, got {args.models!r}")
     accuracy_images = min(args.accuracy_images, 64) if args.quick else args.accuracy_images
     torch.set_num_threads(cfg.threads)
-    sections: dict[str, list[dict]] = {"eager_vs_onnx": []}
+    sections: dict = {"eager_vs_onnx": []}
     with tempfile.TemporaryDirectory(prefix="deploy_speed.") as scratch:
+        sections["fp32_ceiling"] = gemm_ceiling(cfg.threads, Path(scratch), size=256 if cfg.quick else 2048,
+                                                rounds=1 if cfg.quick else cfg.rounds)
+        print(f"fp32 GEMM ceiling: {sections['fp32_ceiling']['gflops']} GFLOP/s")
         for name in models:
             subject = (reference_subject(Path(args.stock), args.data, accuracy_images, cfg.calibration_images, print) if name == "reference"
                        else vit_base_subject(max(cfg.calibration_images, max(cfg.batches))))
             workdir = Path(scratch) / name
             workdir.mkdir()
-            sections["eager_vs_onnx"].append(eager_vs_onnx(subject, cfg, workdir))
+            sections["eager_vs_onnx"].append(eager_vs_onnx(subject, cfg, workdir, ceiling=sections["fp32_ceiling"]["ceiling_gflops"]))
     env = environment()
     machine = {k: v for k, v in env.items() if k != "packages"}
     machine.update(cpu=cpu_name(), torch=env["packages"].get("torch"), onnxruntime=env["packages"].get("onnxruntime"))

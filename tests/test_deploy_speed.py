@@ -35,10 +35,25 @@ def test_quick_run_writes_every_variant_and_consistent_ratios(tmp_path):
     assert section["accuracy_images"] == 18 and set(section["accuracy"]) == set(deploy_speed.VARIANTS)
     assert all(0.0 <= a <= 100.0 for a in section["accuracy"].values())
     assert result["machine"]["cpu"]
+    ceiling = result["sections"]["fp32_ceiling"]
+    assert ceiling["ceiling_gflops"] == max(ceiling["gflops"].values()) > 0
+    assert section["gflop_per_image"] > 0
+    for row in section["rows"]:
+        for name, eff in row["fp32_efficiency"].items():
+            gflops = row["speeds"][name]["images_per_s"] * section["gflop_per_image"]
+            assert abs(eff["gflops"] - gflops) <= 0.05 + 1e-3 * gflops
+            assert abs(eff["of_ceiling"] - gflops / ceiling["ceiling_gflops"]) < 2e-3 + 1e-3 * eff["of_ceiling"]
 
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["sections"]["eager_vs_onnx"][0]["rows"] == section["rows"]
     md = out.with_suffix(".md").read_text()
     assert md.splitlines()[2].startswith("Command: `python benchmarks/deploy_speed.py --quick")
-    assert "ORT int8 static" in md and "Top-1 accuracy on 18 images" in md
+    assert "ORT int8 static" in md and "Top-1 accuracy on 18 images" in md and "fp32 GEMM ceiling" in md
     assert sorted(p.name for p in out.parent.iterdir()) == ["ds.json", "ds.md"]
+
+
+def test_flops_per_image_counts_a_multiply_add_as_two():
+    import torch
+
+    assert deploy_speed.flops_per_image(torch.nn.Linear(8, 4, bias=False), (8,)) == 2 * 8 * 4
+    assert deploy_speed.flops_per_image(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 3)), (8,)) == 2 * (8 * 4 + 4 * 3)
