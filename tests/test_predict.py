@@ -259,9 +259,12 @@ def test_the_command_defaults_to_the_library_batch_size():
 def test_the_throughput_benchmark_compares_predict_with_raw_onnxruntime(model_path, folder):
     from adaptsoup_bench.predict_speed import markdown, predict_vs_raw
 
-    row = predict_vs_raw(model_path, folder, batch_size=4, threads=1)
+    row = predict_vs_raw(model_path, folder, batch_size=4, threads=1, rounds=3)
     assert row["images"] == len(MESSY_GOOD) + 14 and row["skipped"] == len(MESSY_BAD) + 1
+    assert row["rounds"] == 3 and len(row["predict_rounds_images_per_s"]) == 3
+    assert row["predict_images_per_s"] == pytest.approx(sorted(row["predict_rounds_images_per_s"])[1], abs=0.051)
     assert row["ratio"] == pytest.approx(row["predict_images_per_s"] / row["raw_images_per_s"], rel=0.01)
+    assert 0 < row["first_ratio"]
     assert row["raw_images_per_s"] == max(row["raw_spin_images_per_s"], row["raw_no_spin_images_per_s"])
     assert row["predict_memory"]["rss_peak_mb"] > 0
     text = markdown({"command": "c", "commit": "abc", "source_dirty": False, "machine": {"cpu": "CPU", "cpu_count": 2},
