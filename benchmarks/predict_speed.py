@@ -14,6 +14,11 @@ a temporary folder), in a fresh process (so that one measurement's freed memory 
   timed over them, batch by batch, at the same batch size and threads (after one warm-up batch), with
   onnxruntime's idle threads spinning (its default) and not (as predict runs it); the faster counts.
 
+``decode_us_per_image``: the time to decode and normalise the folder in memory (the raw runs' input, files
+in the page cache by then), per image; ``one_core_ceiling`` = 1 / (1 + raw images/s x decode time): the
+ratio a predict that did nothing but decode and infer could reach on one core, where the two cannot
+overlap.
+
 ``ratio`` = median predict images/s / median raw images/s over the rounds (issue #16 asks for at least 0.9):
 alternating the two within one process keeps a drift of the machine (another job's phases on a shared CPU)
 out of the ratio. ``first_ratio`` is the first round's alone: a cold start (the process's first onnxruntime
@@ -65,7 +70,9 @@ def predict_vs_raw(onnx_path: str | Path, folder: str | Path, batch_size: int, t
                 report = predict_folder(onnx_path, folder, Path(tmp) / "predictions.csv", batch_size=batch_size, threads=threads)
         predict_rates.append(report.images / report.seconds)
         if inputs is None:
+            start = time.perf_counter()
             inputs = decoded_inputs(onnx_path, folder)
+            decode_s = time.perf_counter() - start
         for spin in (False, True):
             raw[spin].append(session_images_per_s(onnx_path, inputs, batch_size, threads, spin))
     raw_median = {spin: statistics.median(rates) for spin, rates in raw.items()}
@@ -77,6 +84,8 @@ def predict_vs_raw(onnx_path: str | Path, folder: str | Path, batch_size: int, t
             "raw_images_per_s": round(best, 1), "raw_no_spin_images_per_s": round(raw_median[False], 1),
             "raw_spin_images_per_s": round(raw_median[True], 1), "ratio": round(predict_rate / best, 3),
             "first_ratio": round(predict_rates[0] / max(raw[False][0], raw[True][0]), 3),
+            "decode_us_per_image": round(decode_s / len(inputs) * 1e6, 1),
+            "one_core_ceiling": round(1.0 / (1.0 + best * decode_s / len(inputs)), 3),
             "predict_memory": memory.to_dict()}
 
 
@@ -151,13 +160,14 @@ def markdown(result: dict) -> str:
              f"threads), model {result['model']}, batch {result['batch_size']}, wall time {result['wall_time_s']:.0f} s."]
     lines += [f"\n> {note}" for note in result["notes"]]
     lines += ["", "Medians of the rounds, predict and raw alternating in one process; the first round alone (a cold start) beside them.", "",
-              "| images | rounds | predict images/s (each round) | raw session.run images/s (no spin / spin) | ratio | first-round ratio | predict peak RSS MB | RSS rise during predict MB |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| images | rounds | predict images/s (each round) | raw session.run images/s (no spin / spin) | ratio | first-round ratio | decode µs/image | one-core ceiling | predict peak RSS MB | RSS rise during predict MB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         mem = r["predict_memory"]
         each = ", ".join(str(x) for x in r.get("predict_rounds_images_per_s", []))
         lines.append(f"| {r['images']} | {r.get('rounds', 1)} | {r['predict_images_per_s']} ({each}) | {r['raw_no_spin_images_per_s']} / "
-                     f"{r['raw_spin_images_per_s']} | {r['ratio']:.2f} | {r.get('first_ratio', r['ratio']):.2f} | {mem['rss_peak_mb']} | {mem['rss_rise_mb']} |")
+                     f"{r['raw_spin_images_per_s']} | {r['ratio']:.2f} | {r.get('first_ratio', r['ratio']):.2f} | {r.get('decode_us_per_image', '—')} | "
+                     f"{r.get('one_core_ceiling', '—')} | {mem['rss_peak_mb']} | {mem['rss_rise_mb']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -264,7 +264,8 @@ def test_the_throughput_benchmark_compares_predict_with_raw_onnxruntime(model_pa
     assert row["rounds"] == 3 and len(row["predict_rounds_images_per_s"]) == 3
     assert row["predict_images_per_s"] == pytest.approx(sorted(row["predict_rounds_images_per_s"])[1], abs=0.051)
     assert row["ratio"] == pytest.approx(row["predict_images_per_s"] / row["raw_images_per_s"], rel=0.01)
-    assert 0 < row["first_ratio"]
+    assert 0 < row["first_ratio"] and row["decode_us_per_image"] > 0
+    assert row["one_core_ceiling"] == pytest.approx(1 / (1 + row["raw_images_per_s"] * row["decode_us_per_image"] * 1e-6), abs=2e-3)
     assert row["raw_images_per_s"] == max(row["raw_spin_images_per_s"], row["raw_no_spin_images_per_s"])
     assert row["predict_memory"]["rss_peak_mb"] > 0
     text = markdown({"command": "c", "commit": "abc", "source_dirty": False, "machine": {"cpu": "CPU", "cpu_count": 2},
