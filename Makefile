@@ -40,6 +40,7 @@ benchmarks: stock
 	$(BIN)/python -m adaptsoup_bench.precision_speed
 	$(BIN)/python benchmarks/deploy_speed.py
 	$(BIN)/python -m adaptsoup_bench.predict_speed
+	$(BIN)/python -m adaptsoup_bench.static_calibration
 	$(BIN)/python -m adaptsoup_bench.soup_memory --self-season
 
 clean:
