@@ -49,3 +49,11 @@ def test_any_recipe_validates_or_is_refused_in_one_line(tmp_path, recipe):
     except AdaptsoupError as exc:
         message = str(exc)
         assert message and "\n" not in message and "Traceback" not in message, message
+
+
+def test_every_adaptsoup_error_is_one_line():
+    from adaptsoup.errors import DataError, one_line
+
+    assert one_line("plain text, é and ü") == "plain text, é and ü"
+    assert str(AdaptsoupError("a\nb\r\tc\x1b")) == "a\\nb\\r\\tc\\x1b"
+    assert str(DataError("folder not found: /data/new\nline")) == "folder not found: /data/new\\nline"

@@ -148,7 +148,7 @@ def _build(cls, raw: Any, section: str):
         what = f"[{section}]" if section else "a recipe"
         raise AdaptsoupError(f"{what} must be a table of settings (key = value), got {_shown(raw)}")
     known = {f.name: f for f in fields(cls)}
-    unknown = [_key_shown(k) for k in raw if k not in known]
+    unknown = [str(k) for k in raw if k not in known]
     if unknown:
         where = f"[{section}] " if section else ""
         raise AdaptsoupError(f"unknown recipe key(s) {where}{', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -194,13 +194,6 @@ def _scalar(value: Any, kind: str, path: str) -> Any:
     if not ok:
         raise AdaptsoupError(f"{path}: expected {_NAMES[kind]}, got {_shown(value)}")
     return float(value) if kind == "float" else value
-
-
-def _key_shown(key: Any) -> str:
-    """A key as the user wrote it, or quoted with escapes when it holds anything but printable characters
-    (so that the one-line error stays on one line)."""
-    text = str(key)
-    return text if text.isprintable() and text.strip() == text and text else repr(text)
 
 
 def _shown(value: Any) -> str:
