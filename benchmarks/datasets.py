@@ -9,6 +9,9 @@ import os
 import tarfile
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from adaptsoup.core.data import default_cache_dir
 from adaptsoup.errors import DataError
 from adaptsoup.core.io import atomic_path
@@ -77,3 +80,16 @@ def unpack_cifar10(tarball: Path) -> Path:
     with atomic_path(marker) as tmp:
         tmp.write_text(str(tarball.stat().st_size))
     return dest
+
+
+CALIBRATION_SEED = 1  # the permutation of CIFAR-10's training images that int8 calibration draws from
+
+
+def calibration_split(count: int, calibration: int, check: int = 0, seed: int = CALIBRATION_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint index sets of ``count`` images: ``calibration`` images for static int8 calibration (the first of a
+    seeded permutation; ``benchmarks/deploy_speed.py`` calibrates on them) and the next ``check`` ones, to
+    compare calibrations on images none of them was calibrated on."""
+    if calibration + check > count:
+        raise SystemExit(f"{calibration} + {check} images asked, the folder holds {count}")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).numpy()
+    return order[:calibration], order[calibration : calibration + check]

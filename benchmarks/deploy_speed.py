@@ -252,7 +252,7 @@ def reference_subject(stock: Path, data: str | None, accuracy_images: int, minim
     """The reference stock with CIFAR-10 test images (a seeded subset of ``accuracy_images``) when found, else noise."""
     from adaptsoup.core.data import load_folder
     from adaptsoup.core.models import class_names, load_model
-    from adaptsoup_bench.datasets import find_cifar10
+    from adaptsoup_bench.datasets import calibration_split, find_cifar10
 
     model = load_model(None, stock).eval()
     root = find_cifar10(data) if accuracy_images > 0 else None
@@ -266,8 +266,8 @@ def reference_subject(stock: Path, data: str | None, accuracy_images: int, minim
     images = pre.normalize(test.images[keep]).numpy()
     # Calibrated on training images, never on the images the accuracy is reported on.
     train = load_folder(root / "train", pre, labeled=False)
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:minimum]
-    calibration = pre.normalize(train.images[pick]).numpy()
+    pick, _ = calibration_split(len(train), min(minimum, len(train)))
+    calibration = pre.normalize(train.images[torch.from_numpy(pick)]).numpy()
     note = (f"accuracy on {len(keep)} CIFAR-10 test images (a seeded subset); static int8 calibrated on {len(pick)} "
             "seeded CIFAR-10 training images, unlabeled")
     return Subject(Path(stock).stem, model, images, test.labels[keep].numpy(), notes=[note], calibration=calibration)

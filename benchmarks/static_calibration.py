@@ -21,26 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def held_out_split(count: int, calibration: int, check: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint index sets: the calibration images (the first ``calibration`` of a seeded permutation, as
-    deploy_speed draws them) and the check images (the next ``check``)."""
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).numpy()
-    if calibration + check > count:
-        raise SystemExit(f"static_calibration: {calibration} + {check} images asked, the folder holds {count}")
-    return order[:calibration], order[calibration : calibration + check]
-
-
-def agreement(int8_logits: np.ndarray, fp32_logits: np.ndarray) -> dict:
-    """Top-1 agreement (percent) and mean / max absolute logit difference of an int8 model against fp32."""
-    diff = np.abs(int8_logits - fp32_logits)
-    return {"top1_agreement": round(float((int8_logits.argmax(1) == fp32_logits.argmax(1)).mean() * 100), 2),
-            "mean_abs_diff": round(float(diff.mean()), 5), "max_abs_diff": round(float(diff.max()), 4)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,23 +32,23 @@ def main(argv: list[str] | None = None) -> dict:
     from adaptsoup.core.manifest import cpu_model, git_commit, git_dirty
     from adaptsoup.core.models import load_model
     from adaptsoup.deploy.onnx import export_onnx
-    from adaptsoup.deploy.quantize import CALIBRATIONS, StaticConfig, quantize_static_int8
+    from adaptsoup.deploy.quantize import CALIBRATIONS, StaticConfig, quantize_and_compare
     from adaptsoup.deploy.runtime import onnx_logits, ort_session
-    from adaptsoup_bench.datasets import default_stock_path, require_cifar10
+    from adaptsoup_bench.datasets import CALIBRATION_SEED, calibration_split, default_stock_path, require_cifar10
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="CIFAR-10 (see benchmarks/datasets.py)")
     parser.add_argument("--stock", default=str(default_stock_path()))
     parser.add_argument("--calibration-images", type=int, default=512)
     parser.add_argument("--check-images", type=int, default=5000)
-    parser.add_argument("--seed", type=int, default=1, help="the permutation of the training images (deploy_speed's is 1)")
+    parser.add_argument("--seed", type=int, default=CALIBRATION_SEED, help="the permutation of the training images (deploy_speed's by default)")
     parser.add_argument("--out", default=str(RESULTS / "static_calibration"), help="output prefix (.json and .md are added)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     model = load_model(None, args.stock).eval()
     pre = Preprocess.for_model(model)
     train = load_folder(require_cifar10(args.data) / "train", pre, labeled=False)
-    calib_idx, check_idx = held_out_split(len(train), args.calibration_images, args.check_images, args.seed)
+    calib_idx, check_idx = calibration_split(len(train), args.calibration_images, args.check_images, args.seed)
     calibration = pre.normalize(train.images[torch.from_numpy(calib_idx)]).numpy()
     check = pre.normalize(train.images[torch.from_numpy(check_idx)]).numpy()
     rows = {}
@@ -73,9 +56,10 @@ def main(argv: list[str] | None = None) -> dict:
         fp32 = export_onnx(model, Path(tmp) / "model.onnx", log=lambda _line: None).path
         fp32_logits = onnx_logits(ort_session(fp32), check)
         for method in CALIBRATIONS:
-            path = quantize_static_int8(fp32, calibration, StaticConfig(calibration=method, max_images=args.calibration_images))
-            rows[method] = agreement(onnx_logits(ort_session(path), check), fp32_logits)
-            Path(path).unlink()
+            result = quantize_and_compare(Path(fp32), check, fp32_logits, kind="static", calibration=calibration,
+                                          config=StaticConfig(calibration=method, max_images=args.calibration_images))
+            rows[method] = {"top1_agreement": round(result.top1_agreement, 2), "mean_abs_diff": round(result.mean_abs_diff, 5),
+                            "max_abs_diff": round(result.max_abs_diff, 4)}
             print(f"{method}: {rows[method]}", flush=True)
     best = max(rows, key=lambda m: (rows[m]["top1_agreement"], -rows[m]["mean_abs_diff"]))
     result = {"command": shlex.join(["python", "-m", "adaptsoup_bench.static_calibration", *(sys.argv[1:] if argv is None else argv)]),

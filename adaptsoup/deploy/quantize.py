@@ -145,6 +145,14 @@ def quantize_static_int8(path: str | os.PathLike, images: np.ndarray, config: St
     return out
 
 
+def compare_logits(got: np.ndarray, fp32_logits: np.ndarray) -> dict[str, float]:
+    """How far an int8 model's logits ``got`` are from the fp32 model's on the same images: the largest and
+    the mean absolute difference, and the percent of images whose top-1 class agrees."""
+    diff = np.abs(got - fp32_logits)
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "top1_agreement": float((got.argmax(1) == fp32_logits.argmax(1)).mean() * 100)}
+
+
 @dataclass
 class Int8Check:
     path: str
@@ -153,6 +161,7 @@ class Int8Check:
     top1_agreement: float  # percent of the batch where int8 and fp32 agree
     accuracy: float | None = None
     kind: str = "dynamic"
+    mean_abs_diff: float | None = None  # against the fp32 ONNX model's logits
 
 
 def quantize_and_compare(path: Path, batch: np.ndarray, fp32_logits: np.ndarray,
@@ -169,8 +178,7 @@ def quantize_and_compare(path: Path, batch: np.ndarray, fp32_logits: np.ndarray,
         qpath = quantize_int8(path)
     session = ort_session(qpath)
     got = onnx_logits(session, batch)
-    check = Int8Check(path=str(qpath), size_bytes=qpath.stat().st_size, max_abs_diff=float(np.abs(got - fp32_logits).max()),
-                      top1_agreement=float((got.argmax(1) == fp32_logits.argmax(1)).mean() * 100), kind=kind)
+    check = Int8Check(path=str(qpath), size_bytes=qpath.stat().st_size, kind=kind, **compare_logits(got, fp32_logits))
     if images is not None and labels is not None:
         check.accuracy = float((onnx_logits(session, images).argmax(1) == labels).mean() * 100)
     return check
