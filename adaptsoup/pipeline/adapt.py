@@ -34,7 +34,8 @@ from adaptsoup.pipeline.finetune_back import finetune_back
 from adaptsoup.pipeline.inter_train import inter_train
 from adaptsoup.pipeline.plan import Plan, plan_run
 from adaptsoup.pipeline.recipe import AdaptConfig
-from adaptsoup.pipeline.shard import FINISH, Shard, release
+from adaptsoup.pipeline.claims import FINISH
+from adaptsoup.pipeline.shard import Shard
 from adaptsoup.pipeline.soups import mixed_soups, uniform_soups
 from adaptsoup.pipeline.tta import adapt_at_test_time
 
@@ -57,14 +58,24 @@ def run_adapt(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | 
               on_step: Callable[[str, int], None] | None = None, shard: Shard | None = None) -> AdaptResult:
     """Run (or resume) an adapt job as configured (its ``shard`` of the grid only, if given); returns where
     everything was written.  Under torchrun, the soups, evaluation, mixing and TTA run on rank 0 while the
-    other ranks wait."""
+    other ranks wait.  Units that another live job is making are left to it (see :mod:`~adaptsoup.pipeline.claims`)."""
     ctx = open_run(cfg, progress=progress, echo=echo, command=command, on_step=on_step, shard=shard)
+    try:
+        return _run_stages(ctx)
+    finally:
+        ctx.close()
+
+
+def _run_stages(ctx: RunContext) -> AdaptResult:
     plan = plan_adapt(ctx)
     inter_train(ctx, plan)
     finetune_back(ctx, plan)
-    missing = [ing.name for ing in plan.ingredients if not ctx.run_dir.ingredient(ing.name).is_file()]
-    if missing or (shard is not None and not ctx.claim(FINISH)):
+    missing = ctx.on_main(lambda: [ing.name for ing in plan.ingredients if not ctx.run_dir.ingredient(ing.name).is_file()])
+    if missing:
         return shard_done(ctx, plan, missing)
+    finished_before = (lambda: ctx.claims.is_done(FINISH)) if ctx.shard is not None else None  # --resume may always finish again
+    if not ctx.claim(FINISH, done=finished_before):
+        return already_finished(ctx, plan) if ctx.on_main(lambda: ctx.claims.is_done(FINISH)) else shard_done(ctx, plan, [])
     with main_then_barrier() as main:
         if main:
             uniform_soups(ctx, plan)
@@ -86,32 +97,43 @@ def plan_adapt(ctx: RunContext) -> Plan:
 
 
 def shard_done(ctx: RunContext, plan: Plan, missing: list[str]) -> AdaptResult:
-    """A shard whose part is made but that does not write the soups: other shards' ingredients are still
-    missing, or another job is writing them."""
+    """A job whose part of the grid is made but that does not write the soups: other jobs' ingredients are
+    still missing, or another job is writing the soups."""
     label = ctx.job_label
+    who = f"shard {label}" if ctx.shard else "this job"
     if missing:
-        ctx.log(f"shard {label}: its part of the grid is done; {len(missing)} of {len(plan.ingredients)} ingredients are other "
-                f"shards' to make; the last shard to finish (or adapt --resume {ctx.run_dir.root}) writes the soups")
+        others = f" ({', '.join(ctx.left_to_others)} left to live jobs)" if ctx.left_to_others else ""
+        ctx.log(f"{who}: its part of the grid is done; {len(missing)} of {len(plan.ingredients)} ingredients are other jobs' "
+                f"to make{others}; the last job to finish (or adapt --resume {ctx.run_dir.root}) writes the soups")
     else:
-        ctx.log(f"shard {label}: its part of the grid is done; the soups are another job's to write")
-    ctx.manifest.data.setdefault("shards", {}).setdefault(label, {}).update(status="done", wall_s=round(ctx.elapsed(), 2))
-    ctx.manifest.data.setdefault("status", "partial")
-    ctx.manifest.save()
+        ctx.log(f"{who}: its part of the grid is done; the soups are another job's to write")
+    if ctx.world.is_main:
+        ctx.manifest.data.setdefault("shards", {}).setdefault(label, {}).update(status="done", wall_s=round(ctx.elapsed(), 2))
+        ctx.manifest.data.setdefault("status", "partial")
+        ctx.manifest.save()
     result = finish(ctx, plan, {}, None, complete=False)
     result.missing = missing
     return result
 
 
-def finish(ctx: RunContext, plan: Plan, mixes: dict, tta: dict | None, *, complete: bool = True) -> AdaptResult:
-    """Mark the run complete in its manifest and say where everything is."""
+def already_finished(ctx: RunContext, plan: Plan) -> AdaptResult:
+    """A shard that finds the run finished (a requeued array task): nothing is made or written again."""
+    ctx.log(f"shard {ctx.job_label}: the run is complete (the soups were written by an earlier job); nothing to do")
+    ctx.reload_manifest()
+    mixes = ctx.manifest.data.get("mixes", {})
+    return finish(ctx, plan, {m: mixes[m] for m in ctx.cfg.mix if m in mixes}, ctx.manifest.data.get("tta"), record=False)
+
+
+def finish(ctx: RunContext, plan: Plan, mixes: dict, tta: dict | None, *, complete: bool = True, record: bool = True) -> AdaptResult:
+    """Mark the run complete in its manifest (rank 0; ``record`` False: it already is) and say where everything is."""
     manifest = ctx.manifest
-    if complete:
+    if complete and record and ctx.world.is_main:
         manifest.data["timings_s"]["total_this_invocation"] = ctx.elapsed()
         manifest.data["status"] = "complete"
         if ctx.shard is not None:
             manifest.data["shards"][ctx.shard.label].update(status="done, wrote the soups", wall_s=round(ctx.elapsed(), 2))
-            release(ctx.run_dir.root, FINISH)
         manifest.save()
+        ctx.claims.mark_done(FINISH)
     soups = manifest.data.get("soups", {})
     return AdaptResult(
         run_dir=ctx.run_dir.root, soup_path=ctx.run_dir.soup(SOUP),

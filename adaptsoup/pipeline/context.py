@@ -28,8 +28,12 @@ from adaptsoup.errors import AdaptsoupError
 from adaptsoup.pipeline.diversity import add_parameter_noise, name_seed, tensor_stds
 from adaptsoup.pipeline.inputs import RunInputs, load_inputs
 from adaptsoup.pipeline.recipe import AdaptConfig, validate
-from adaptsoup.pipeline.shard import UNSHARDED, Shard, claim, describe, release
+from adaptsoup.pipeline.claims import DONE, OTHER, TAKEN_OVER, Claims
+from adaptsoup.pipeline.shard import UNSHARDED, Shard
 from adaptsoup.pipeline.start import protocol
+
+
+CLAIM_POLL_S = 2.0  # how often a job waiting for a unit another job is making looks again
 
 
 @dataclass
@@ -46,35 +50,61 @@ class RunContext:
     world: World = field(default_factory=World)  # this process among torchrun's data-parallel ranks
     shard: Shard | None = None  # this job's part of the grid (``--shard``); None: all of it
 
+    claims: Claims | None = None  # this job's claims on units of the run directory (made by ``__post_init__``)
+    left_to_others: list[str] = field(default_factory=list)  # units a live job held when this one came to them
+
+    def __post_init__(self) -> None:
+        if self.claims is None:
+            self.claims = Claims(self.run_dir.root, self.job_label)
+
     @property
     def job_label(self) -> str:
         return self.shard.label if self.shard else UNSHARDED
 
-    def claim(self, name: str) -> bool:
-        """Claim the training run ``name`` for this job (:mod:`~adaptsoup.pipeline.shard`); False when
-        another shard holds it.  Rank 0 claims, every rank learns its answer."""
-        outcome = distributed.from_main(claim(self.run_dir.root, name, self.job_label) if self.world.is_main else None)
-        if outcome == "taken over":
-            self.log(f"{name}: taking over the claim of an earlier job of "
-                     + (f"shard {self.job_label}" if self.shard else "this run") + " (it resumes from its state file)")
-        if outcome != "other":
-            return True
-        held = distributed.from_main(describe(self.run_dir.root, name) if self.world.is_main else None)
-        if self.shard is None:
-            raise AdaptsoupError(f"{name} is {held}: let that shard finish or rerun it (or delete "
-                                 f"{self.run_dir.root / 'claims' / (name + '.json')} if no job will)")
-        self.log(f"{name}: {held}; not trained here")
-        return False
+    @property
+    def waits(self) -> bool:
+        """Whether a unit held by a live job is waited for (a shard: its units are its own, and a requeued task
+        resumes one whose old job dies) rather than left to that job (``adapt --resume`` by hand: jobs split the grid)."""
+        return self.shard is not None
 
-    def state_name(self, name: str) -> str:
-        """The resume file's name of a training run that every shard may do (a decoder warm-up): its own per shard."""
-        return f"{name}.shard{self.shard.index}of{self.shard.count}" if self.shard else name
+    def on_main(self, decide: Callable[[], object]):
+        """``decide()`` on rank 0, its answer on every rank: decisions that read the run directory are made once."""
+        return distributed.from_main(decide() if self.world.is_main else None)
+
+    def claim(self, name: str, done: Callable[[], bool] | None = None, *, wait: bool = False) -> bool:
+        """Whether this job makes the unit ``name`` (:mod:`~adaptsoup.pipeline.claims`): False when ``done()``
+        (checked before and after the claim is won) or when a live job holds it; with ``wait``, wait for that job
+        instead and then decide again.  Rank 0 decides, every rank learns its answer."""
+        return self.on_main(lambda: self._claim(name, done, wait))
+
+    def _claim(self, name: str, done: Callable[[], bool] | None, wait: bool) -> bool:
+        waited = False
+        while True:
+            outcome = self.claims.claim(name, done)
+            if outcome == DONE:
+                return False
+            if outcome == TAKEN_OVER:
+                self.log(f"{name}: taking over the claim of a job that is gone (it resumes from its state file)")
+            if outcome != OTHER:
+                return True
+            if not wait:
+                self.log(f"{name}: {self.claims.describe(name)}; left to that job")
+                self.left_to_others.append(name)
+                return False
+            if not waited:
+                self.log(f"{name}: {self.claims.describe(name)}; waiting for it")
+                waited = True
+            time.sleep(CLAIM_POLL_S)
 
     def written(self, name: str) -> None:
         """``name`` is on disk: drop its claim (rank 0), and let every rank go on once it is (a barrier)."""
         if self.world.is_main:
-            release(self.run_dir.root, name)
+            self.claims.release(name)
         distributed.barrier()
+
+    def close(self) -> None:
+        """The job has ended (finished or not): what it still claims may be taken over by the next job."""
+        self.claims.close()
 
     def step_hook(self, name: str) -> Callable[[int, float], None] | None:
         """``train``'s ``on_step`` for the training run ``name``."""
@@ -145,7 +175,7 @@ class PrecisionMemo(MutableMapping):
 def open_manifest(run_dir: RunDir, world: World, shard: Shard | None) -> Manifest:
     """The run's manifest: written by rank 0 only; saved merged under a lock when shards share it."""
     manifest = Manifest.load_or_new(run_dir.manifest, kind="adapt")
-    manifest.writable, manifest.shared = world.is_main, shard is not None or "shards" in manifest.data
+    manifest.writable, manifest.shared = world.is_main, True  # jobs may share a run directory, sharded or not
     return manifest
 
 

@@ -30,14 +30,20 @@ def finetune_back(ctx: RunContext, plan: Plan) -> None:
     with ctx.timed("fine_tune", accumulate=True):
         task = ctx.progress.add_task("ingredients", total=len(plan.ingredients))
         for done, ing in enumerate(plan.ingredients, start=1):
-            if (not ctx.run_dir.ingredient(ing.name).is_file() and owns(ctx.shard, plan, ing)
-                    and ctx.claim(f"ingredient.{ing.name}")):
+            if (owns(ctx.shard, plan, ing) and ctx.on_main(lambda: _encoder_ready(ctx, ing))
+                    and ctx.claim(f"ingredient.{ing.name}", done=ctx.run_dir.ingredient(ing.name).is_file, wait=ctx.waits)):
                 if ing.finetune is None:
                     keep_encoder(ctx, ing)
                 else:
                     finetune_one(ctx, ing)
             ctx.progress.update(task, completed=done)
         ctx.progress.remove_task(task)
+
+
+def _encoder_ready(ctx: RunContext, ing: Ingredient) -> bool:
+    """Whether the encoder ``ing`` starts from is on disk (the stock always is); one that another job is
+    still inter-training leaves its ingredients to that job."""
+    return ing.inter is None or ctx.run_dir.inter(ing.inter.name).is_file()
 
 
 def keep_encoder(ctx: RunContext, ing: Ingredient) -> None:

@@ -47,21 +47,21 @@ def prepare_decoder(ctx: RunContext, mae: MaskedAutoencoder, run: InterRun, deco
         return
     origin = "stock" if loaded else "fresh"
     warm = ctx.run_dir.decoder_warmup(origin, mae.decoder_config.depth, run.mask_ratio)
-    if warm.is_file():
-        mae.load_decoder_state_dict(read_checkpoint(warm)[0])
-        return
     if inter.decoder_warmup_steps <= 0:
         ctx.log("decoder warm-up disabled (decoder_warmup_steps = 0): inter-training starts from "
                 + ("the stock's decoder as it is" if loaded else "a random decoder"))
+        return
+    if not ctx.claim(warm.stem, done=warm.is_file, wait=True):  # made already, or by the job this one waited for
+        mae.load_decoder_state_dict(read_checkpoint(warm)[0])
         return
     tcfg = TrainConfig(steps=inter.decoder_warmup_steps, lr=inter.decoder_warmup_lr, batch_size=inter.batch_size, weight_decay=inter.weight_decay,
                        warmup_frac=0.1, augment=inter.augment, seed=ctx.cfg.seed, precision=ctx.cfg.precision, device=ctx.cfg.device,
                        checkpoint_every_s=ctx.cfg.checkpoint_every_s)
     ctx.log(f"decoder warm-up ({'from the stock decoder' if loaded else 'fresh decoder'}): {tcfg.steps} steps, lr {tcfg.lr:g}, encoder frozen")
     with frozen(mae.encoder):
-        train(mae, mae_loss, data, ctx.inputs.preprocess, tcfg, state_path=ctx.run_dir.state(ctx.state_name(warm.stem)),
+        train(mae, mae_loss, data, ctx.inputs.preprocess, tcfg, state_path=ctx.run_dir.state(warm.stem),
               progress=ctx.progress, description="decoder warm-up", precision_memo=ctx.precision_memo)
-    if ctx.world.is_main:  # every shard that needs it warms it up alike; the file is written atomically
+    if ctx.world.is_main:
         save_checkpoint(warm, mae.decoder_state_dict(), None)
     ctx.written(warm.stem)
 
