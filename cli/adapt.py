@@ -24,6 +24,7 @@ def adapt(
     eval_dirs: Optional[List[Path]] = typer.Option(None, "--eval", help="Labeled folder to report top-1 on (repeatable)."),
     vanilla: Optional[int] = typer.Option(None, min=0, help="Also fine-tune the stock this many times without inter-training (supervised soup)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Recipe file (.toml or .yaml); flags override it."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A named recipe under --config and the flags. task-vector: the deployed model + the target's MAE task vector (needs --pretrained; no --source), the label-free recipe that won on held-out CIFAR-10-C; check its deploy recommendation (every run ends with one)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory with its recorded recipe (only --mix/--tta settings may change)."),
     ssl: Optional[str] = typer.Option(None, "--ssl", help="Self-supervised losses, comma-separated: mae, mocov3, mmcr (per-algorithm grids in --config)."),
     inter_lrs: Optional[str] = typer.Option(None, help="Inter-training learning rates, comma-separated (grid axis)."),
@@ -81,7 +82,7 @@ def adapt(
             "steps": ft_steps, "augment": ft_augment, "batch_size": batch_size,
         },
     }
-    request = AdaptRequest(settings=settings, recipe_file=config, resume=resume, command=command_line(), shard=shard)
+    request = AdaptRequest(settings=settings, recipe_file=config, resume=resume, command=command_line(), shard=shard, preset=preset)
     with progress_bars(progress) as bars:
         result = run_adapt_job(request, progress=bars, echo=log_line)
     if not world().is_main:

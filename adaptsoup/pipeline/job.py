@@ -1,6 +1,7 @@
 """One ``adaptsoup adapt`` invocation as a library call: :class:`AdaptRequest` -> :func:`run_adapt_job`.
 
-A new run's recipe is the defaults, then the recipe file, then the settings given as flags.  A resumed run
+A new run's recipe is the defaults, then a named preset (``--preset``), then the recipe file, then the
+settings given as flags.  A resumed run
 takes the recipe recorded in its manifest; only what happens after the soups (``mix``, ``tta`` and their
 settings) may be given again, to mix or adapt a finished run differently.
 
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.pipeline.adapt import AdaptResult, run_adapt
+from adaptsoup.pipeline.presets import check_requirements, preset_settings
 from adaptsoup.pipeline.recipe import AdaptConfig, load_recipe_file, merge
 from adaptsoup.pipeline.shard import Shard
 
@@ -33,6 +35,7 @@ class AdaptRequest:
     resume: Path | None = None  # a run directory to continue with its recorded recipe
     command: str | None = None  # recorded in the manifest
     shard: str | None = None  # "I/N": this job's part of the grid (see adaptsoup.pipeline.shard)
+    preset: str | None = None  # a named recipe under the recipe file and the flags (adaptsoup.pipeline.presets)
 
 
 def run_adapt_job(request: AdaptRequest, *, progress=None, echo: Callable[[str], None] | None = print) -> AdaptResult:
@@ -45,8 +48,12 @@ def resolve_config(request: AdaptRequest) -> AdaptConfig:
     """The recipe the request asks for (see the module docstring)."""
     if request.resume is not None:
         return _resumed_config(request)
-    raw = load_recipe_file(request.recipe_file) if request.recipe_file else {}
-    cfg = AdaptConfig.from_dict(merge(raw, request.settings))
+    raw = preset_settings(request.preset) if request.preset else {}
+    raw = merge(raw, load_recipe_file(request.recipe_file)) if request.recipe_file else raw
+    merged = merge(raw, request.settings)
+    if request.preset:
+        check_requirements(request.preset, merged)
+    cfg = AdaptConfig.from_dict(merged)
     missing = [f"--{n}" for n in REQUIRED if not getattr(cfg, n) and (n != "source" or cfg.finetune_back)]
     if missing:
         raise AdaptsoupError(f"missing {', '.join(missing)} (or give them in --config)")
@@ -88,7 +95,8 @@ def _resumed_config(request: AdaptRequest) -> AdaptConfig:
     manifest = Path(request.resume) / "manifest.json"
     if not manifest.is_file():
         raise AdaptsoupError(f"--resume {request.resume}: no manifest.json there (not an adapt run directory)")
-    changed = [key for key in _given(request.settings) if key not in AFTER_SOUPS] + (["config"] if request.recipe_file else [])
+    changed = ([key for key in _given(request.settings) if key not in AFTER_SOUPS] + (["config"] if request.recipe_file else [])
+               + (["preset"] if request.preset else []))
     if changed:
         raise AdaptsoupError(f"--resume takes the recipe recorded in {manifest}; do not also give {', '.join(changed)} "
                              f"(only {', '.join(AFTER_SOUPS)} may change)")
