@@ -16,7 +16,7 @@ import click
 import typer
 
 from adaptsoup.errors import AdaptsoupError
-from adaptsoup_cli import adapt, bench, deploy, info, mix, tta
+from adaptsoup_cli import adapt, bench, deploy, estimate, info, mix, tta
 from adaptsoup_cli.common import err
 
 app = typer.Typer(
@@ -33,6 +33,7 @@ app.command()(adapt.adapt)
 app.command()(mix.mix)
 app.command()(mix.interpolate)
 app.command()(tta.tta)
+app.command()(estimate.estimate)
 app.add_typer(bench.bench_app, name="bench")
 
 
