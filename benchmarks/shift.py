@@ -896,28 +896,8 @@ def plot_results(result: dict, per_corruption_png: Path, soups_png: Path) -> Non
 C10CConfig = BenchConfig  # the CIFAR-10-C name of the same settings
 
 
-def run_imagenet_c(cfg: BenchConfig, root: str, source: str, *, layout: str = "auto", mapping_dir: str | None = None,
-                   command: str = "", progress=None, log: Callable[[str], None] = print) -> dict:
-    """ImageNet-C or LAION-C (released layouts) with the same protocol and rows as CIFAR-10-C."""
-    from adaptsoup_bench.shiftsets import default_mapping_dir, detect_layout, prepare_shift_benchmark
+def run_imagenet_c(cfg: BenchConfig, root: str, source: str, **kwargs) -> dict:
+    """ImageNet-C or LAION-C with the protocol, split and rows of CIFAR-10-C: :func:`adaptsoup_bench.imagenet_c.run_imagenet_c`."""
+    from adaptsoup_bench.imagenet_c import run_imagenet_c as run
 
-    progress = progress or NullProgress()
-    stock_path, decoder = _stock_and_decoder(cfg)
-    mapping = Path(mapping_dir) if mapping_dir else default_mapping_dir()
-    if not (mapping / "imagenet_class_index.json").is_file():
-        raise AdaptsoupError(f"ImageNet class index not found in {mapping} (pass --mapping-dir with imagenet_class_index.json"
-                             " and, for LAION-C, category_mapping.json)")
-    root_path = Path(root)
-    layout = detect_layout(root_path) if layout == "auto" else layout
-    work = bench_work_dir(cfg, layout)
-    pre = Preprocess.for_model(load_model(None, stock_path))
-    t0 = time.perf_counter()
-    target, corruptions, evals, score, stock_for_run = prepare_shift_benchmark(
-        root_path, layout, cfg.severity, cfg.corruptions or None, stock_path, mapping, work, pre, progress,
-        per_corruption=cfg.per_corruption, seed=cfg.seed)
-    log(f"data: {layout} at {root_path}, severity {cfg.severity}: {len(corruptions)} corruptions, "
-        f"{sum(len(v) for v in evals.values())} images")
-    data = ShiftData(layout, stock_for_run, decoder, source, target, corruptions, evals, pre, score,
-                     notes={"prepare_data_s": round(time.perf_counter() - t0, 1), "root": str(root_path), "layout": layout},
-                     chance=0.1 if layout == "imagenet-c" else None)
-    return run_shift_benchmark(data, cfg, command=command, progress=progress, log=log)
+    return run(cfg, root, source, **kwargs)

@@ -8,8 +8,10 @@ Supported layouts (see ``shared/reference``):
   covering 285 ImageNet classes (``category_mapping.json``).  A 1000-way model is scored by averaging its
   softmax probabilities over each superclass's member classes and taking the argmax over superclasses.
 
-Within each corruption (distortion) folder the files are sorted; even positions are the unlabeled
-target, odd positions the evaluation data.  The split folders are built from symbolic links (copies where
+Within each corruption (distortion) folder the files are sorted by their path below the severity folder;
+``--split tuning`` / ``report`` keeps the first / second half of each class folder's files
+(:func:`class_halves`), then ``per_corruption`` of them are drawn (:func:`subset_sorted`); even positions of
+what is left are the unlabeled target, odd positions the evaluation data.  The split folders are built from symbolic links (copies where
 links are not allowed), so no image is duplicated.
 """
 
@@ -72,19 +74,48 @@ def scan_shift_tree(root: Path, layout: str, severity: int, corruptions: list[st
     return out
 
 
+def link_file(path: Path, target: Path) -> None:
+    """``target`` as a symbolic link to ``path`` (a copy where links are not allowed); an existing one is kept."""
+    if target.exists() or target.is_symlink():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.symlink(path.resolve(), target)
+    except OSError:
+        shutil.copy2(path, target)
+
+
 def link_splits(files: dict[str, list[tuple[Path, str]]], dest: Path) -> Path:
     """``dest/{even,odd}/<corruption>/<label>/<file>`` as links to the originals (even/odd by sorted position)."""
     for corruption, items in files.items():
         for pos, (path, label) in enumerate(items):
-            target = dest / ("even" if pos % 2 == 0 else "odd") / corruption / label / path.name
-            if target.exists() or target.is_symlink():
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.symlink(path.resolve(), target)
-            except OSError:
-                shutil.copy2(path, target)
+            link_file(path, dest / ("even" if pos % 2 == 0 else "odd") / corruption / label / path.name)
     return dest
+
+
+def class_halves(items: list[tuple[Path, str]], split: str) -> list[tuple[Path, str]]:
+    """The ``split`` of one folder's sorted ``(file, class)`` list: ``all`` keeps every file; ``tuning`` / ``report``
+    keep, within each class, the first / second half of its files in that order (``len // 2`` files go to
+    tuning, the rest to report), as :func:`adaptsoup_bench.shift.split_pool` halves CIFAR-10's test classes."""
+    from adaptsoup_bench.shift import split_pool
+
+    if not items:
+        return items
+    keep = split_pool(np.asarray([label for _, label in items]), split)
+    return [items[int(i)] for i in keep]
+
+
+def select_shift_files(root: Path, layout: str, severity: int, corruptions: list[str] | None = None, *, split: str = "all",
+                       per_corruption: int = 0, seed: int = 0) -> dict[str, list[tuple[Path, str]]]:
+    """The files of each corruption that take part: the split's class halves (:func:`class_halves`) of the sorted
+    files, then at most ``per_corruption`` of them (:func:`subset_sorted`), in sorted order."""
+    files = scan_shift_tree(root, layout, severity, corruptions)
+    halves = {c: class_halves(items, split) for c, items in files.items()}
+    empty = [c for c, items in halves.items() if not items]
+    if empty:
+        raise AdaptsoupError(f"{root}: the {split} split of {', '.join(empty)} holds no images (every class folder needs "
+                             "two images or more to be halved)")
+    return subset_sorted(halves, per_corruption, seed)
 
 
 def imagenet_wnids(mapping_dir: Path) -> list[str]:
@@ -135,42 +166,46 @@ def subset_sorted(files: dict[str, list[tuple[Path, str]]], per_corruption: int,
     return out
 
 
-def prepare_shift_benchmark(root: Path, layout: str, severity: int, corruptions: list[str] | None, stock_path: Path,
-                            mapping_dir: Path, work: Path, pre: Preprocess, progress=None, *, per_corruption: int = 0,
-                            seed: int = 0) -> tuple[Path, list[str], dict, object, Path]:
-    """Split folders, eval image sets and the scorer; returns (target, corruptions, evals, score, stock to use).
-
-    With ``per_corruption`` > 0, each corruption keeps a seeded subset of that many of its sorted files (in
-    sorted order) before the even/odd split: ImageNet-C holds 50,000 images per corruption and severity.
-
-    For ImageNet models whose class names are not wnids, a copy of the stock carrying the wnids (in the
-    standard order) is written so that ImageNet-C's and the source's wnid folders match its classes.
-    """
+def wnid_stock(stock_path: Path, mapping_dir: Path, work: Path) -> Path:
+    """The stock, or for an ImageNet-sized model whose class names are not wnids a copy of it carrying the wnids
+    in the standard order (``work/stock_wnids.safetensors``), so that ImageNet-C's and the source's wnid folders
+    match its classes."""
     from adaptsoup.core.checkpoint import read_checkpoint, save_checkpoint
-    from adaptsoup.core.evaluation import top1
     from adaptsoup.core.models import class_names, load_model, model_meta, set_class_names
 
-    layout = detect_layout(root) if layout == "auto" else layout
-    if layout not in LAYOUTS:
-        raise AdaptsoupError(f"--layout must be auto, {' or '.join(LAYOUTS)}")
-    files = subset_sorted(scan_shift_tree(root, layout, severity, corruptions), per_corruption, seed)
-    split_root = link_splits(files, work / "data" / f"{layout}-s{severity}-n{per_corruption}-seed{seed}")
     model = load_model(None, stock_path)
     wnids = imagenet_wnids(mapping_dir)
-    names = class_names(model)
-    if model.num_classes == len(wnids) and names != wnids:
-        set_class_names(model, wnids)
-        state, _ = read_checkpoint(stock_path)
-        stock_path = save_checkpoint(work / "stock_wnids.safetensors", state, model_meta(model, made_by="adaptsoup bench", parents=[str(stock_path)], note="class names set to ImageNet wnids"))
-        names = wnids
+    if model.num_classes != len(wnids) or class_names(model) == wnids:
+        return stock_path
+    set_class_names(model, wnids)
+    state, _ = read_checkpoint(stock_path)
+    return save_checkpoint(work / "stock_wnids.safetensors", state,
+                           model_meta(model, made_by="adaptsoup bench", parents=[str(stock_path)], note="class names set to ImageNet wnids"))
+
+
+def labels_and_score(layout: str, stock_path: Path, mapping_dir: Path):
+    """The label folders' names (wnids, or LAION-C's superclasses) in label order, and the scorer of logits."""
+    from adaptsoup.core.evaluation import top1
+    from adaptsoup.core.models import class_names, load_model
+
     if layout == "laion-c":
         labels, member = superclass_membership(mapping_dir)
-        score = superclass_scorer(member)
-    else:
-        labels, score = names, top1
+        return labels, superclass_scorer(member)
+    return class_names(load_model(None, stock_path)), top1
+
+
+def prepare_shift_benchmark(files: dict[str, list[tuple[Path, str]]], layout: str, stock_path: Path, mapping_dir: Path, work: Path,
+                            split_root: Path, pre: Preprocess, progress=None) -> tuple[Path, dict, object, Path, list[str]]:
+    """Split folders of the selected ``files`` (:func:`select_shift_files`) under ``split_root``, their image sets and
+    the scorer; returns (target, evals, score, stock to use, label names)."""
+    if layout not in LAYOUTS:
+        raise AdaptsoupError(f"--layout must be auto, {' or '.join(LAYOUTS)}")
+    link_splits(files, split_root)
+    stock_path = wnid_stock(stock_path, mapping_dir, work)
+    labels, score = labels_and_score(layout, stock_path, mapping_dir)
     evals = {}
     for corruption in files:
         for split in ("odd", "even"):
             evals[f"{split}/{corruption}"] = load_folder(split_root / split / corruption, pre, labeled=True, class_names=labels,
                                                          progress=progress, description=f"decode {split}/{corruption}")
-    return split_root / "even", list(files), evals, score, stock_path
+    return split_root / "even", evals, score, stock_path, labels

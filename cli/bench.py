@@ -143,11 +143,15 @@ def bench_imagenet_c(
     model: Path = typer.Option(..., "--model", "-m", help="A 1000-way ImageNet ViT checkpoint (the deployed model)."),
     source: Path = typer.Option(..., help="Labeled ImageNet source images in <wnid>/<image> folders (a subset of train is fine)."),
     decoder: Optional[Path] = typer.Option(None, help="MAE decoder checkpoint (original MAE key names)."),
+    clean: Optional[Path] = typer.Option(None, help="Clean labeled images (e.g. ImageNet val) in <wnid>/<image> folders (LAION-C: <superclass>/ or member <wnid>/ folders): the clean column, halved by --split like the corrupted images."),
     layout: str = typer.Option("auto", help="auto, imagenet-c or laion-c."),
     mapping_dir: Optional[Path] = typer.Option(None, help="Folder with imagenet_class_index.json and category_mapping.json (default: ../shared/reference/laion-c)."),
     mode: str = typer.Option("quick", help="quick or full (sizes of the recipe, as for c10c)."),
-    severity: int = typer.Option(5, min=1, max=5, help="Severity / intensity level."),
+    severity: Optional[int] = typer.Option(None, min=1, max=5, help="Severity / intensity level (default 5; 3 with --split tuning)."),
     corruptions: Optional[str] = typer.Option(None, help="Comma-separated subset of corruption folders."),
+    protocol: str = typer.Option("deployed", help="deployed (ingredients from the deployed model) or pretrained (the paper's: every ingredient LP-FT from the pre-trained stock, plus the task-vector rows)."),
+    pretrained: Optional[Path] = typer.Option(None, help="The pre-trained stock of --protocol pretrained (default: <model stem>_mae.safetensors beside --model)."),
+    split: str = typer.Option("all", help="Images drawn from: all, tuning (first half of each class folder's images in sorted order; choose settings here) or report (second half; the frozen recipe, once)."),
     out_dir: BenchOut = RESULTS,
     work: BenchWork = None,
     device: BenchDevice = "cpu",
@@ -156,26 +160,32 @@ def bench_imagenet_c(
     settings: BenchSet = None,
     progress: BenchProgress = True,
 ) -> None:
-    """ImageNet-C / LAION-C: the same rows and tables as c10c on the released layouts."""
+    """ImageNet-C / LAION-C: the same protocol, splits, rows and tables as c10c on the released layouts."""
     require_bench_extra()
-    from adaptsoup_bench.shift import BenchConfig, run_imagenet_c
+    from adaptsoup_bench.shift import BenchConfig
+    from adaptsoup_bench.imagenet_c import run_imagenet_c
     from adaptsoup.pipeline.recipe import parse_settings
     from adaptsoup.core.progress import progress_bars
 
     if layout not in ("auto", "imagenet-c", "laion-c"):
         fail(f"--layout must be auto, imagenet-c or laion-c, got {layout!r}")
     chosen = parse_names(corruptions)
+    reserved = {**BENCH_FLAGS, "pretrained": "--pretrained", "data": "--root, --source and --clean"}
     cfg = BenchConfig.for_mode(mode, severity=severity, stock=str(model), decoder=str(decoder) if decoder else None, out=str(out_dir),
                                work=str(work) if work else None, corruptions=chosen, device=device,
-                               decoder_warmup_loaded=warm_decoder, label=label,
-                               **parse_settings(settings or [], BenchConfig, reserved=BENCH_FLAGS))
+                               decoder_warmup_loaded=warm_decoder, label=label, protocol=protocol, split=split,
+                               **({"pretrained": str(pretrained)} if pretrained else {}),
+                               **parse_settings(settings or [], BenchConfig, reserved=reserved))
     if chosen is None:
         cfg.corruptions = []
     with progress_bars(progress) as bars:
         result = run_imagenet_c(cfg, str(root), str(source), layout=layout, mapping_dir=str(mapping_dir) if mapping_dir else None,
-                                command=command_line(), progress=bars,
+                                clean=str(clean) if clean else None, command=command_line(), progress=bars,
                                 log=log_line)
-    print_rows(f"{result['benchmark']} severity {severity} ({mode})", result["rows"], ("disjoint", "joint"))
+    print_rows(f"{result['benchmark']} severity {cfg.severity} ({mode}, protocol {cfg.protocol}, split {cfg.split})", result["rows"],
+               ("clean", "disjoint", "joint"))
+    for key, entry in result.get("paired", {}).items():
+        out.print(f"{key}: " + ", ".join(f"{where} {e['mean']:+.2f} [{e['ci95'][0]:+.2f}, {e['ci95'][1]:+.2f}]" for where, e in entry.items()))
 
 
 @bench_app.command("label-free")
