@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from adaptsoup_bench.shift import ROW_NAMES, C10CConfig, bench_work_dir, results_stem, run_c10c, sanity_checks
+from adaptsoup_bench.shift import ROW_NAMES, C10CConfig, bench_work_dir, clean_indices, results_stem, run_c10c, sanity_checks
 from adaptsoup.core.checkpoint import save_checkpoint
+from adaptsoup.core.data import Preprocess, load_folder
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.ssl.mae import MaskedAutoencoder
-from adaptsoup.core.models import model_meta
+from adaptsoup.core.models import load_model, model_meta
 from helpers import CLASS_NAMES, tiny_model, write_noise_images
 
 
@@ -26,6 +28,22 @@ def tiny_stock_and_cifar(tmp_path):
     return stock
 
 
+def _accuracy(checkpoint: Path, folder: Path, indices: list[int]) -> float:
+    """Top-1 (percent) of ``checkpoint`` on the images ``indices`` of the labeled ``folder`` (load_folder's order)."""
+    model = load_model(None, checkpoint).eval()
+    pre = Preprocess.for_model(model)
+    images = load_folder(folder, pre, labeled=True, class_names=CLASS_NAMES)
+    pick = torch.tensor(indices)
+    with torch.no_grad():
+        predicted = model(pre.normalize(images.images[pick])).argmax(1)
+    return float((predicted == images.labels[pick]).double().mean() * 100)
+
+
+def _is_count(accuracy: float, images: int) -> bool:
+    """``accuracy`` (percent) is k of ``images`` right, for a whole k (up to the 2-decimal rounding of a report)."""
+    return abs(accuracy * images / 100 - round(accuracy * images / 100)) < 1e-3 * images
+
+
 def test_c10c_harness_writes_the_tables(tmp_path):
     stock = tiny_stock_and_cifar(tmp_path)
     cfg = C10CConfig(mode="quick", stock=str(stock), data=str(tmp_path / "cifar"), out=str(tmp_path / "results"),
@@ -38,10 +56,15 @@ def test_c10c_harness_writes_the_tables(tmp_path):
     assert [r["name"] for r in saved["rows"]] == list(ROW_NAMES)
     for key in ("benchmark", "mode", "severity", "command", "commit", "machine", "wall_time_s", "stock"):
         assert key in saved
-    assert 0 <= saved["stock"]["clean_acc"] <= 100
+    # the stock's clean accuracy is its top-1 on the recorded clean images, computed here
+    assert saved["stock"]["clean_acc"] == pytest.approx(_accuracy(stock, tmp_path / "cifar" / "test", saved["split"]["clean_indices"]), abs=1e-5)  # float32 percent
+    assert {r["name"]: r for r in saved["rows"]}["deployed"]["clean"] == saved["stock"]["clean_acc"]
     for r in saved["rows"]:
         assert set(r["per_corruption"]) == {"gaussian_noise", "contrast"}
-        assert 0 <= r["disjoint"] <= 100
+        # disjoint: the mean over corruptions of the accuracy on each one's 6 odd images (a count of 6)
+        assert all(_is_count(a, 6) for a in r["per_corruption"].values()), r
+        assert r["disjoint"] == pytest.approx(sum(r["per_corruption"].values()) / 2, abs=1e-5)
+        assert r["clean"] is None or _is_count(r["clean"], 9)
     assert saved["data"]["target_images"] == 12  # 2 corruptions x 6 even images
     cost = saved["self_season_cost"]
     assert cost["ingredients"] == 2 and cost["stacked_mb"] > 0 and cost["wall_s"] >= 0
@@ -85,8 +108,6 @@ def test_missing_stock_is_a_clear_error(tmp_path):
     with pytest.raises(AdaptsoupError, match="make stock"):
         run_c10c(C10CConfig(stock=str(tmp_path / "none.safetensors"), out=str(tmp_path)), log=lambda m: None)
 
-
-import torch  # noqa: E402
 
 from adaptsoup_bench.shift import BenchConfig, run_imagenet_c  # noqa: E402
 from adaptsoup.core.models import create_model  # noqa: E402
@@ -182,7 +203,11 @@ def test_ingredient_families_mix_across_losses(tmp_path):
     assert sorted(families) == sorted(f for f in FAMILIES for _ in range(2))
     coeffs = result["rows"][-3]["coefficients"]
     assert len(coeffs) == 10 and abs(sum(coeffs.values()) - 1) < 1e-5
-    assert all(0 <= r["disjoint"] <= 100 and 0 <= r["clean"] <= 100 for r in saved["rows"])
+    # 9 clean images; 2 corruptions x 6 odd images, averaged per corruption
+    assert all(_is_count(r["clean"], 9) and _is_count(2 * r["disjoint"], 6) for r in saved["rows"]), saved["rows"]
+    assert saved["rows"][0]["name"] == "deployed"
+    clean = clean_indices(load_folder(tmp_path / "cifar" / "test", Preprocess.for_model(tiny_model()), labeled=True, class_names=CLASS_NAMES), cfg.bench)
+    assert saved["rows"][0]["clean"] == pytest.approx(_accuracy(stock, tmp_path / "cifar" / "test", clean.tolist()), abs=1e-5)  # float32 percent
     assert saved["self_season"]["stacked_mb"] > 0
     assert (tmp_path / "results" / "families_quick_s5.png").is_file()
     assert "Ingredient families" in (tmp_path / "results" / "families_quick_s5.md").read_text()

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from adaptsoup.core.checkpoint import save_checkpoint
+from adaptsoup.core.data import Preprocess, load_folder
 from adaptsoup.core.models import model_meta
 from adaptsoup_bench import deploy_speed
 
@@ -33,7 +36,12 @@ def test_quick_run_writes_every_variant_and_consistent_ratios(tmp_path):
         assert abs(row["ratios"]["ORT fp32 (optimised) / eager fp32"] - expected) < 1e-3 * max(1.0, expected)
     assert section["files"]["ORT fp32 (optimised)"]["fusions"]["Attention"] == 2
     assert section["accuracy_images"] == 18 and set(section["accuracy"]) == set(deploy_speed.VARIANTS)
-    assert all(0.0 <= a <= 100.0 for a in section["accuracy"].values())
+    # fp32, eager or ONNX, is the model's own top-1 on the 18 images, computed here; every variant's is a count of 18
+    test = load_folder(tmp_path / "cifar" / "test", Preprocess.for_model(model), labeled=True, class_names=CLASS_NAMES)
+    with torch.no_grad():
+        right = int((model(Preprocess.for_model(model).normalize(test.images)).argmax(1) == test.labels).sum())
+    assert all(section["accuracy"][name] == round(100 * right / 18, 2) for name in deploy_speed.FP32_VARIANTS), section["accuracy"]
+    assert all(min(abs(a - 100 * k / 18) for k in range(19)) < 0.006 for a in section["accuracy"].values()), section["accuracy"]
     assert result["machine"]["cpu"]
     ceiling = result["sections"]["fp32_ceiling"]
     assert ceiling["ceiling_gflops"] == max(ceiling["gflops"].values()) > 0

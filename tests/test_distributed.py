@@ -23,6 +23,11 @@ from helpers import build_adapt_inputs
 # between the ingredients 1.7e-5 (inter-trained encoder 2.0e-6): float reduction order, which Adam's first,
 # sign-like steps amplify.  Training rank 1 on rank 0's slice instead (the bug this guards) gives 1.9e-2.
 TOLERANCE = 5e-4
+# The soup of a run with the recipe's own probe (weight decay 1e-4: nearly separable features, a badly conditioned
+# probe), one process on 2 threads against two ranks on 1: measured 1.8e-5, all of it the probe's (encoders 1.5e-7
+# apart; a converged probe moves by about a hundred times its features' difference).  The 200-step L-BFGS probe
+# gave 0.18 here.
+SOUP_TOLERANCE = 1e-4
 
 
 class Crash(Exception):
@@ -33,6 +38,13 @@ def _config(root: Path, out: str) -> AdaptConfig:
     return AdaptConfig(model=str(root / "stock.safetensors"), target=str(root / "target"), source=str(root / "source"), out=str(root / out),
                        checkpoint_every_s=0.0, precision="fp32", inter=InterTrainConfig(lrs=[1e-3], steps=[3], batch_size=8, decoder_warmup_steps=1),
                        finetune=FineTuneConfig(lrs=[1e-3], steps=3, batch_size=7, probe_weight_decay=0.1))  # 7: uneven slices; a well-posed probe
+
+
+def _probe_config(root: Path, out: str) -> AdaptConfig:
+    """The issue's command, smaller: the recipe's probe weight decay, MAE and fine-tuning at lr 1e-4."""
+    return AdaptConfig(model=str(root / "stock.safetensors"), target=str(root / "target"), source=str(root / "source"), out=str(root / out),
+                       checkpoint_every_s=1e9, precision="fp32", inter=InterTrainConfig(lrs=[1e-4], steps=[3], batch_size=8, decoder_warmup_steps=1),
+                       finetune=FineTuneConfig(lrs=[1e-4], steps=3, batch_size=7))
 
 
 def _rank(rank: int, port: int, root: str) -> None:
@@ -47,6 +59,7 @@ def _rank(rank: int, port: int, root: str) -> None:
 
     try:
         run_adapt(_config(Path(root), "two"), echo=None)
+        run_adapt(_probe_config(Path(root), "probe-two"), echo=None)
         with contextlib.suppress(Crash):
             run_adapt(_config(Path(root), "cut"), echo=None, on_step=crash)
     finally:
@@ -73,6 +86,12 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     build_adapt_inputs(root, per_class=4, target=10)
     one = run_adapt(_config(root, "one"), echo=None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # as one process would run, against torchrun's one thread per rank
+    try:
+        run_adapt(_probe_config(root, "probe-one"), echo=None)
+    finally:
+        torch.set_num_threads(threads)
     _two_ranks(root)
     return root, one
 
@@ -96,6 +115,14 @@ def test_a_run_cut_off_with_two_processes_resumes_with_one(runs):
     record = json.loads((resumed.manifest_path).read_text())["ingredients"]["mae00-ft00"]["train"]
     assert record["resumed_from_step"] == 2
     assert _max_difference(one.soup_path, resumed.soup_path) < TOLERANCE
+
+
+def test_two_processes_make_the_one_process_soup_with_the_recipes_probe(runs):
+    root, _ = runs
+    assert _max_difference(root / "probe-one" / "soup.safetensors", root / "probe-two" / "soup.safetensors") < SOUP_TOLERANCE
+    for run in ("probe-one", "probe-two"):
+        probe = json.loads((root / run / "manifest.json").read_text())["ingredients"]["mae00-ft00"]["linear_probe"]
+        assert probe["converged"] and probe["gradient_max"] <= 1e-10
 
 
 def test_a_batch_is_sliced_across_ranks_without_overlap_or_gaps():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from adaptsoup.pipeline.context import open_run
 from adaptsoup.pipeline.finetune_back import finetune_back
 from adaptsoup.pipeline.inter_train import inter_train
 from adaptsoup.pipeline.plan import plan_run
-from adaptsoup.pipeline.start import start_checkpoint
+from adaptsoup.pipeline.start import StartPoint, start_checkpoint
 from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
 from adaptsoup.ssl.mae import MaskedAutoencoder
 from adaptsoup.ssl.mmcr import MMCR
@@ -43,10 +44,14 @@ def test_fine_tuning_back_starts_from_the_inter_trained_encoder_and_the_rest_fro
     cfg = AdaptConfig(model=str(tmp_path / "deployed.safetensors"), arch="vit_pico_patch4_32", target="t", source="s", out=str(tmp_path))
     run_dir = RunDir(tmp_path)
     (inter,) = plan_run(AdaptConfig(inter=InterTrainConfig(lrs=[1e-3], steps=[1])), 10).inters
-    assert start_checkpoint(cfg, run_dir) == (start := start_checkpoint(cfg, run_dir, None))
-    assert (start.path, start.arch) == (Path(cfg.model), "vit_pico_patch4_32")
-    from_inter = start_checkpoint(cfg, run_dir, inter)
-    assert (from_inter.path, from_inter.arch) == (tmp_path / "inter" / f"{inter.name}.safetensors", None)
+    # inter-training and vanilla fine-tuning: the deployed model itself (its arch, as given) ...
+    assert start_checkpoint(cfg, run_dir) == StartPoint(Path(cfg.model), "vit_pico_patch4_32", pretrained=False)
+    # ... or, with --pretrained (the paper's protocol), the pre-trained encoder inside the deployed architecture
+    paper = dataclasses.replace(cfg, pretrained=str(tmp_path / "mae_pretrain.pth"))
+    assert start_checkpoint(paper, run_dir) == StartPoint(tmp_path / "mae_pretrain.pth", "vit_pico_patch4_32", pretrained=True)
+    # fine-tuning back: the ingredient's own inter-trained encoder, under either protocol
+    own = StartPoint(tmp_path / "inter" / f"{inter.name}.safetensors", None, pretrained=False)
+    assert start_checkpoint(cfg, run_dir, inter) == start_checkpoint(paper, run_dir, inter) == own
 
 
 def test_each_stage_runs_alone_on_the_run_directory(tmp_path):

@@ -1,8 +1,10 @@
 """Training: one resumable loop (AdamW, warm-up + cosine) used by inter-training and fine-tuning.
 
 A run is a pure function of its config and data: batch order comes from :func:`adaptsoup.core.data.epoch_order`,
-and the Python/PyTorch RNG states (augmentation, masking) are saved with the model and optimizer in the
-resume file, so a run that is cut off and resumed ends exactly where an uninterrupted one would.
+and the RNG states are saved with the model and optimizer in the resume file (Python's and the CPU
+generator, which augmentation draws from, and the default generator of the run's accelerator, where MAE
+draws its masks when it trains on one), so a run that is cut off and resumed ends exactly where an
+uninterrupted one would.
 
 Under ``torchrun`` (:mod:`adaptsoup.core.distributed`) the module is wrapped in DistributedDataParallel.
 Every rank draws the same global batch with the same RNG streams as a one-process run (augmenting it whole,
@@ -105,7 +107,7 @@ def train(
     start_step, losses, wall_before, resumed_precision = 0, [], 0.0, None
     state_path = Path(state_path) if state_path else None
     if state_path is not None and state_path.is_file():
-        start_step, losses, wall_before, resumed_precision = load_train_state(state_path, module, optimizer)
+        start_step, losses, wall_before, resumed_precision = load_train_state(state_path, module, optimizer, device)
     result = TrainResult(steps=cfg.steps, losses=losses, resumed_from=start_step)
     if start_step >= cfg.steps:
         return result
@@ -143,7 +145,7 @@ def train(
         if (world.is_main and state_path is not None and time.monotonic() - last_save > cfg.checkpoint_every_s
                 and step + 1 < cfg.steps):
             save_train_state(state_path, step + 1, module, optimizer, losses, wall_before + time.perf_counter() - t0,
-                             choice.precision.label)
+                             choice.precision.label, device)
             last_save = time.monotonic()
     _set_batch_share(module, None)
     elapsed = time.perf_counter() - t0
@@ -276,7 +278,9 @@ def _global_loss(weighted: torch.Tensor, world_size: int) -> torch.Tensor:
 
 
 def save_train_state(path: Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, losses: list[float],
-                     wall_s: float, precision: str = "fp32") -> None:
+                     wall_s: float, precision: str = "fp32", device: torch.device | None = None) -> None:
+    """Write the resume file: model, optimizer, losses and every generator the run draws from (the accelerator
+    ``device``'s too, if the run trains on one)."""
     state = {
         "precision": precision,
         "wall_s": wall_s,
@@ -287,20 +291,46 @@ def save_train_state(path: Path, step: int, module: nn.Module, optimizer: torch.
         "rng_python": _python_rng_state(),
         "losses": list(losses),
     }
+    rng = _device_rng(device) if device is not None else None
+    if rng is not None:
+        state["rng_device"] = {"type": device.type, "state": rng[0]()}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def load_train_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[float], float, str | None]:
+def load_train_state(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer,
+                     device: torch.device | None = None) -> tuple[int, list[float], float, str | None]:
     """Restore ``module``, ``optimizer`` and the RNG states; returns (next step, losses so far, wall time so far,
-    the precision label the run started with — None in a file from before precisions were recorded)."""
+    the precision label the run started with — None in a file from before precisions were recorded).
+
+    The saved accelerator generator is restored onto ``device``, whatever its index: under torchrun every
+    rank's generator is where rank 0's is (all draw the global batch's masks), and a run may resume on
+    another GPU or world size.  A file written on another kind of device (or on the CPU) restores none: that
+    resume starts the accelerator's generator from the seed, as an older file does."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     module.load_state_dict(state["module"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_torch"])
     version, internal, gauss = state["rng_python"]
     random.setstate((version, tuple(internal), gauss))
+    saved, rng = state.get("rng_device"), _device_rng(device) if device is not None else None
+    if saved is not None and rng is not None and saved["type"] == device.type:
+        rng[1](saved["state"])
     return int(state["step"]), list(state["losses"]), float(state.get("wall_s", 0.0)), state.get("precision")
+
+
+def _device_rng(device: torch.device) -> tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]] | None:
+    """(get, set) of the state of the default generator of accelerator ``device``, the one MAE's masks and
+    dropout draw from on it; None for the CPU, whose generator is saved as ``rng_torch``."""
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return (lambda: torch.cuda.get_rng_state(index)), (lambda new: torch.cuda.set_rng_state(new, index))
+    backend = getattr(torch, device.type, None)  # mps, xpu: one device per process
+    if backend is None or not hasattr(backend, "get_rng_state") or not hasattr(backend, "set_rng_state"):
+        return None
+    return backend.get_rng_state, backend.set_rng_state
 
 
 def _python_rng_state():
