@@ -106,7 +106,7 @@ def run_families(cfg: FamiliesConfig, *, command: str = "", progress=None, log: 
     family_soups: dict[str, Path] = {}
     for family, inter in recipes.items():
         t0 = time.perf_counter()
-        run = run_adapt(AdaptConfig(model=str(data.stock), stock=data.decoder, source=data.source, target=str(data.target),
+        run = run_adapt(AdaptConfig(model=str(data.stock), stock=data.decoder, source=data.source, target=str(data.target), validation_holdout=0,
                                     out=str(work / "runs" / family), max_source_images=b.source_images, seed=b.seed,
                                     device=b.device, precision="bf16" if b.bf16 else "fp32", inter=inter, finetune=ft),
                         progress=progress, echo=log, command=command)

@@ -434,7 +434,9 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     pretrained = pretrained_path(cfg)
-    common = dict(model=str(data.stock), source=data.source, stock=data.decoder, max_source_images=cfg.source_images,
+    # validation_holdout 0: every source image fine-tunes, as in the committed results (benchmarks/decision.py
+    # makes the label-free estimates on its own validation images)
+    common = dict(model=str(data.stock), source=data.source, stock=data.decoder, max_source_images=cfg.source_images, validation_holdout=0,
                   seed=cfg.seed, device=cfg.device, precision="bf16" if cfg.bf16 else "fp32", pretrained=str(pretrained) if pretrained else None)
     inter = InterTrainConfig(lrs=list(cfg.inter_lrs), steps=[cfg.inter_steps], batch_size=cfg.batch_size,
                              decoder_warmup_loaded=cfg.decoder_warmup_loaded)

@@ -23,6 +23,8 @@ def adapt(
     arch: Optional[str] = typer.Option(None, help="timm architecture, if --model carries no adaptsoup metadata."),
     eval_dirs: Optional[List[Path]] = typer.Option(None, "--eval", help="Labeled folder to report top-1 on (repeatable)."),
     vanilla: Optional[int] = typer.Option(None, min=0, help="Also fine-tune the stock this many times without inter-training (supervised soup)."),
+    validation: Optional[Path] = typer.Option(None, "--validation", help="Labeled in-distribution folder (<class_name>/<image>) no model trained on: the label-free estimates and deploy recommendation every run ends with (default: source images held out, see --validation-holdout)."),
+    validation_holdout: Optional[int] = typer.Option(None, "--validation-holdout", min=0, help="Without --validation: hold this many source images (seeded, class-balanced, at most a fifth) out of every fine-tuning for the estimates (default 1000; 0: no estimates)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Recipe file (.toml or .yaml); flags override it."),
     preset: Optional[str] = typer.Option(None, "--preset", help="A named recipe under --config and the flags. task-vector: the deployed model + the target's MAE task vector (needs --pretrained; no --source), the label-free recipe that won on held-out CIFAR-10-C; check its deploy recommendation (every run ends with one)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory with its recorded recipe (only --mix/--tta settings may change)."),
@@ -66,6 +68,7 @@ def adapt(
     settings = {
         "model": _path(model), "target": _path(target), "source": _path(source), "out": _path(out_dir), "stock": _path(stock), "pretrained": _path(pretrained),
         "arch": arch, "evals": [str(e) for e in eval_dirs] if eval_dirs else None, "vanilla": vanilla,
+        "validation": _path(validation), "validation_holdout": validation_holdout,
         "max_source_images": max_source_images, "max_target_images": max_target_images, "seed": seed,
         "device": device, "precision": _precision(precision, bf16), "finetune_back": finetune_back,
         "mix": list(mix_methods) if mix_methods else None, "mix_labeled": _path(mix_labeled),
@@ -98,7 +101,22 @@ def adapt(
         tta = result.tta
         out.print(f"{tta['method']} on the {tta['soup']} soup: {result.run_dir / tta['adapted']} ({tta['resets']} reset(s))")
     out.print(f"soup: {result.soup_path}")
+    print_recommendation(result.recommendation)
     out.print(f"manifest: {result.manifest_path}")
+
+
+def print_recommendation(rec: Optional[dict]) -> None:
+    """The run's deploy recommendation in a line or two (the reasons are in the log and the manifest)."""
+    if rec is None:
+        out.print("recommendation: none (no validation images: give --validation DIR)")
+        return
+    if rec["switch"]:
+        out.print(f"recommendation: deploy {rec['model']} ({rec['path']}), estimated {rec['gain']:+.2f} points "
+                  f"[{rec['ci95'][0]:+.2f}, {rec['ci95'][1]:+.2f}] over the deployed model")
+    else:
+        out.print("recommendation: keep the deployed model (no candidate is estimated to be better by the rule's margin)")
+    for name, shift in rec.get("per_shift", {}).items():
+        out.print(f"  {name}: " + (f"deploy {shift['model']} ({shift['gain']:+.2f})" if shift["switch"] else "keep the deployed model"))
 
 
 def _path(value: Optional[Path]) -> Optional[str]:

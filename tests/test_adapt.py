@@ -54,13 +54,19 @@ def test_adapt_writes_a_complete_run(setup):
     assert manifest["config"]["inter"]["lrs"] == [1e-3, 2e-3]
     assert manifest["environment"]["packages"]["torch"]
     assert manifest["data"]["target"] == {**manifest["data"]["target"], "images": 24, "skipped": 1}
-    assert manifest["data"]["source"]["images"] == 24
+    assert manifest["data"]["source"]["images"] == 20  # 4 held out (a fifth, class-balanced) for the estimates
+    assert manifest["data"]["validation"]["images"] == 4 and "held out of every fine-tuning" in manifest["data"]["validation"]["origin"]
+    rec = manifest["recommendation"]
+    assert rec["model"] in {"deployed", "soup", "supervised_soup"} and rec["deployed"] == "deployed"
+    assert {c["name"] for c in rec["candidates"]} == {"soup", "supervised_soup"}  # ingredients are never deployed
+    assert set(manifest["estimates"]["models"]) == {"deployed", "soup", "supervised_soup", *(f"ingredient:{n}" for n in manifest["ingredients"])}
+    assert result.recommendation == rec
     names = sorted(manifest["ingredients"])
     assert names == ["mae00-ft00", "mae00-ft01", "mae01-ft00", "mae01-ft01", "vanilla-ft00"]
     for name, record in manifest["ingredients"].items():
         assert record["status"] == "done" and (run / record["path"]).is_file()
         assert record["train"]["config"]["steps"] == 3
-    assert set(manifest["timings_s"]) >= {"load_data", "inter_train", "fine_tune", "soup", "evaluate"}
+    assert set(manifest["timings_s"]) >= {"load_data", "inter_train", "fine_tune", "soup", "evaluate", "estimate"}
     # precision auto (the default): one probe per kind of training run (decoder warm-up, MAE, fine-tuning), kept in the
     # manifest; every run says which precision it used, and the runs of one kind all used the probe's choice
     probes = manifest["precision_probes"]

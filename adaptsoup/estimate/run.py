@@ -50,32 +50,42 @@ def estimate_models(target_logits: Mapping[str, torch.Tensor], validation_logits
     return summary(prepare(target_logits, validation_logits, validation_labels, config))
 
 
-def recommend_prepared(prepared: Prepared, deployed: str, decision: DecisionConfig = DecisionConfig()) -> Recommendation:
-    """The deploy rule on prepared estimates: each candidate's bootstrap interval, then :func:`recommend`."""
+def recommend_prepared(prepared: Prepared, deployed: str, decision: DecisionConfig = DecisionConfig(),
+                       candidates: list[str] | None = None, resampled: dict | None = None) -> Recommendation:
+    """The deploy rule on prepared estimates: each candidate's bootstrap interval, then :func:`recommend`.
+
+    ``candidates``: the models that may be deployed (default: every model but ``deployed``); the others only
+    join agreement-on-the-line's pool.  ``resampled``: :func:`resampled_estimates` of ``prepared``, when the
+    caller already has them (several rules scored on one target)."""
     if deployed not in prepared.names:
         raise AdaptsoupError(f"the deployed model {deployed!r} is not among the models ({', '.join(prepared.names)})")
     not_computed = [e for e in decision.estimators if e not in prepared.config.estimators]
     if not_computed:
         raise AdaptsoupError(f"the decision's estimator(s) {', '.join(not_computed)} are not among the computed ones ({', '.join(prepared.config.estimators)})")
+    candidates = [name for name in prepared.names if name != deployed] if candidates is None else list(candidates)
+    unknown = [name for name in candidates if name not in prepared.names or name == deployed]
+    if unknown:
+        raise AdaptsoupError(f"candidate(s) {', '.join(unknown)} are not among the estimated models other than the deployed one")
     estimates = estimates_of(prepared)
-    votes = {name: voters(estimates, name, deployed, decision) for name in prepared.names if name != deployed}
-    resampled = resampled_estimates(prepared) if any(votes.values()) else {}
+    votes = {name: voters(estimates, name, deployed, decision) for name in candidates}
+    if resampled is None:
+        resampled = resampled_estimates(prepared) if any(votes.values()) else {}
     intervals = {}
     for name, voting in votes.items():
         if voting:
             point = sum(estimates[name][e] - estimates[deployed][e] for e in voting) / len(voting)
             interval = bootstrap_gain(prepared, resampled, name, deployed, voting, point)
             intervals[name] = (interval.low, interval.high)
-    return recommend(estimates, deployed, intervals, decision)
+    return recommend({name: estimates[name] for name in [deployed, *candidates]}, deployed, intervals, decision)
 
 
 def estimate_and_recommend(target_logits: Mapping[str, torch.Tensor], validation_logits: Mapping[str, torch.Tensor], validation_labels,
                            deployed: str, config: EstimateConfig = EstimateConfig(),
-                           decision: DecisionConfig = DecisionConfig()) -> dict:
+                           decision: DecisionConfig = DecisionConfig(), candidates: list[str] | None = None) -> dict:
     """:func:`estimate_models`'s dictionary plus ``"recommendation"``: which model to deploy (``deployed``, the
     name of the deployed model, or a candidate), its estimated gain with the bootstrap interval, and the rule."""
     prepared = prepare(target_logits, validation_logits, validation_labels, config)
     out = summary(prepared)
-    out["recommendation"] = plain(recommend_prepared(prepared, deployed, decision).to_dict())
+    out["recommendation"] = plain(recommend_prepared(prepared, deployed, decision, candidates).to_dict())
     out["decision_config"] = plain(dataclasses.asdict(decision))
     return out

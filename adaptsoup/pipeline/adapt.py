@@ -12,7 +12,9 @@ Stages, each a function of the run (:class:`~adaptsoup.pipeline.context.RunConte
    (and the vanilla ones into the supervised soup);
 4. :func:`~adaptsoup.pipeline.evaluate.evaluate` — top-1 on the ``--eval`` folders;
 5. :func:`~adaptsoup.pipeline.soups.mixed_soups` — the recipe's ``mix`` methods;
-6. :func:`~adaptsoup.pipeline.tta.adapt_at_test_time` — the recipe's ``tta`` on the last soup.
+6. :func:`~adaptsoup.pipeline.tta.adapt_at_test_time` — the recipe's ``tta`` on the last soup;
+7. :func:`~adaptsoup.pipeline.recommend.recommend_deployment` — label-free estimates of every model on the
+   target and the conservative deploy recommendation (pooled, and per target subfolder).
 
 Every artefact is written atomically into the run directory, and every training run checkpoints its state,
 so running again skips what is finished and continues what was cut off.  Under ``torchrun`` each training
@@ -34,6 +36,7 @@ from adaptsoup.pipeline.finetune_back import finetune_back
 from adaptsoup.pipeline.inter_train import inter_train
 from adaptsoup.pipeline.plan import Plan, plan_run
 from adaptsoup.pipeline.recipe import AdaptConfig
+from adaptsoup.pipeline.recommend import recommend_deployment
 from adaptsoup.pipeline.claims import FINISH
 from adaptsoup.pipeline.shard import Shard
 from adaptsoup.pipeline.soups import mixed_soups, uniform_soups
@@ -52,6 +55,7 @@ class AdaptResult:
     tta: dict | None = None  # the manifest's record of test-time adaptation
     complete: bool = True  # False: a shard's part is done but other shards' ingredients are missing (no soup yet)
     missing: list[str] = field(default_factory=list)  # those ingredients
+    recommendation: dict | None = None  # the manifest's deploy recommendation (None: no validation images)
 
 
 def run_adapt(cfg: AdaptConfig, *, progress=None, echo: Callable[[str], None] | None = print, command: str | None = None,
@@ -82,6 +86,7 @@ def _run_stages(ctx: RunContext) -> AdaptResult:
             evaluate(ctx, plan)
             mixes = mixed_soups(ctx)
             tta = adapt_at_test_time(ctx)
+            recommend_deployment(ctx, plan)
             result = finish(ctx, plan, mixes, tta)
     if not main:
         ctx.reload_manifest()
@@ -140,4 +145,5 @@ def finish(ctx: RunContext, plan: Plan, mixes: dict, tta: dict | None, *, comple
         supervised_soup_path=ctx.run_dir.soup(SUPERVISED_SOUP) if SUPERVISED_SOUP in soups else None,
         ingredients=[ctx.run_dir.ingredient(ing.name) for ing in plan.of_kind("self") + plan.of_kind("vanilla")],
         metrics=manifest.data.get("metrics", {}), manifest_path=manifest.path, mixes=mixes, tta=tta, complete=complete,
+        recommendation=manifest.data.get("recommendation"),
     )

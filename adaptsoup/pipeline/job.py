@@ -114,7 +114,7 @@ def _resumed_config(request: AdaptRequest) -> AdaptConfig:
     return cfg
 
 
-PATH_KEYS = ("model", "target", "source", "stock", "pretrained", "mix_labeled")  # and each of ``evals``
+PATH_KEYS = ("model", "target", "source", "stock", "pretrained", "mix_labeled", "validation")  # and each of ``evals``
 
 
 def _where_the_run_saw_them(config: dict[str, Any], cwd: Path, run: Path) -> dict[str, Any]:

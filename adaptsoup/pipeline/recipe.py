@@ -100,6 +100,13 @@ class AdaptConfig:
     pretrained: str | None = None
     arch: str | None = None
     evals: list[str] = field(default_factory=list)
+    # Labeled in-distribution images none of the models trained on, for the label-free estimates and the
+    # deploy recommendation every run ends with (adaptsoup.pipeline.recommend).  Without it, this many
+    # source images (seeded, class-balanced) are held out of every fine-tuning instead; 0 with no
+    # ``validation``: no estimates.  Held-out source images the deployed model itself trained on make its
+    # estimates optimistic (the recommendation then leans to keeping it).
+    validation: str | None = None
+    validation_holdout: int = 1000
     vanilla: int = 0
     mix: list[str] = field(default_factory=list)  # mixing methods run after the soups; TTA adapts the last one's soup
     mix_labeled: str | None = None  # a few labeled images, for the mixing methods that need them
@@ -352,6 +359,8 @@ def validate(cfg: AdaptConfig) -> None:
             raise AdaptsoupError(f"unknown augmentation {aug!r}; choose one of {', '.join(AUGMENTATIONS)}")
     if cfg.vanilla < 0:
         raise AdaptsoupError("--vanilla must be >= 0")
+    if isinstance(cfg.validation_holdout, bool) or not isinstance(cfg.validation_holdout, int) or cfg.validation_holdout < 0:
+        raise AdaptsoupError(f"validation_holdout must be a whole number >= 0, got {cfg.validation_holdout!r}")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise AdaptsoupError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
     if not isinstance(cfg.task_vector_scale, (int, float)) or isinstance(cfg.task_vector_scale, bool) or not cfg.task_vector_scale > 0:

@@ -1,0 +1,328 @@
+"""The benchmark of the deploy decision (issue #21): label-free accuracy estimates against true accuracy,
+shift by shift, and what the conservative rule would have deployed.
+
+    python -m adaptsoup_bench.decision --result RESULT.json --choose          # tuning split: choose the rule
+    python -m adaptsoup_bench.decision --result RESULT.json --rule RULE.json  # report split: the frozen rule, once
+
+``RESULT.json`` is a finished ``bench c10c --protocol pretrained`` result: its run directories hold the
+models, its ``split`` names the images.  Per corruption (a "shift"), every model is run on
+
+* the shift's even images: the unlabeled target the estimators see (and their true accuracy there, to
+  score the estimators);
+* the shift's odd images: the disjoint evaluation images the decision's outcome is scored on;
+* the validation images: clean test images of the same split that are none of the corrupted images'
+  originals (labeled, in-distribution, never trained on by any model).
+
+Models: the deployed model; the candidates ``adapt`` makes (the task-vector soup at each ``--scales``
+value, the fine-tuned Self-Soup, the supervised soup); their ingredients and the source-MAE control join
+agreement-on-the-line's pool but are never deployed.  With ``--choose``, every rule of the grid (margin x
+voting estimators) and every task-vector scale is scored on these images and the rule that maximises the
+mean accuracy of what it deploys, with a worst regret against the deployed model of at most
+``MAX_REGRET`` points, is written to ``--rule-out``; with ``--rule``, only that rule is scored.
+The result's ``gate`` and ``estimators`` objects are issue #21's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adaptsoup.core.evaluation import run_model
+from adaptsoup.core.io import write_json_atomic, write_text_atomic
+from adaptsoup.core.manifest import environment, source_state
+from adaptsoup.core.models import load_model
+from adaptsoup.estimate.bootstrap import resampled_estimates
+from adaptsoup.estimate.config import ALL_ESTIMATORS, DecisionConfig, EstimateConfig
+from adaptsoup.estimate.prepare import estimates_of, prepare
+from adaptsoup.estimate.run import recommend_prepared
+
+DEPLOYED = "deployed"
+MAX_REGRET = 0.5  # points: the most the chosen rule may lose to the deployed model on any shift (issue #21)
+MARGINS = (0.0, 0.5, 1.0, 2.0, 3.0)
+VOTER_SETS = (("atc-ne",), ("doc",), ("cot",), ("aline-s",), ("atc-ne", "doc"), ("atc-ne", "doc", "cot"),
+              ("atc-ne", "doc", "cot", "aline-s"), ALL_ESTIMATORS)
+
+
+@dataclass
+class Shift:
+    """One target: each model's logits on its unlabeled images, and true accuracy there and on its evaluation images."""
+
+    name: str
+    target: dict[str, torch.Tensor]
+    accuracy_target: dict[str, float]
+    accuracy_eval: dict[str, float]
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels).double().mean() * 100)
+
+
+# -- models and their logits ---------------------------------------------------------------------------------------
+
+
+def bench_models(result: dict, scales: list[float], work: Path) -> tuple[dict[str, Path], list[str]]:
+    """Every model of the run by name, and the deployable candidates among them (task-vector soups written here)."""
+    from adaptsoup_bench.shift import inter_encoders, write_task_vector_soup
+
+    run = Path(result["runs"]["self"])
+    stock, pretrained = Path(result["stock"]["path"]), Path(result["pretrained"])
+    models = {DEPLOYED: stock, "supervised_soup": run / "soups" / "supervised_soup.safetensors", "self_soup_target": run / "soup.safetensors"}
+    candidates = []
+    for scale in scales:
+        name = f"task_vector_soup_x{scale:g}"
+        path = work / "models" / f"{name}.safetensors"
+        if not path.is_file():
+            write_task_vector_soup(path, stock, pretrained, inter_encoders(run), scale)
+        models[name] = path
+        candidates.append(name)
+    candidates += ["self_soup_target", "supervised_soup"]
+    if result["runs"].get("cont_ssl"):
+        control = work / "models" / "cont_ssl_task_vector_soup_x1.safetensors"
+        if not control.is_file():
+            write_task_vector_soup(control, stock, pretrained, inter_encoders(Path(result["runs"]["cont_ssl"])), 1.0)
+        models["cont_ssl_task_vector_soup_x1"] = control
+    for ingredient in sorted((run / "ingredients").glob("*.safetensors")):
+        models[f"ingredient:{ingredient.stem}"] = ingredient
+    return models, candidates
+
+
+def cached_logits(name: str, path: Path, sets: dict, pre, cache: Path, log) -> dict[str, torch.Tensor]:
+    """``{set: logits}`` of one model, computed once and kept in ``cache`` (loaded with weights_only)."""
+    file = cache / (name.replace(":", "_") + ".pt")
+    if file.is_file():
+        stored = torch.load(file, weights_only=True)
+        if set(stored) == set(sets):
+            return stored
+    t0 = time.perf_counter()
+    model = load_model(None, path)
+    logits = {key: run_model(model, images, pre, batch_size=500).logits.float() for key, images in sets.items()}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp")
+    torch.save(logits, tmp)
+    tmp.replace(file)
+    log(f"logits of {name}: {sum(len(v) for v in sets.values())} images in {time.perf_counter() - t0:.0f}s")
+    return logits
+
+
+def validation_images(data, result: dict):
+    """Clean images of the split that are not the originals of any corrupted image (files are named by test index)."""
+    corrupted = set(result["split"]["corrupted_indices"])
+    clean = data.evals["clean"]
+    keep = [i for i, p in enumerate(clean.paths) if int(Path(p).stem) not in corrupted]
+    return clean.subset(keep)
+
+
+def shifts_of(logits: dict[str, dict[str, torch.Tensor]], data, corruptions: list[str]) -> list[Shift]:
+    """Each corruption as a shift, and all of them pooled (one folder of mixed shifts, as a user would have)."""
+    shifts = []
+    for c in corruptions:
+        even, odd = data.evals[f"even/{c}"].labels, data.evals[f"odd/{c}"].labels
+        shifts.append(Shift(c, {m: v[f"even/{c}"] for m, v in logits.items()},
+                            {m: top1(v[f"even/{c}"], even) for m, v in logits.items()},
+                            {m: top1(v[f"odd/{c}"], odd) for m, v in logits.items()}))
+    pooled_target = {m: torch.cat([v[f"even/{c}"] for c in corruptions]) for m, v in logits.items()}
+    shifts.append(Shift("pooled", pooled_target, {m: float(np.mean([s.accuracy_target[m] for s in shifts])) for m in logits},
+                        {m: float(np.mean([s.accuracy_eval[m] for s in shifts])) for m in logits}))
+    return shifts
+
+
+# -- estimates, errors, decisions ----------------------------------------------------------------------------------
+
+
+def estimate_shift(shift: Shift, validation: dict[str, torch.Tensor], labels: torch.Tensor, resamples: int) -> tuple:
+    prepared = prepare(shift.target, validation, labels, EstimateConfig(bootstrap_resamples=resamples))
+    return prepared, estimates_of(prepared), resampled_estimates(prepared)
+
+
+def bootstrap_mean(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[float]:
+    """95% percentile interval of the mean of ``values`` (cases resampled)."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def estimator_errors(shifts: list[Shift], estimates: dict[str, dict], models: list[str]) -> dict:
+    """Per estimator: mean absolute error of the accuracy estimate on each shift's target images (over shifts x
+    models, interval over shifts), and of the estimated gain over the deployed model (candidates)."""
+    out = {}
+    per_shift = [s for s in shifts if s.name != "pooled"]
+    for e in ALL_ESTIMATORS:
+        rows, gains, abstained = [], [], 0
+        for s in per_shift:
+            est = estimates[s.name]
+            errors = [abs(est[m][e] - s.accuracy_target[m]) for m in models if est[m].get(e) is not None]
+            abstained += sum(est[m].get(e) is None for m in models)
+            if errors:
+                rows.append(np.mean(errors))
+            if est[DEPLOYED].get(e) is not None:
+                gains += [abs((est[m][e] - est[DEPLOYED][e]) - (s.accuracy_target[m] - s.accuracy_target[DEPLOYED]))
+                          for m in models if m != DEPLOYED and est[m].get(e) is not None]
+        if rows:
+            values = np.asarray(rows)
+            out[e] = {"mae": float(values.mean()), "ci95": bootstrap_mean(values), "gain_mae": float(np.mean(gains)) if gains else None,
+                      "shifts": len(rows), "abstained": abstained}
+        else:
+            out[e] = {"mae": None, "ci95": None, "gain_mae": None, "shifts": 0, "abstained": abstained}
+    return out
+
+
+def decide(prepared, est, resampled, candidates: list[str], rule: DecisionConfig) -> str:
+    """The model the rule deploys on one shift (the others in ``prepared`` only join ALine's pool)."""
+    return recommend_prepared(prepared, DEPLOYED, rule, candidates, resampled).model
+
+
+def score_rule(shifts: list[Shift], estimated: dict, candidates: list[str], rule: DecisionConfig, primary: str) -> dict:
+    """What ``rule`` deploys on each shift, against always-deployed, always-``primary`` and the oracle (points
+    on the evaluation images), and the same for one decision on the pooled target applied to every shift."""
+    per_shift = [s for s in shifts if s.name != "pooled"]
+    chosen = {s.name: decide(*estimated[s.name], candidates, rule) for s in per_shift}
+    pool = [DEPLOYED, *candidates]
+
+    def acc(s: Shift, m: str) -> float:
+        return s.accuracy_eval[m]
+
+    oracle = {s.name: max(pool, key=lambda m: acc(s, m)) for s in per_shift}
+    chosen_acc = np.array([acc(s, chosen[s.name]) for s in per_shift])
+    deployed_acc = np.array([acc(s, DEPLOYED) for s in per_shift])
+    pooled_choice = decide(*estimated["pooled"], candidates, rule)
+    return {
+        "rule": asdict(rule) | {"estimators": list(rule.estimators)},
+        "chosen": float(chosen_acc.mean()), "deployed": float(deployed_acc.mean()),
+        "always_candidate": float(np.mean([acc(s, primary) for s in per_shift])),
+        "oracle": float(np.mean([acc(s, oracle[s.name]) for s in per_shift])),
+        "worst_regret_vs_deployed": float(max(0.0, (deployed_acc - chosen_acc).max())),
+        "picked_right": float(np.mean([acc(s, chosen[s.name]) == acc(s, oracle[s.name]) for s in per_shift])),
+        "switched": int(sum(chosen[s.name] != DEPLOYED for s in per_shift)),
+        "per_shift": {s.name: {"chosen": chosen[s.name], "oracle": oracle[s.name]} for s in per_shift},
+        "pooled": {"chosen": pooled_choice, "accuracy": float(np.mean([acc(s, pooled_choice) for s in per_shift]))},
+    }
+
+
+def choose(scored: list[dict]) -> dict:
+    """The rule deploying the best mean accuracy among those never losing more than MAX_REGRET to the deployed
+    model on a shift and not below it on average; ties: the larger margin, then more voters."""
+    safe = [r for r in scored if r["worst_regret_vs_deployed"] <= MAX_REGRET and r["chosen"] >= r["deployed"]]
+    if not safe:
+        return {"margin": float("inf"), "estimators": list(ALL_ESTIMATORS), "note": "no rule of the grid is safe: always keep the deployed model"}
+    best = max(safe, key=lambda r: (round(r["chosen"], 6), r["rule"]["margin"], len(r["rule"]["estimators"])))
+    return best["rule"]
+
+
+# -- the command ---------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict:
+    from adaptsoup_bench.shift import BenchConfig, prepare_c10c
+
+    t_start = time.perf_counter()
+    result = json.loads(Path(args.result).read_text())
+    cfg = BenchConfig(**result["config"])
+    data = prepare_c10c(cfg, log=print)
+    work = Path(result["runs"]["self"]).parent.parent / "decision"
+    rule = json.loads(Path(args.rule).read_text()) if args.rule else None
+    scales = [rule["task_vector_scale"]] if rule else [float(s) for s in args.scales.split(",")]
+    models, candidates = bench_models(result, scales, work)
+    validation = validation_images(data, result)
+    sets = {"validation": validation, **{k: v for k, v in data.evals.items() if k != "clean"}}
+    t0 = time.perf_counter()
+    logits = {m: cached_logits(m, p, sets, data.preprocess, work / "logits", print) for m, p in models.items()}
+    logits_s = time.perf_counter() - t0
+    shifts = shifts_of(logits, data, data.corruptions)
+    val = {m: v["validation"] for m, v in logits.items()}
+    t0 = time.perf_counter()
+    estimated = {s.name: estimate_shift(s, val, validation.labels, args.resamples) for s in shifts}
+    estimate_s = time.perf_counter() - t0
+    deployable = [DEPLOYED, *candidates]
+    errors = estimator_errors(shifts, {k: v[1] for k, v in estimated.items()}, deployable)
+    if rule:
+        rules = [DecisionConfig(margin=rule["margin"], estimators=tuple(rule["estimators"]))]
+        per_scale = {f"task_vector_soup_x{scale:g}": [score_rule(shifts, estimated, candidates, r, f"task_vector_soup_x{scale:g}") for r in rules]
+                     for scale in scales}
+    else:
+        rules = [DecisionConfig(margin=m, estimators=v) for m, v in itertools.product(MARGINS, VOTER_SETS)]
+        per_scale = {f"task_vector_soup_x{scale:g}": [score_rule(shifts, estimated, [f"task_vector_soup_x{scale:g}"], r, f"task_vector_soup_x{scale:g}")
+                                                      for r in rules] for scale in scales}
+    mean_eval = {m: float(np.mean([s.accuracy_eval[m] for s in shifts if s.name != "pooled"])) for m in models}
+    chosen_scale = scales[0] if rule else max(scales, key=lambda s: mean_eval[f"task_vector_soup_x{s:g}"])
+    primary = f"task_vector_soup_x{chosen_scale:g}"
+    chosen_rule = rule if rule else {**choose(per_scale[primary]), "task_vector_scale": chosen_scale}
+    final = DecisionConfig(margin=chosen_rule["margin"], estimators=tuple(chosen_rule["estimators"]))
+    gate = score_rule(shifts, estimated, [primary], final, primary) if final.margin != float("inf") else None
+    env = environment()
+    out = {
+        "benchmark": "decision", "command": " ".join(["python -m adaptsoup_bench.decision", *sys.argv[1:]]),
+        "commit": source_state()["commit"], "source_dirty": source_state()["dirty"],
+        "machine": {k: v for k, v in env.items() if k != "packages"}, "bench_result": str(args.result),
+        "split": result["split"]["used"], "severity": result["severity"],
+        "images": {"validation": len(validation), "target_per_shift": len(data.evals[f"even/{data.corruptions[0]}"]),
+                   "eval_per_shift": len(data.evals[f"odd/{data.corruptions[0]}"])},
+        "models": {m: str(p) for m, p in models.items()}, "candidates": candidates,
+        "mean_accuracy_eval": mean_eval,
+        "gate": {k: gate[k] for k in ("chosen", "deployed", "always_candidate", "oracle", "worst_regret_vs_deployed", "picked_right",
+                                      "switched", "pooled", "per_shift")} if gate else None,
+        "rule": chosen_rule, "estimators": errors,
+        "per_shift": {s.name: {"accuracy_target": s.accuracy_target, "accuracy_eval": s.accuracy_eval, "estimates": estimated[s.name][1]}
+                      for s in shifts},
+        "grid": per_scale,
+        "timings_s": {"logits": round(logits_s, 1), "estimates": round(estimate_s, 1), "total": round(time.perf_counter() - t_start, 1)},
+    }
+    stem = Path(args.out) / f"decision_{Path(args.result).stem}"
+    write_json_atomic(stem.with_suffix(".json"), out)
+    write_text_atomic(stem.with_suffix(".md"), markdown(out))
+    if args.rule_out and not rule:
+        write_json_atomic(Path(args.rule_out), {**chosen_rule, "chosen_on": str(args.result), "commit": out["commit"]})
+    print(f"wrote {stem}.json and .md in {out['timings_s']['total']:.0f}s")
+    return out
+
+
+def markdown(out: dict) -> str:
+    lines = [f"# The deploy decision on {out['bench_result']} (split {out['split']}, severity {out['severity']})", "",
+             f"Command: `{out['command']}` (commit {out['commit'][:7]}{', dirty' if out['source_dirty'] else ''}; "
+             f"{out['machine'].get('cpu', '?')}; total {out['timings_s']['total'] / 60:.1f} min).", "",
+             f"Rule: {json.dumps(out['rule'])}", ""]
+    if out["gate"]:
+        g = out["gate"]
+        lines += ["| mean accuracy on the evaluation images (%) | |", "|---|---|",
+                  f"| what the rule deploys, per shift | {g['chosen']:.2f} |", f"| always the deployed model | {g['deployed']:.2f} |",
+                  f"| always the candidate | {g['always_candidate']:.2f} |", f"| oracle (best per shift) | {g['oracle']:.2f} |",
+                  f"| worst regret vs deployed (points) | {g['worst_regret_vs_deployed']:.2f} |",
+                  f"| picked the oracle's model | {100 * g['picked_right']:.0f}% of shifts ({g['switched']} switches) |",
+                  f"| one decision on the pooled target | {g['pooled']['chosen']} → {g['pooled']['accuracy']:.2f} |", ""]
+    lines += ["| estimator | MAE (points) | 95% CI over shifts | gain MAE | abstained |", "|---|---|---|---|---|"]
+    for name, e in out["estimators"].items():
+        if e["mae"] is None:
+            lines.append(f"| {name} | — | — | — | {e['abstained']} |")
+        else:
+            lines.append(f"| {name} | {e['mae']:.2f} | [{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}] | "
+                         f"{e['gain_mae']:.2f} | {e['abstained']} |" if e["gain_mae"] is not None else
+                         f"| {name} | {e['mae']:.2f} | [{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}] | — | {e['abstained']} |")
+    lines += ["", "| model | mean accuracy on the evaluation images (%) |", "|---|---|"]
+    lines += [f"| {m} | {a:.2f} |" for m, a in out["mean_accuracy_eval"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--result", required=True, help="A finished bench c10c --protocol pretrained result JSON.")
+    parser.add_argument("--rule", help="The pre-registered rule (JSON written by --choose on the tuning split): score it alone.")
+    parser.add_argument("--choose", action="store_true", help="Score the grid of rules and scales and choose one (tuning split only).")
+    parser.add_argument("--rule-out", default="benchmarks/results/decision_rule.json", help="With --choose: where the chosen rule goes.")
+    parser.add_argument("--scales", default="0.5,1,1.5,2", help="With --choose: task-vector scales to score.")
+    parser.add_argument("--resamples", type=int, default=200, help="Bootstrap resamples of each estimated gain.")
+    parser.add_argument("--out", default="benchmarks/results", help="Where the JSON and Markdown go.")
+    args = parser.parse_args(argv)
+    if bool(args.rule) == bool(args.choose):
+        parser.error("give exactly one of --rule RULE.json (report split) and --choose (tuning split)")
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()
