@@ -14,12 +14,16 @@ def export(
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to export (adaptsoup .safetensors, or a state dict with --arch)."),
     onnx: Path = typer.Option(..., "--onnx", "-o", help="Where to write the ONNX model."),
     arch: Optional[str] = typer.Option(None, help="timm architecture, if the checkpoint carries no adaptsoup metadata."),
-    images: Optional[Path] = typer.Option(None, help="Image folder for the parity batch (and accuracy, if labeled); static int8 calibrates on it."),
-    labeled: bool = typer.Option(False, help="--images is an ImageFolder layout: also report accuracy."),
+    images: Optional[Path] = typer.Option(None, help="Image folder the checks are measured on (parity, int8 agreement; accuracy if "
+                                                     "--labeled). Without --calibration, static int8 calibrates on a held-out share of it."),
+    labeled: bool = typer.Option(False, help="--images is an ImageFolder layout: also report accuracy (and split it class by class)."),
+    calibration: Optional[Path] = typer.Option(None, help="Image folder static int8 calibrates on (up to 512 images); --images is then all for checking."),
     quantize: Optional[str] = typer.Option(
         None, help="int8 copies: 'dynamic' (NAME.int8.onnx; 'int8' is an alias), 'static' (NAME.int8-static.onnx, QDQ, "
-                   "calibrated on --images) or 'dynamic,static'."),
-    calibration: str = typer.Option("percentile", help="Static int8 activation ranges: 'percentile' or 'minmax'."),
+                   "calibrated on --calibration or part of --images) or 'dynamic,static'."),
+    calibration_method: str = typer.Option("percentile", help="Static int8 activation ranges: 'percentile' or 'minmax'."),
+    int8_weights: str = typer.Option("auto", help="int8 weight format: 'auto' (for this CPU), 's8' (fastest with VNNI), 'u8' "
+                                                  "(exact on every CPU) or 's7' (7-bit, never saturates)."),
     optimize: bool = typer.Option(True, "--optimize/--no-optimize", help="Write onnxruntime's fused operators (Attention, BiasGelu, LayerNorm) into the file."),
     opset: int = typer.Option(18, min=17, help="ONNX opset (17 or newer)."),
     tolerance: float = typer.Option(1e-3, help="Largest allowed |logit difference| between ONNX and PyTorch."),
@@ -29,42 +33,55 @@ def export(
     from adaptsoup.core.io import check_destination
     from adaptsoup.core.models import class_names, load_model
     from adaptsoup.deploy.onnx import ParityError, export_and_check
-    from adaptsoup.deploy.quantize import CALIBRATIONS, StaticConfig, quantize_kinds
+    from adaptsoup.deploy.quantize import CALIBRATIONS, WEIGHT_FORMATS, StaticConfig, quantize_kinds
     from adaptsoup.errors import AdaptsoupError
 
     try:  # before the model is loaded and exported
         kinds = quantize_kinds(quantize)
     except AdaptsoupError as exc:
         fail(f"--quantize: {exc}")
-    if calibration not in CALIBRATIONS:
-        fail(f"--calibration: unknown calibration {calibration!r}; use {' or '.join(CALIBRATIONS)}")
-    if "static" in kinds and images is None:
-        fail("--quantize static needs calibration images: pass --images FOLDER (the images the model will see)")
+    if calibration_method not in CALIBRATIONS:
+        fail(f"--calibration-method: unknown method {calibration_method!r}; use {' or '.join(CALIBRATIONS)}")
+    if int8_weights not in WEIGHT_FORMATS:
+        fail(f"--int8-weights: unknown format {int8_weights!r}; use {', '.join(WEIGHT_FORMATS)}")
+    if calibration is not None and str(calibration) in CALIBRATIONS and not calibration.is_dir():
+        fail(f"--calibration takes a folder of calibration images; the range estimator is --calibration-method {calibration}")
+    if calibration is not None and "static" not in kinds:
+        fail("--calibration is for static int8: add --quantize static")
+    if "static" in kinds and images is None and calibration is None:
+        fail("--quantize static needs calibration images: pass --calibration FOLDER or --images FOLDER (the images the model will see)")
     check_destination(onnx, "--onnx")
     net = load_model(arch, model)
-    image_set = None
+    pre = Preprocess.for_model(net)
+    image_set = calibration_set = None
     if images is not None:
-        pre = Preprocess.for_model(net)
         image_set = load_folder(images, pre, labeled=labeled, class_names=class_names(net) if labeled else None)
+    if calibration is not None:
+        calibration_set = load_folder(calibration, pre)
     try:
         report = export_and_check(net, onnx, images=image_set, quantize=kinds, opset=opset, tolerance=tolerance, log=log_line,
-                                  optimize=optimize, static=StaticConfig(calibration=calibration))
+                                  optimize=optimize, static=StaticConfig(calibration=calibration_method),
+                                  calibration=calibration_set, int8_weights=int8_weights)
     except ParityError as exc:
         fail(str(exc), code=1)
     print_export_report(report)
 
 
 def print_export_report(report) -> None:
-    """What ``export`` wrote: the fp32 file (with its fusions and parity), then each int8 copy."""
+    """What ``export`` wrote: the fp32 file (with its fusions and parity), what it was checked on, then each int8 copy."""
     out.print(f"wrote {report.path} ({report.size_bytes / 1e6:.2f} MB, opset {report.opset}, {report.exporter} exporter)")
     if report.optimized:
         fused = ", ".join(f"{count} {op}" for op, count in report.fusions.items()) or "nothing"
         out.print(f"optimised for onnxruntime: {fused}")
     else:
         out.print("not optimised" + (f" ({report.optimize_note})" if report.optimize_note else " (--no-optimize)"))
+    if report.checked_on is not None:
+        out.print(f"checked on {report.checked_on.describe()}")
     out.print(f"parity on {report.batch_size} images: max |logit diff| {report.max_abs_diff:.2e}, top-1 agreement {report.top1_agreement:.1f}%")
     if report.fp32_accuracy is not None:
         out.print(f"fp32 accuracy: {report.fp32_accuracy:.2f}%")
+    if report.int8_weights is not None:
+        out.print(f"int8 weights: {report.int8_weights} ({report.int8_weights_reason})")
     for check in report.quantized:
         out.print(
             f"wrote {check.path} ({check.size_bytes / 1e6:.2f} MB, {check.kind} int8): top-1 agreement with fp32 "

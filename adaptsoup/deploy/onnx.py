@@ -1,6 +1,11 @@
 """Export to ONNX: dynamic batch, class names and preprocessing as metadata, onnxruntime's fused operators
 written into the file (see :mod:`adaptsoup.deploy.optimize`), parity with PyTorch checked in onnxruntime,
-and optionally int8 copies (see :mod:`adaptsoup.deploy.quantize`)."""
+and optionally int8 copies (see :mod:`adaptsoup.deploy.quantize`).
+
+The checks (parity, int8 agreement, accuracy) are measured on *check images* that static int8 never
+calibrated on: all of ``images`` when calibration has its own folder (or there is no static model), else the
+part of ``images`` that a seeded, class-balanced split (:func:`split_for_calibration`) did not give to
+calibration; without images, on uniform noise, and the report and log say so (:class:`CheckImages`)."""
 
 from __future__ import annotations
 
@@ -19,17 +24,45 @@ from adaptsoup.core.io import atomic_path
 from adaptsoup.core.models import model_meta
 from adaptsoup.deploy.fusable import fusable_copy
 from adaptsoup.deploy.optimize import Optimization, optimize_proto, vit_shape
-from adaptsoup.deploy.quantize import Int8Check, StaticConfig, quantize_and_compare, quantize_kinds
+from adaptsoup.deploy.quantize import Int8Check, StaticConfig, choose_int8_weights, cpu_features, quantize_and_compare, quantize_kinds
 from adaptsoup.deploy.runtime import onnx_logits, ort_session, quiet, read_onnx_metadata  # noqa: F401 (re-exported)
 from adaptsoup.errors import AdaptsoupError
 
 DEFAULT_OPSET = 18
 TORCHSCRIPT_MAX_OPSET = 17  # the TorchScript exporter's newest opset
 PARITY_TOLERANCE = 1e-3
+SPLIT_SEED = 0  # the calibration/check split of --images
+NOISE_IMAGES = 16  # the check images when none are given
 
 
 class ParityError(AdaptsoupError):
     """The exported model's outputs differ from PyTorch's beyond the tolerance."""
+
+
+@dataclass(frozen=True)
+class CheckImages:
+    """What export's checks were measured on, and what static int8 calibrated on."""
+
+    source: str  # "folder": all of the images given; "split": the images given less calibration's share; "noise"
+    count: int
+    folder: str | None = None
+    calibration_folder: str | None = None  # None: no static int8; the images' own folder when split from them
+    calibration_count: int = 0
+    seed: int | None = None  # the split's
+    by_class: bool = False  # the split was class-balanced (labeled images)
+
+    def describe(self) -> str:
+        if self.source == "noise":
+            text = f"{self.count} uniform-noise images (no --images given): parity and int8 agreement on noise, not on real images"
+        elif self.source == "split":
+            kind = "class-balanced split" if self.by_class else "split"
+            text = (f"{self.count} images of {self.folder} held out from calibration (seeded {kind}, seed {self.seed}; "
+                    f"the other {self.calibration_count} calibrated static int8)")
+        else:
+            text = f"all {self.count} images of {self.folder}"
+        if self.calibration_folder is not None and self.source != "split":
+            text += f"; static int8 calibrated on {self.calibration_count} images of {self.calibration_folder}"
+        return text
 
 
 @dataclass
@@ -52,6 +85,9 @@ class ExportReport:
     fusions: dict[str, int] = field(default_factory=dict)  # fused nodes in the file, by op type
     optimize_note: str | None = None  # why the file was not optimised (or what the optimizer could not fuse)
     quantized: list[Int8Check] = field(default_factory=list)  # one per int8 kind asked for, dynamic and/or static
+    checked_on: CheckImages | None = None  # what parity, int8 agreement and accuracy were measured on
+    int8_weights: str | None = None  # the int8 weight format (s8, u8, s7) and why it was chosen
+    int8_weights_reason: str | None = None
 
 
 @dataclass
@@ -144,13 +180,57 @@ def preprocess_from_onnx(path: str | os.PathLike) -> Preprocess:
     return Preprocess.from_meta(read_onnx_metadata(path))
 
 
-def parity_batch(model: nn.Module, images: ImageSet | None, batch_size: int = 64, seed: int = 0) -> torch.Tensor:
-    """A real batch from ``images`` when given, else a seeded random one."""
-    pre = Preprocess.for_model(model)
-    if images is not None and len(images):
-        return pre.normalize(images.images[:batch_size])
+def noise_images(model: nn.Module, count: int = NOISE_IMAGES, seed: int = 0) -> torch.Tensor:
+    """``count`` seeded uniform-noise uint8 images of the model's input size: the check images when none are given."""
     gen = torch.Generator().manual_seed(seed)
-    return pre.normalize(torch.randint(0, 256, (min(batch_size, 16), 3, *pre.size), generator=gen, dtype=torch.uint8))
+    return torch.randint(0, 256, (count, 3, *Preprocess.for_model(model).size), generator=gen, dtype=torch.uint8)
+
+
+def split_for_calibration(labels: np.ndarray | None, count: int, calibration: int,
+                          seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint ``(calibration, check)`` indices into ``count`` images, seeded and class-balanced: calibration
+    takes the classes in turn, each class's images in a seeded order, until it has ``calibration`` images,
+    never more than half of a class, so every class keeps at least half its images for the checks.  Without
+    ``labels`` the images are one class.  Calibration indices come in that class-interleaved order, check
+    indices sorted."""
+    labels = np.zeros(count, dtype=np.int64) if labels is None else np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    queues = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        queues.append(list(rng.permutation(members)[: len(members) // 2]))
+    picked: list[int] = []
+    while len(picked) < calibration and any(queues):
+        for queue in queues:
+            if queue and len(picked) < calibration:
+                picked.append(int(queue.pop(0)))
+    chosen = np.array(picked, dtype=np.int64)
+    return chosen, np.setdiff1d(np.arange(count), chosen)
+
+
+def plan_checks(images: ImageSet | None, calibration: ImageSet | None, static: bool,
+                max_calibration: int) -> tuple[ImageSet | None, ImageSet | None, CheckImages]:
+    """``(check images, calibration images, what they are)``.  Static int8 calibrates on ``calibration`` when
+    given (a seeded ``max_calibration`` of it when larger), else on a class-balanced share of ``images``, which
+    the checks then never see; ``None`` check images stand for :func:`noise_images`."""
+    given = images is not None and len(images) > 0
+    if calibration is not None and len(calibration) == 0:
+        raise AdaptsoupError("the calibration folder holds no readable images")
+    if static and calibration is None and given:
+        labels = None if images.labels is None else images.labels.numpy()
+        calib_idx, check_idx = split_for_calibration(labels, len(images), max_calibration)
+        if len(calib_idx) == 0:
+            raise AdaptsoupError(f"static int8: {len(images)} image(s) in {images.root} are too few to hold any out "
+                                 "for calibration (it takes up to half of each class); pass --calibration FOLDER")
+        check, calib = images.subset(check_idx), images.subset(calib_idx)
+        return check, calib, CheckImages("split", len(check), images.root, images.root, len(calib), SPLIT_SEED, labels is not None)
+    calib = calibration if static else None
+    if calib is not None and len(calib) > max_calibration:
+        calib = calib.subset(np.random.default_rng(SPLIT_SEED).permutation(len(calib))[:max_calibration])
+    folder, count = (calib.root, len(calib)) if calib is not None else (None, 0)
+    if given:
+        return images, calib, CheckImages("folder", len(images), images.root, folder, count)
+    return None, calib, CheckImages("noise", NOISE_IMAGES, None, folder, count)
 
 
 def export_and_check(
@@ -164,41 +244,55 @@ def export_and_check(
     log: Callable[[str], None] = print,
     optimize: bool = True,
     static: StaticConfig = StaticConfig(),
+    calibration: ImageSet | None = None,
+    int8_weights: str = "auto",
+    parity_images: int = 64,
 ) -> ExportReport:
-    """Export, then compare onnxruntime with PyTorch on a real batch; optionally add int8 models.
+    """Export, then compare onnxruntime with PyTorch; optionally add int8 models and compare them with fp32.
 
-    ``quantize``: ``"dynamic"`` (alias ``"int8"``), ``"static"`` (calibrated on ``images``), both as
-    ``"dynamic,static"`` or a list.  Raises :class:`ParityError` when the largest absolute logit difference
-    exceeds ``tolerance``.
+    ``quantize``: ``"dynamic"`` (alias ``"int8"``), ``"static"``, both as ``"dynamic,static"`` or a list.
+    Static int8 calibrates on ``calibration``, or on a held-out share of ``images`` (:func:`plan_checks`).
+    ``int8_weights``: the weight format (auto: chosen for this CPU, :func:`choose_int8_weights`).  Parity is
+    measured on the first ``parity_images`` check images, int8 agreement and accuracy (labeled images) on all
+    of them.  Raises :class:`ParityError` when the largest absolute logit difference exceeds ``tolerance``.
     """
     kinds = quantize_kinds(quantize)
-    if "static" in kinds and (images is None or not len(images)):
-        raise AdaptsoupError("static int8 quantization needs calibration images (--images)")
+    weights = choose_int8_weights(cpu_features(), int8_weights) if kinds else None
+    has_images = images is not None and len(images) > 0
+    if "static" in kinds and not has_images and calibration is None:
+        raise AdaptsoupError("static int8 quantization needs calibration images (--images or --calibration)")
+    check_set, calib_set, checked_on = plan_checks(images, calibration, "static" in kinds, static.max_images)
     exported = export_onnx(model, out_path, opset=opset, log=log, optimize=optimize)
-    batch = parity_batch(model, images)
+    pre = Preprocess.for_model(model)
+    inputs = pre.normalize(check_set.images if check_set is not None else noise_images(model)).numpy()
+    labels = check_set.labels.numpy() if check_set is not None and check_set.labels is not None else None
+    batch = torch.from_numpy(inputs[:parity_images])
     with torch.no_grad():
         reference = model.eval()(batch).float().numpy()
     session = ort_session(exported.path)
-    got = onnx_logits(session, batch.numpy())
-    diff = float(np.abs(got - reference).max())
+    fp32 = onnx_logits(session, inputs if kinds or labels is not None else batch.numpy())
+    diff = float(np.abs(fp32[: len(batch)] - reference).max())
     report = ExportReport(
         path=str(exported.path), opset=exported.opset, exporter=exported.exporter, max_abs_diff=diff,
-        top1_agreement=float((got.argmax(1) == reference.argmax(1)).mean() * 100), batch_size=int(batch.shape[0]),
-        size_bytes=exported.path.stat().st_size, fallback_reason=exported.fallback_reason,
+        top1_agreement=float((fp32[: len(batch)].argmax(1) == reference.argmax(1)).mean() * 100), batch_size=len(batch),
+        size_bytes=exported.path.stat().st_size, fallback_reason=exported.fallback_reason, checked_on=checked_on,
     )
     if exported.optimization is not None:
         report.optimized, report.fusions = exported.optimization.applied, exported.optimization.fused
         report.optimize_note = exported.optimization.reason
-    labeled = images is not None and images.labels is not None
-    normalized = Preprocess.for_model(model).normalize(images.images).numpy() if images is not None and len(images) else None
-    labels = images.labels.numpy() if labeled else None
-    if labeled:
-        report.fp32_accuracy = float((onnx_logits(session, normalized).argmax(1) == labels).mean() * 100)
+    if labels is not None:
+        report.fp32_accuracy = float((fp32.argmax(1) == labels).mean() * 100)
+    noise = "uniform-noise " if checked_on.source == "noise" else ""
     if diff > tolerance:
-        raise ParityError(f"ONNX/PyTorch parity failed: max |logit difference| {diff:.2e} > {tolerance:.0e}")
+        raise ParityError(f"ONNX/PyTorch parity failed on {len(batch)} {noise}images: max |logit difference| {diff:.2e} > {tolerance:.0e}")
+    if noise:
+        log(f"export checks: {checked_on.describe()}")
+    if weights is not None:
+        report.int8_weights, report.int8_weights_reason = weights.format, weights.reason
+    calib_inputs = pre.normalize(calib_set.images).numpy() if calib_set is not None else None
     for kind in kinds:
-        check = quantize_and_compare(exported.path, batch.numpy(), got, normalized if labeled else None, labels,
-                                     kind=kind, calibration=normalized, config=static)
+        check = quantize_and_compare(exported.path, inputs, fp32, labels=labels, kind=kind, calibration=calib_inputs,
+                                     config=static, weights=weights.format)
         report.quantized.append(check)
         if kind == "dynamic":
             report.quantized_path, report.int8_size_bytes = check.path, check.size_bytes
