@@ -11,7 +11,8 @@ from adaptsoup_cli.common import err, fail, log_line, out
 
 
 def export(
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to export (adaptsoup .safetensors, or a state dict with --arch)."),
+    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint to export (adaptsoup .safetensors, or a state dict with --arch), or an adapt run directory: its recommended model."),
+    force: bool = typer.Option(False, "--force", help="Export a soup its adapt run estimated to be worse than the deployed model."),
     onnx: Path = typer.Option(..., "--onnx", "-o", help="Where to write the ONNX model."),
     arch: Optional[str] = typer.Option(None, help="timm architecture, if the checkpoint carries no adaptsoup metadata."),
     images: Optional[Path] = typer.Option(None, help="Image folder the checks are measured on (parity, int8 agreement; accuracy if "
@@ -51,7 +52,15 @@ def export(
     if "static" in kinds and images is None and calibration is None:
         fail("--quantize static needs calibration images: pass --calibration FOLDER or --images FOLDER (the images the model will see)")
     check_destination(onnx, "--onnx")
-    net = load_model(arch, model)
+    from adaptsoup.pipeline.deploy_choice import resolve_export
+
+    try:
+        choice = resolve_export(model, force)
+    except AdaptsoupError as exc:
+        fail(str(exc))
+    if choice.note:
+        log_line(f"export {choice.path}: {choice.note}")
+    net = load_model(arch, choice.path)
     pre = Preprocess.for_model(net)
     image_set = calibration_set = None
     if images is not None:

@@ -44,6 +44,11 @@ def test_a_validation_folder_is_used_whole_and_each_target_subfolder_gets_its_ow
     assert set(rec["per_shift"]) == {"fog", "snow"}
     assert all(r["model"] in {"deployed", "soup", "supervised_soup"} for r in rec["per_shift"].values())
     assert manifest["estimates"]["images"] == {"target": 14, "validation": 9}
+    from adaptsoup.pipeline.deploy_choice import resolve_export
+
+    exported = resolve_export(result.run_dir).path  # export --model RUN: what the run recommends
+    assert exported.is_file() and exported.resolve() == (tmp_path / "stock.safetensors" if rec["model"] == "deployed"
+                                                         else result.run_dir / rec["path"]).resolve()
     log = (tmp_path / "run" / "adapt.log").read_text()
     assert "recommendation:" in log and "shift fog:" in log and "estimated accuracy of soup on the target" in log
 

@@ -72,7 +72,8 @@ def recommend_deployment(ctx: RunContext, plan: Plan, decision: DecisionConfig =
     rec = pooled["recommendation"]
     record = {**rec, "path": str(pool[rec["model"]]) if rec["model"] == DEPLOYED else ctx.run_dir.relative(pool[rec["model"]]),
               "per_shift": {name: {k: r[k] for k in ("model", "switch", "gain", "ci95", "reason")} for name, r in per_shift.items()},
-              "validation": inputs.validation_origin}
+              "validation": inputs.validation_origin,
+              "candidate_paths": {name: ctx.run_dir.relative(path) for name, path in candidates.items()}}
     ctx.manifest.data["estimates"] = {k: v for k, v in pooled.items() if k != "recommendation"}
     ctx.manifest.data["recommendation"] = record
     ctx.manifest.save()
