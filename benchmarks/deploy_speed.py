@@ -19,7 +19,8 @@ same run: the faster of ``torch.mm`` and an onnxruntime ``MatMul`` on 2048x2048 
 same threads. A variant near the ceiling cannot be made much faster in fp32 by any graph change.
 
 Writes benchmarks/results/deploy_speed.json and .md (atomically).  ``main(argv)`` assembles a dict of
-sections, one function each (:func:`eager_vs_onnx`); other sections can be added beside it.
+sections, one function each (:func:`eager_vs_onnx`); other sections can be added beside it.  The FLOP counts
+and the ceiling are in :mod:`adaptsoup_bench.deploy_speed_flops`, the Markdown in :mod:`adaptsoup_bench.deploy_speed_report`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from adaptsoup.core.manifest import environment  # noqa: E402
 from adaptsoup.deploy.onnx import export_onnx  # noqa: E402
 from adaptsoup.deploy.quantize import StaticConfig, quantize_int8, quantize_static_int8  # noqa: E402
 from adaptsoup.deploy.runtime import onnx_logits, ort_session  # noqa: E402
+from adaptsoup_bench.deploy_speed_flops import FP32_VARIANTS, flops_per_image, fp32_efficiency, gemm_ceiling  # noqa: E402,F401
+from adaptsoup_bench.deploy_speed_report import cpu_name, eager_vs_onnx_markdown, markdown  # noqa: E402,F401
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "deploy_speed"
 VARIANTS = ("eager fp32", "eager bf16", "ORT fp32 (plain)", "ORT fp32 (optimised)", "ORT int8 dynamic", "ORT int8 static")
@@ -157,61 +160,6 @@ def ratios(speeds: dict[str, dict]) -> dict[str, float]:
     return {label: round(rate[a] / rate[b], 3) for label, (a, b) in pairs.items() if a in rate and b in rate}
 
 
-FP32_VARIANTS = ("eager fp32", "ORT fp32 (plain)", "ORT fp32 (optimised)")
-
-
-def flops_per_image(model: torch.nn.Module, input_size: tuple[int, ...]) -> float:
-    """Floating-point operations (a multiply-add counts 2) of one forward pass on one image, as
-    ``torch.utils.flop_counter`` counts them (matrix products and attention; elementwise ops are not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(torch.zeros(1, *input_size))
-    return float(counter.get_total_flops())
-
-
-def gemm_ceiling(threads: int, workdir: Path, size: int = 2048, rounds: int = 5) -> dict:
-    """GFLOP/s of a large float32 matrix product at ``threads`` threads, in torch (``torch.mm``) and in
-    onnxruntime (a one-node ``MatMul`` graph): what fp32 inference can reach on this machine at most."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((size, size), dtype=np.float32)
-    b = rng.standard_normal((size, size), dtype=np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
-                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size])],
-                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])],
-                              [numpy_helper.from_array(b, "b")])
-    path = workdir / "gemm.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
-    session = ort_session(path, threads=threads)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    runs = {"torch.mm": lambda: torch.mm(ta, tb), "onnxruntime MatMul": lambda: session.run(None, {"a": a})}
-    flops = 2.0 * size**3
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():
-        run()  # warm-up
-    for _ in range(rounds):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            rates[name].append(flops / (time.perf_counter() - start) / 1e9)
-    gflops = {name: round(statistics.median(r), 1) for name, r in rates.items()}
-    return {"size": size, "threads": threads, "gflops": gflops, "ceiling_gflops": max(gflops.values())}
-
-
-def fp32_efficiency(speeds: dict[str, dict], gflop_per_image: float, ceiling: float) -> dict[str, dict]:
-    """GFLOP/s of each fp32 variant and its fraction of the GEMM ``ceiling``."""
-    out = {}
-    for name in FP32_VARIANTS:
-        if name in speeds:
-            rate = speeds[name]["images_per_s"] * gflop_per_image
-            out[name] = {"gflops": round(rate, 1), "of_ceiling": round(rate / ceiling, 3)}
-    return out
-
-
 def eager_vs_onnx(subject: Subject, cfg: SpeedConfig, workdir: Path, log: Callable[[str], None] = print,
                   ceiling: float | None = None) -> dict:
     """Section: every variant's images/s at each batch size (and accuracy when ``subject`` has labels); with the
@@ -287,61 +235,6 @@ def vit_base_subject(count: int) -> Subject:
                                      interpolation="bicubic", crop_pct=0.9, provenance={"weights": "random"}))
     return Subject("vit_base_patch16_224 (random weights)", model, noise_images(model, count),
                    notes=["random weights: speed only; static int8 calibrated on noise images"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Report
-
-
-def cpu_name() -> str:
-    """The CPU's model name (lscpu's 'Model name', or /proc/cpuinfo's)."""
-    import subprocess
-
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
-            if line.strip().lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return str(environment().get("cpu", "unknown CPU"))
-
-
-def eager_vs_onnx_markdown(section: dict) -> list[str]:
-    lines = [f"### {section['model']} ({'x'.join(str(d) for d in section['input_size'])})", ""]
-    lines += [f"- {note}" for note in section["notes"]]
-    fused = section["files"]["ORT fp32 (optimised)"].get("fusions") or {}
-    lines += [f"- optimised file: {', '.join(f'{n} {op}' for op, n in fused.items()) or 'no fusions'}",
-              f"- static int8 calibration: {section['files']['ORT int8 static']['calibration']}", ""]
-    names = list(section["rows"][0]["speeds"])
-    lines += ["| batch | " + " | ".join(f"{n} (images/s)" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
-    lines += [f"| {row['batch']} | " + " | ".join(f"{row['speeds'][n]['images_per_s']:.1f}" for n in names) + " |" for row in section["rows"]]
-    labels = list(section["rows"][0]["ratios"])
-    lines += ["", "| batch | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
-    lines += [f"| {row['batch']} | " + " | ".join(f"{row['ratios'][k]:.2f}x" for k in labels) + " |" for row in section["rows"]]
-    if all("fp32_efficiency" in row for row in section["rows"]):
-        lines += ["", f"fp32 GFLOP/s ({section['gflop_per_image']} GFLOP per image) and fraction of the GEMM ceiling:", "",
-                  "| batch | " + " | ".join(FP32_VARIANTS) + " |", "|---" * (len(FP32_VARIANTS) + 1) + "|"]
-        lines += [f"| {row['batch']} | " + " | ".join(f"{row['fp32_efficiency'][n]['gflops']:.1f} ({row['fp32_efficiency'][n]['of_ceiling']:.0%})"
-                                                       for n in FP32_VARIANTS) + " |" for row in section["rows"]]
-    if "accuracy" in section:
-        lines += ["", f"Top-1 accuracy on {section['accuracy_images']} images:", "",
-                  "| " + " | ".join(section["accuracy"]) + " |", "|---" * len(section["accuracy"]) + "|",
-                  "| " + " | ".join(f"{v:.2f}%" for v in section["accuracy"].values()) + " |"]
-    return lines + [""]
-
-
-def markdown(result: dict) -> str:
-    lines = ["# Deployment speed", "", f"Command: `{result['command']}`", "",
-             f"CPU: {result['machine']['cpu']} ({result['machine']['cpu_count']} logical cores); {result['threads']} thread(s) "
-             f"for torch and onnxruntime; median of {result['rounds']} alternating rounds. torch {result['machine'].get('torch')}, "
-             f"onnxruntime {result['machine'].get('onnxruntime')}.", ""]
-    ceiling = result["sections"].get("fp32_ceiling")
-    if ceiling:
-        lines += [f"fp32 GEMM ceiling ({ceiling['size']}x{ceiling['size']}, {ceiling['threads']} thread(s)): "
-                  + ", ".join(f"{name} {g:.1f} GFLOP/s" for name, g in ceiling["gflops"].items()) + ".", ""]
-    for section in result["sections"].get("eager_vs_onnx", []):
-        lines += eager_vs_onnx_markdown(section)
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
