@@ -4,8 +4,9 @@ shift by shift, and what the conservative rule would have deployed.
     python -m adaptsoup_bench.decision --result RESULT.json --choose          # tuning split: choose the rule
     python -m adaptsoup_bench.decision --result RESULT.json --rule RULE.json  # report split: the frozen rule, once
 
-``RESULT.json`` is a finished ``bench c10c --protocol pretrained`` result: its run directories hold the
-models, its ``split`` names the images.  Per corruption (a "shift"), every model is run on
+``RESULT.json`` is a finished ``bench c10c --protocol pretrained`` result (or ``--bench-config SETTINGS.json``,
+the same settings as a JSON of ``BenchConfig`` fields, once its adapt runs are complete): its run
+directories hold the models, its split names the images.  Per corruption (a "shift"), every model is run on
 
 * the shift's even images: the unlabeled target the estimators see (and their true accuracy there, to
   score the estimators);
@@ -25,6 +26,7 @@ The result's ``gate`` and ``estimators`` objects are issue #21's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -68,12 +70,47 @@ def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
 # -- models and their logits ---------------------------------------------------------------------------------------
 
 
-def bench_models(result: dict, scales: list[float], work: Path) -> tuple[dict[str, Path], list[str]]:
+@dataclass
+class BenchRun:
+    """A ``bench c10c --protocol pretrained`` configuration and what its adapt runs made."""
+
+    cfg: object  # adaptsoup_bench.shift.BenchConfig
+    data: object  # its ShiftData
+    run: Path  # the self run directory (Self-Soup, its inter-trained encoders, the vanilla ingredients)
+    cont: Path | None  # the continued-SSL run (MAE on source images), if the configuration made it
+    stock: Path
+    pretrained: Path
+    split: dict  # data.notes["split"]: which test images are corrupted, which clean
+
+
+def open_bench_run(args: argparse.Namespace) -> BenchRun:
+    """From a finished result JSON (``--result``) or from the configuration alone (``--bench-config``: its adapt
+    runs must be complete; the bench's own evaluation is not needed, this benchmark runs every model itself)."""
+    from adaptsoup.errors import AdaptsoupError
+    from adaptsoup_bench.shift import BenchConfig, bench_work_dir, prepare_c10c, pretrained_path
+
+    settings = json.loads(Path(args.result or args.bench_config).read_text())
+    cfg = BenchConfig(**(settings["config"] if args.result else settings))
+    if cfg.protocol != "pretrained":
+        raise AdaptsoupError("the decision benchmark needs a --protocol pretrained configuration (its task-vector soups)")
+    data = prepare_c10c(cfg, log=print)
+    runs = bench_work_dir(cfg, "c10c") / "runs"
+
+    def complete(run: Path) -> bool:
+        manifest = run / "manifest.json"
+        return manifest.is_file() and json.loads(manifest.read_text()).get("status") == "complete"
+
+    if not complete(runs / "self"):
+        raise AdaptsoupError(f"{runs / 'self'} is not a complete adapt run: run the bench configuration first")
+    return BenchRun(cfg, data, runs / "self", runs / "cont_ssl" if complete(runs / "cont_ssl") else None, Path(data.stock),
+                    pretrained_path(cfg), data.notes["split"])
+
+
+def bench_models(bench: BenchRun, scales: list[float], work: Path) -> tuple[dict[str, Path], list[str]]:
     """Every model of the run by name, and the deployable candidates among them (task-vector soups written here)."""
     from adaptsoup_bench.shift import inter_encoders, write_task_vector_soup
 
-    run = Path(result["runs"]["self"])
-    stock, pretrained = Path(result["stock"]["path"]), Path(result["pretrained"])
+    run, stock, pretrained = bench.run, bench.stock, bench.pretrained
     models = {DEPLOYED: stock, "supervised_soup": run / "soups" / "supervised_soup.safetensors", "self_soup_target": run / "soup.safetensors"}
     candidates = []
     for scale in scales:
@@ -84,10 +121,10 @@ def bench_models(result: dict, scales: list[float], work: Path) -> tuple[dict[st
         models[name] = path
         candidates.append(name)
     candidates += ["self_soup_target", "supervised_soup"]
-    if result["runs"].get("cont_ssl"):
+    if bench.cont is not None:
         control = work / "models" / "cont_ssl_task_vector_soup_x1.safetensors"
         if not control.is_file():
-            write_task_vector_soup(control, stock, pretrained, inter_encoders(Path(result["runs"]["cont_ssl"])), 1.0)
+            write_task_vector_soup(control, stock, pretrained, inter_encoders(bench.cont), 1.0)
         models["cont_ssl_task_vector_soup_x1"] = control
     for ingredient in sorted((run / "ingredients").glob("*.safetensors")):
         models[f"ingredient:{ingredient.stem}"] = ingredient
@@ -112,10 +149,10 @@ def cached_logits(name: str, path: Path, sets: dict, pre, cache: Path, log) -> d
     return logits
 
 
-def validation_images(data, result: dict):
+def validation_images(bench: BenchRun):
     """Clean images of the split that are not the originals of any corrupted image (files are named by test index)."""
-    corrupted = set(result["split"]["corrupted_indices"])
-    clean = data.evals["clean"]
+    corrupted = set(bench.split["corrupted_indices"])
+    clean = bench.data.evals["clean"]
     keep = [i for i, p in enumerate(clean.paths) if int(Path(p).stem) not in corrupted]
     return clean.subset(keep)
 
@@ -220,17 +257,14 @@ def choose(scored: list[dict]) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from adaptsoup_bench.shift import BenchConfig, prepare_c10c
-
     t_start = time.perf_counter()
-    result = json.loads(Path(args.result).read_text())
-    cfg = BenchConfig(**result["config"])
-    data = prepare_c10c(cfg, log=print)
-    work = Path(result["runs"]["self"]).parent.parent / "decision"
+    bench = open_bench_run(args)
+    data = bench.data
+    work = bench.run.parent.parent / "decision"
     rule = json.loads(Path(args.rule).read_text()) if args.rule else None
     scales = [rule["task_vector_scale"]] if rule else [float(s) for s in args.scales.split(",")]
-    models, candidates = bench_models(result, scales, work)
-    validation = validation_images(data, result)
+    models, candidates = bench_models(bench, scales, work)
+    validation = validation_images(bench)
     sets = {"validation": validation, **{k: v for k, v in data.evals.items() if k != "clean"}}
     t0 = time.perf_counter()
     logits = {m: cached_logits(m, p, sets, data.preprocess, work / "logits", print) for m, p in models.items()}
@@ -260,8 +294,8 @@ def run(args: argparse.Namespace) -> dict:
     out = {
         "benchmark": "decision", "command": " ".join(["python -m adaptsoup_bench.decision", *sys.argv[1:]]),
         "commit": source_state()["commit"], "source_dirty": source_state()["dirty"],
-        "machine": {k: v for k, v in env.items() if k != "packages"}, "bench_result": str(args.result),
-        "split": result["split"]["used"], "severity": result["severity"],
+        "machine": {k: v for k, v in env.items() if k != "packages"}, "bench_result": str(args.result or args.bench_config),
+        "bench_config": dataclasses.asdict(bench.cfg), "split": bench.split["used"], "severity": bench.cfg.severity,
         "images": {"validation": len(validation), "target_per_shift": len(data.evals[f"even/{data.corruptions[0]}"]),
                    "eval_per_shift": len(data.evals[f"odd/{data.corruptions[0]}"])},
         "models": {m: str(p) for m, p in models.items()}, "candidates": candidates,
@@ -274,11 +308,11 @@ def run(args: argparse.Namespace) -> dict:
         "grid": per_scale,
         "timings_s": {"logits": round(logits_s, 1), "estimates": round(estimate_s, 1), "total": round(time.perf_counter() - t_start, 1)},
     }
-    stem = Path(args.out) / f"decision_{Path(args.result).stem}"
+    stem = Path(args.out) / f"decision_{Path(args.result or args.bench_config).stem}"
     write_json_atomic(stem.with_suffix(".json"), out)
     write_text_atomic(stem.with_suffix(".md"), markdown(out))
     if args.rule_out and not rule:
-        write_json_atomic(Path(args.rule_out), {**chosen_rule, "chosen_on": str(args.result), "commit": out["commit"]})
+        write_json_atomic(Path(args.rule_out), {**chosen_rule, "chosen_on": out["bench_result"], "commit": out["commit"]})
     print(f"wrote {stem}.json and .md in {out['timings_s']['total']:.0f}s")
     return out
 
@@ -311,7 +345,9 @@ def markdown(out: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--result", required=True, help="A finished bench c10c --protocol pretrained result JSON.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--result", help="A finished bench c10c --protocol pretrained result JSON.")
+    source.add_argument("--bench-config", help="A JSON of bench c10c settings (BenchConfig fields) whose adapt runs are complete.")
     parser.add_argument("--rule", help="The pre-registered rule (JSON written by --choose on the tuning split): score it alone.")
     parser.add_argument("--choose", action="store_true", help="Score the grid of rules and scales and choose one (tuning split only).")
     parser.add_argument("--rule-out", default="benchmarks/results/decision_rule.json", help="With --choose: where the chosen rule goes.")

@@ -55,9 +55,11 @@ def test_choosing_on_tuning_then_scoring_the_frozen_rule_alone(bench_result):
 
 
 def test_a_rule_that_never_switches_deploys_the_deployed_model_on_every_shift(bench_result):
-    tmp_path, path, _ = bench_result
+    tmp_path, path, result = bench_result
     never = tmp_path / "never.json"
     never.write_text(json.dumps({"margin": 1000.0, "estimators": ["doc"], "task_vector_scale": 1.0}))
-    out = decision.main(["--result", str(path), "--rule", str(never), "--resamples", "10", "--out", str(tmp_path / "never")])
+    settings = tmp_path / "settings.json"  # the configuration alone: its adapt runs are found in its work folder
+    settings.write_text(json.dumps(result["config"]))
+    out = decision.main(["--bench-config", str(settings), "--rule", str(never), "--resamples", "10", "--out", str(tmp_path / "never")])
     assert out["gate"]["chosen"] == pytest.approx(out["gate"]["deployed"]) and out["gate"]["switched"] == 0
     assert out["gate"]["worst_regret_vs_deployed"] == 0.0 and out["gate"]["pooled"]["chosen"] == "deployed"
