@@ -14,12 +14,14 @@ directories hold the models, its split names the images.  Per corruption (a "shi
 * the validation images: clean test images of the same split that are none of the corrupted images'
   originals (labeled, in-distribution, never trained on by any model).
 
-Models: the deployed model; the candidates ``adapt`` makes (the task-vector soup at each ``--scales``
-value, the fine-tuned Self-Soup, the supervised soup); their ingredients and the source-MAE control join
-agreement-on-the-line's pool but are never deployed.  With ``--choose``, every rule of the grid (margin x
-voting estimators) and every task-vector scale is scored on these images and the rule that maximises the
-mean accuracy of what it deploys, with a worst regret against the deployed model of at most
-``MAX_REGRET`` points, is written to ``--rule-out``; with ``--rule``, only that rule is scored.
+Models: the deployed model; the candidates of ``adapt --preset task-vector`` (the task-vector soup at each
+``--scales`` value, and its scales learned by ``mix --method self-season-tv``); the fine-tuned Self-Soup,
+the supervised soup, their ingredients and the source-MAE control join agreement-on-the-line's pool but
+are never deployed.  With ``--choose``, the candidate with the best mean accuracy on these (tuning)
+evaluation images is the recipe's, and every rule of the grid (margin x voting estimators) is scored on
+deploying it or keeping the deployed model; the rule that maximises the mean accuracy of what it deploys,
+with a worst regret against the deployed model of at most ``MAX_REGRET`` points, is written with the
+candidate to ``--rule-out``.  With ``--rule``, only that candidate and rule are scored.
 The result's ``gate`` and ``estimators`` objects are issue #21's.
 """
 
@@ -106,21 +108,29 @@ def open_bench_run(args: argparse.Namespace) -> BenchRun:
                     pretrained_path(cfg), data.notes["split"])
 
 
-def bench_models(bench: BenchRun, scales: list[float], work: Path) -> tuple[dict[str, Path], list[str]]:
-    """Every model of the run by name, and the deployable candidates among them (task-vector soups written here)."""
+SELF_SEASONED = "task_vector_soup_self_seasoned"
+
+
+def tv_name(scale: float) -> str:
+    return f"task_vector_soup_x{scale:g}"
+
+
+def bench_models(bench: BenchRun, tv_candidates: list[str], work: Path) -> dict[str, Path]:
+    """Every model by name: the deployed model, the task-vector candidates (written here), the fine-tuned soups,
+    the source-MAE control and the ingredients (these three only join ALine's pool)."""
     from adaptsoup_bench.shift import inter_encoders, write_task_vector_soup
 
     run, stock, pretrained = bench.run, bench.stock, bench.pretrained
-    models = {DEPLOYED: stock, "supervised_soup": run / "soups" / "supervised_soup.safetensors", "self_soup_target": run / "soup.safetensors"}
-    candidates = []
-    for scale in scales:
-        name = f"task_vector_soup_x{scale:g}"
+    models = {DEPLOYED: stock}
+    for name in tv_candidates:
         path = work / "models" / f"{name}.safetensors"
         if not path.is_file():
-            write_task_vector_soup(path, stock, pretrained, inter_encoders(run), scale)
+            if name == SELF_SEASONED:
+                self_seasoned_task_vectors(bench, path, work)
+            else:
+                write_task_vector_soup(path, stock, pretrained, inter_encoders(run), float(name.rsplit("_x", 1)[1]))
         models[name] = path
-        candidates.append(name)
-    candidates += ["self_soup_target", "supervised_soup"]
+    models.update({"supervised_soup": run / "soups" / "supervised_soup.safetensors", "self_soup_target": run / "soup.safetensors"})
     if bench.cont is not None:
         control = work / "models" / "cont_ssl_task_vector_soup_x1.safetensors"
         if not control.is_file():
@@ -128,7 +138,31 @@ def bench_models(bench: BenchRun, scales: list[float], work: Path) -> tuple[dict
         models["cont_ssl_task_vector_soup_x1"] = control
     for ingredient in sorted((run / "ingredients").glob("*.safetensors")):
         models[f"ingredient:{ingredient.stem}"] = ingredient
-    return models, candidates
+    return models
+
+
+def self_seasoned_task_vectors(bench: BenchRun, out: Path, work: Path) -> Path:
+    """``mix --method self-season-tv`` on the deployed model plus each inter-training's task vector, learned on the
+    pooled unlabeled target images with the bench's Self-Seasoning budget."""
+    from adaptsoup.core.checkpoint import save_checkpoint
+    from adaptsoup.core.data import load_folder
+    from adaptsoup.core.models import model_meta
+    from adaptsoup.soup import methods
+    from adaptsoup.soup.methods.task_vector_season import TaskVectorSeasonOptions
+    from adaptsoup.soup.registry import MixContext
+    from adaptsoup_bench.shift import inter_encoders, write_task_vector_soup
+
+    cfg = bench.cfg
+    singles = [write_task_vector_soup(work / "models" / f"task_vector_{enc.stem}.safetensors", bench.stock, bench.pretrained, [enc], 1.0)
+               for enc in inter_encoders(bench.run)]
+    target = load_folder(bench.data.target, bench.data.preprocess)
+    options = TaskVectorSeasonOptions(epochs=cfg.self_season_epochs, subset=cfg.self_season_subset, seed=cfg.seed, bf16=cfg.bf16)
+    result = methods.get("self-season-tv")(MixContext(paths=singles, names=[p.stem for p in singles], stock_path=bench.stock,
+                                                      target=target, log=print), options)
+    meta = dataclasses.replace(model_meta(load_model(None, bench.stock)),
+                               provenance={"made_by": "adaptsoup_bench.decision", "method": "self-season-tv", "scales": result.coefficients,
+                                           "info": {k: v for k, v in result.info.items() if k != "initial_geometry"}})
+    return save_checkpoint(out, result.state_dict, meta)
 
 
 def cached_logits(name: str, path: Path, sets: dict, pre, cache: Path, log) -> dict[str, torch.Tensor]:
@@ -262,8 +296,8 @@ def run(args: argparse.Namespace) -> dict:
     data = bench.data
     work = bench.run.parent.parent / "decision"
     rule = json.loads(Path(args.rule).read_text()) if args.rule else None
-    scales = [rule["task_vector_scale"]] if rule else [float(s) for s in args.scales.split(",")]
-    models, candidates = bench_models(bench, scales, work)
+    tv_candidates = [rule["candidate"]] if rule else [tv_name(float(x)) for x in args.scales.split(",")] + [SELF_SEASONED]
+    models = bench_models(bench, tv_candidates, work)
     validation = validation_images(bench)
     sets = {"validation": validation, **{k: v for k, v in data.evals.items() if k != "clean"}}
     t0 = time.perf_counter()
@@ -274,20 +308,14 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     estimated = {s.name: estimate_shift(s, val, validation.labels, args.resamples) for s in shifts}
     estimate_s = time.perf_counter() - t0
-    deployable = [DEPLOYED, *candidates]
-    errors = estimator_errors(shifts, {k: v[1] for k, v in estimated.items()}, deployable)
-    if rule:
-        rules = [DecisionConfig(margin=rule["margin"], estimators=tuple(rule["estimators"]))]
-        per_scale = {f"task_vector_soup_x{scale:g}": [score_rule(shifts, estimated, candidates, r, f"task_vector_soup_x{scale:g}") for r in rules]
-                     for scale in scales}
-    else:
-        rules = [DecisionConfig(margin=m, estimators=v) for m, v in itertools.product(MARGINS, VOTER_SETS)]
-        per_scale = {f"task_vector_soup_x{scale:g}": [score_rule(shifts, estimated, [f"task_vector_soup_x{scale:g}"], r, f"task_vector_soup_x{scale:g}")
-                                                      for r in rules] for scale in scales}
+    errors = estimator_errors(shifts, {k: v[1] for k, v in estimated.items()}, [DEPLOYED, *tv_candidates, "self_soup_target", "supervised_soup"])
     mean_eval = {m: float(np.mean([s.accuracy_eval[m] for s in shifts if s.name != "pooled"])) for m in models}
-    chosen_scale = scales[0] if rule else max(scales, key=lambda s: mean_eval[f"task_vector_soup_x{s:g}"])
-    primary = f"task_vector_soup_x{chosen_scale:g}"
-    chosen_rule = rule if rule else {**choose(per_scale[primary]), "task_vector_scale": chosen_scale}
+    # the recipe's candidate: chosen on the tuning images by its true accuracy (labels are allowed there), or the frozen one
+    primary = rule["candidate"] if rule else max(tv_candidates, key=lambda m: mean_eval[m])
+    rules = ([DecisionConfig(margin=rule["margin"], estimators=tuple(rule["estimators"]))] if rule
+             else [DecisionConfig(margin=m, estimators=v) for m, v in itertools.product(MARGINS, VOTER_SETS)])
+    grid = {c: [score_rule(shifts, estimated, [c], r, c) for r in rules] for c in tv_candidates}
+    chosen_rule = rule if rule else {**choose(grid[primary]), "candidate": primary}
     final = DecisionConfig(margin=chosen_rule["margin"], estimators=tuple(chosen_rule["estimators"]))
     gate = score_rule(shifts, estimated, [primary], final, primary) if final.margin != float("inf") else None
     env = environment()
@@ -298,14 +326,14 @@ def run(args: argparse.Namespace) -> dict:
         "bench_config": dataclasses.asdict(bench.cfg), "split": bench.split["used"], "severity": bench.cfg.severity,
         "images": {"validation": len(validation), "target_per_shift": len(data.evals[f"even/{data.corruptions[0]}"]),
                    "eval_per_shift": len(data.evals[f"odd/{data.corruptions[0]}"])},
-        "models": {m: str(p) for m, p in models.items()}, "candidates": candidates,
+        "models": {m: str(p) for m, p in models.items()}, "candidates": tv_candidates, "candidate": primary,
         "mean_accuracy_eval": mean_eval,
         "gate": {k: gate[k] for k in ("chosen", "deployed", "always_candidate", "oracle", "worst_regret_vs_deployed", "picked_right",
                                       "switched", "pooled", "per_shift")} if gate else None,
         "rule": chosen_rule, "estimators": errors,
         "per_shift": {s.name: {"accuracy_target": s.accuracy_target, "accuracy_eval": s.accuracy_eval, "estimates": estimated[s.name][1]}
                       for s in shifts},
-        "grid": per_scale,
+        "grid": grid,
         "timings_s": {"logits": round(logits_s, 1), "estimates": round(estimate_s, 1), "total": round(time.perf_counter() - t_start, 1)},
     }
     stem = Path(args.out) / f"decision_{Path(args.result or args.bench_config).stem}"

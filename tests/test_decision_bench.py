@@ -41,9 +41,11 @@ def test_choosing_on_tuning_then_scoring_the_frozen_rule_alone(bench_result):
     assert chosen["mean_accuracy_eval"]["task_vector_soup_x1"] == pytest.approx(rows["self_task_vector_soup"]["disjoint"])
     assert chosen["images"] == {"validation": 5, "target_per_shift": 2, "eval_per_shift": 2}  # 9 clean - 4 corrupted originals
     assert set(chosen["estimators"]) == {"atc-ne", "atc-mc", "doc", "cot", "aline-s", "aline-d"}
+    assert set(chosen["grid"]) == {"task_vector_soup_x0.5", "task_vector_soup_x1", "task_vector_soup_self_seasoned"}
     assert len(chosen["grid"]["task_vector_soup_x0.5"]) == len(decision.MARGINS) * len(decision.VOTER_SETS)
     rule = json.loads(rule_file.read_text())
-    assert rule["task_vector_scale"] in (0.5, 1.0) and rule["chosen_on"] == str(path)
+    best = max(chosen["grid"], key=lambda c: chosen["mean_accuracy_eval"][c])  # the candidate is chosen by tuning accuracy
+    assert rule["candidate"] == chosen["candidate"] == best and rule["chosen_on"] == str(path)
     gate = chosen["gate"]
     if gate is not None:
         assert set(gate) >= {"chosen", "deployed", "always_candidate", "oracle", "worst_regret_vs_deployed", "picked_right"}
@@ -57,7 +59,7 @@ def test_choosing_on_tuning_then_scoring_the_frozen_rule_alone(bench_result):
 def test_a_rule_that_never_switches_deploys_the_deployed_model_on_every_shift(bench_result):
     tmp_path, path, result = bench_result
     never = tmp_path / "never.json"
-    never.write_text(json.dumps({"margin": 1000.0, "estimators": ["doc"], "task_vector_scale": 1.0}))
+    never.write_text(json.dumps({"margin": 1000.0, "estimators": ["doc"], "candidate": "task_vector_soup_x1"}))
     settings = tmp_path / "settings.json"  # the configuration alone: its adapt runs are found in its work folder
     settings.write_text(json.dumps(result["config"]))
     out = decision.main(["--bench-config", str(settings), "--rule", str(never), "--resamples", "10", "--out", str(tmp_path / "never")])

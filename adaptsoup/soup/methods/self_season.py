@@ -108,8 +108,14 @@ class SelfSeasonResult:
 
 
 def self_season(model: nn.Module, stack: StackedIngredients, target: ImageSet, pre: Preprocess, options: SelfSeasonOptions,
-                on_step: StepCallback | None = None) -> SelfSeasonResult:
-    """Learn mixture coefficients α = softmax(ℓ) minimising the kNN entropy of θ(α)'s embeddings of ``target``."""
+                on_step: StepCallback | None = None, coefficients_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                parameters: int | None = None) -> SelfSeasonResult:
+    """Learn mixture coefficients α = softmax(ℓ) minimising the kNN entropy of θ(α)'s embeddings of ``target``.
+
+    ``coefficients_of`` maps the ``parameters`` learned (from 0) to the stack's coefficients instead of the
+    softmax (the task-vector parametrisation of :mod:`.task_vector_season`)."""
+    coefficients_of = coefficients_of or (lambda logits: torch.softmax(logits, dim=0))
+    parameters = stack.count if parameters is None else parameters
     gen = torch.Generator().manual_seed(options.seed)
     if options.subset and options.subset < len(target):
         target = target.subset(torch.randperm(len(target), generator=gen)[: options.subset].sort().values)
@@ -122,7 +128,7 @@ def self_season(model: nn.Module, stack: StackedIngredients, target: ImageSet, p
 
     def mix_params(logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """θ(softmax(ℓ)), keyed for ``module`` (differentiable in ℓ)."""
-        return {"model." + k: v for k, v in stack.mix(torch.softmax(logits, dim=0)).items()}
+        return {"model." + k: v for k, v in stack.mix(coefficients_of(logits)).items()}
 
     def embed_chunk(params: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
         """The pre-logits embeddings of the target images ``idx`` under ``params``."""
@@ -140,13 +146,13 @@ def self_season(model: nn.Module, stack: StackedIngredients, target: ImageSet, p
 
     with torch.no_grad():  # the starting point, on a seeded random batch (the target is stored in folder order)
         probe = torch.randperm(n, generator=torch.Generator().manual_seed(options.seed + 1))[: min(options.batch_size, n)]
-        z = embed(torch.zeros(stack.count, device=stack.device), probe)
+        z = embed(torch.zeros(parameters, device=stack.device), probe)
         initial = float(knn_entropy(z, options.k, options.temperature, options.center))
         geometry = embedding_geometry(z, options.k, options.temperature, options.center)
-    path = descend(stack.count, n, options, batch_loss, gen, stack.device, on_step)
+    path = descend(parameters, n, options, batch_loss, gen, stack.device, on_step)
     return SelfSeasonResult(
-        coefficients=torch.softmax(path.best_logits, dim=0).tolist(), logits=path.best_logits.tolist(), losses=path.epoch_losses,
-        best_epoch=path.best_epoch, last_coefficients=torch.softmax(path.last_logits, dim=0).tolist(),
+        coefficients=coefficients_of(path.best_logits).tolist(), logits=path.best_logits.tolist(), losses=path.epoch_losses,
+        best_epoch=path.best_epoch, last_coefficients=coefficients_of(path.last_logits).tolist(),
         initial_loss=initial, steps=path.steps, geometry=geometry,
     )
 
