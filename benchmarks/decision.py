@@ -296,13 +296,17 @@ def run(args: argparse.Namespace) -> dict:
     data = bench.data
     work = bench.run.parent.parent / "decision"
     rule = json.loads(Path(args.rule).read_text()) if args.rule else None
-    tv_candidates = [rule["candidate"]] if rule else [tv_name(float(x)) for x in args.scales.split(",")] + [SELF_SEASONED]
+    every = [tv_name(float(x)) for x in args.scales.split(",")] + [SELF_SEASONED]
+    tv_candidates = every if args.logits_only else [rule["candidate"]] if rule else every
     models = bench_models(bench, tv_candidates, work)
     validation = validation_images(bench)
     sets = {"validation": validation, **{k: v for k, v in data.evals.items() if k != "clean"}}
     t0 = time.perf_counter()
     logits = {m: cached_logits(m, p, sets, data.preprocess, work / "logits", print) for m, p in models.items()}
     logits_s = time.perf_counter() - t0
+    if args.logits_only:
+        print(f"cached the logits of {len(models)} models in {work / 'logits'} ({logits_s:.0f}s); no accuracy computed")
+        return {"logits": str(work / "logits"), "models": list(models)}
     shifts = shifts_of(logits, data, data.corruptions)
     val = {m: v["validation"] for m, v in logits.items()}
     t0 = time.perf_counter()
@@ -382,9 +386,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scales", default="0.5,1,1.5,2", help="With --choose: task-vector scales to score.")
     parser.add_argument("--resamples", type=int, default=200, help="Bootstrap resamples of each estimated gain.")
     parser.add_argument("--out", default="benchmarks/results", help="Where the JSON and Markdown go.")
+    parser.add_argument("--logits-only", action="store_true",
+                        help="Only make every candidate and cache every model's logits (no accuracy is computed or shown): the report "
+                             "split's slow part, run before its rule is frozen.")
     args = parser.parse_args(argv)
-    if bool(args.rule) == bool(args.choose):
-        parser.error("give exactly one of --rule RULE.json (report split) and --choose (tuning split)")
+    if sum([bool(args.rule), args.choose, args.logits_only]) != 1:
+        parser.error("give exactly one of --choose (tuning split), --rule RULE.json (report split) and --logits-only")
     return run(args)
 
 

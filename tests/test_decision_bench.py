@@ -65,3 +65,11 @@ def test_a_rule_that_never_switches_deploys_the_deployed_model_on_every_shift(be
     out = decision.main(["--bench-config", str(settings), "--rule", str(never), "--resamples", "10", "--out", str(tmp_path / "never")])
     assert out["gate"]["chosen"] == pytest.approx(out["gate"]["deployed"]) and out["gate"]["switched"] == 0
     assert out["gate"]["worst_regret_vs_deployed"] == 0.0 and out["gate"]["pooled"]["chosen"] == "deployed"
+
+
+def test_logits_only_makes_every_candidate_and_shows_no_accuracy(bench_result, capsys):
+    tmp_path, path, _ = bench_result
+    out = decision.main(["--result", str(path), "--logits-only", "--scales", "1,3"])
+    assert {"task_vector_soup_x1", "task_vector_soup_x3", "task_vector_soup_self_seasoned", "deployed"} <= set(out["models"])
+    assert all((tmp_path / "work").rglob(f"logits/{m.replace(':', '_')}.pt") for m in out["models"])
+    assert "%" not in capsys.readouterr().out  # nothing about accuracy
