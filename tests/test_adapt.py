@@ -54,8 +54,8 @@ def test_adapt_writes_a_complete_run(setup):
     assert manifest["config"]["inter"]["lrs"] == [1e-3, 2e-3]
     assert manifest["environment"]["packages"]["torch"]
     assert manifest["data"]["target"] == {**manifest["data"]["target"], "images": 24, "skipped": 1}
-    assert manifest["data"]["source"]["images"] == 20  # 4 held out (a fifth, class-balanced) for the estimates
-    assert manifest["data"]["validation"]["images"] == 4 and "held out of every fine-tuning" in manifest["data"]["validation"]["origin"]
+    assert manifest["data"]["source"]["images"] == 22  # 2 held out (a tenth, class-balanced) for the estimates
+    assert manifest["data"]["validation"]["images"] == 2 and "held out of every fine-tuning" in manifest["data"]["validation"]["origin"]
     rec = manifest["recommendation"]
     assert rec["model"] in {"deployed", "soup", "supervised_soup"} and rec["deployed"] == "deployed"
     assert {c["name"] for c in rec["candidates"]} == {"soup", "supervised_soup"}  # ingredients are never deployed

@@ -59,7 +59,7 @@ def load_inputs(cfg: AdaptConfig, preprocess: Preprocess, class_names: list[str]
                                  description="decode validation")
         origin = f"the --validation folder {cfg.validation}"
     elif source is not None and cfg.validation_holdout:
-        count = min(cfg.validation_holdout, len(source) // 5)  # never more than a fifth of the source
+        count = min(cfg.validation_holdout, len(source) // 10)  # never more than a tenth of the source
         if count:
             kept, held = holdout_split(source.labels, count, cfg.seed)
             source, validation = source.subset(kept), source.subset(held)
