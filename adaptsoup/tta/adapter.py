@@ -1,39 +1,52 @@
-"""A model adapting online with SAR or Tent: its settings (:class:`TTAConfig`), the parameters it updates,
-and :class:`Adapter`, which predicts each batch, then updates, and keeps a record of every step."""
+"""A model adapting online with SAR, Tent, EATA or ROID: its settings (:class:`TTAConfig`), the parameters it
+updates, and :class:`Adapter`, which predicts each batch, then updates, and keeps a record of every step.
+The methods are registered by name in :data:`TTA_METHODS`; each lives in its own module."""
 
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
 
+from adaptsoup.core.data import Preprocess
 from adaptsoup.core.models import require_vit
 from adaptsoup.errors import AdaptsoupError
+from adaptsoup.tta.eata import EATA, EATA_BASE_LR, fisher_information
 from adaptsoup.tta.entropy import affine_parameters
+from adaptsoup.tta.roid import ROID, ROID_BASE_LR, default_augment
 from adaptsoup.tta.sar import SAR_BASE_LR, sar_modules, sar_step, update_ema
 from adaptsoup.tta.tent import TENT_BASE_LR_ADAM, TENT_BASE_LR_SGD, tent_modules, tent_step
 
-TTA_METHODS = ("sar", "tent")
+TTA_METHODS = ("sar", "tent", "eata", "roid")
 
 
 @dataclass
 class TTAConfig:
     method: str = "sar"
     batch_size: int = 64
-    base_lr: float | None = None  # per 64 images; default: SAR 1e-3, Tent 2.5e-4 (their references)
+    base_lr: float | None = None  # per 64 images; default: SAR 1e-3, Tent 2.5e-4, EATA 1e-3, ROID 2.5e-4 (references)
     momentum: float = 0.9
     rho: float = 0.05  # SAR: SAM neighbourhood
-    e0_factor: float = 0.4  # SAR: E0 = e0_factor * ln(C)
+    e0_factor: float = 0.4  # SAR, EATA: E0 = e0_factor * ln(C)
     reset_threshold: float = 0.2  # SAR: model recovery when the loss EMA falls below this
     ema_momentum: float = 0.9
     episodic: bool = False  # reset to the initial model after every batch
-    optimizer: str = "sgd"  # Tent only: "sgd" (momentum, its ImageNet setting) or "adam" (its CIFAR setting); SAR is SGD
-    seed: int = 0  # order of the stream
+    optimizer: str = "sgd"  # Tent, EATA, ROID: "sgd" (momentum; ROID's Nesterov) or "adam" (their CIFAR setting); SAR is SGD
+    seed: int = 0  # order of the stream (and ROID's augmentations)
     shuffle: bool = True
     device: str = "cpu"
+    d_margin: float = 0.05  # EATA: redundancy filter |cos(p, m)| < d_margin (official ImageNet; CIFAR-10 0.4)
+    fisher_alpha: float = 2000.0  # EATA: weight of the Fisher anti-forgetting term (0: ETA)
+    fisher_images: str | None = None  # EATA: folder of in-distribution images for the Fisher term (None: ETA)
+    fisher_size: int = 2000  # EATA: at most this many of them (a seeded subset), as the official code
+    roid_alpha: float = 0.99  # ROID: weight ensemble theta <- alpha theta + (1 - alpha) theta_soup after each step
+    roid_temperature: float = 1 / 3  # ROID: weights exp(diversity x certainty / T)
+    roid_consistency: bool = True  # ROID: the augmentation-consistency term (official default: on)
+    roid_prior: str = "probabilities"  # ROID: prior correction of "probabilities", of "logits" (official code), "none"
 
     def lr(self) -> float:
         """The learning rate at this batch size: ``base_lr`` (or the method's default) per 64 images, scaled linearly."""
@@ -41,15 +54,18 @@ class TTAConfig:
             base = self.base_lr
         elif self.method == "sar":
             base = SAR_BASE_LR
-        else:
+        elif self.method in ("eata", "roid") and self.optimizer == "sgd":
+            base = EATA_BASE_LR if self.method == "eata" else ROID_BASE_LR
+        else:  # Tent; Adam for EATA and ROID too (1e-3 at batch 200 in all three CIFAR configs)
             base = TENT_BASE_LR_ADAM if self.optimizer == "adam" else TENT_BASE_LR_SGD
         return base / 64 * self.batch_size
 
 
 def norm_parameters(model: nn.Module, method: str) -> list[tuple[str, nn.Parameter]]:
-    """The parameters TTA updates: LayerNorm affine weights/biases (SAR: blocks below the top quarter)."""
+    """The parameters TTA updates: LayerNorm affine weights/biases (SAR: blocks below the top quarter; Tent,
+    EATA, ROID: every LayerNorm)."""
     vit = require_vit(model, "test-time adaptation")
-    if method == "tent":
+    if method in ("tent", "eata", "roid"):
         modules = tent_modules(vit)
     elif method == "sar":
         modules = sar_modules(vit)
@@ -74,18 +90,39 @@ class StepRecord:
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TTAConfig) -> torch.optim.Optimizer:
-    """SGD with momentum (SAR, Tent's ImageNet setting) or Adam (Tent's CIFAR setting)."""
-    if cfg.optimizer not in ("sgd", "adam") or (cfg.optimizer == "adam" and cfg.method != "tent"):
-        raise AdaptsoupError(f"optimizer must be sgd, or adam for tent; got {cfg.optimizer!r} for {cfg.method}")
+    """SGD with momentum (SAR, EATA, Tent's ImageNet setting; Nesterov for ROID, as its official config) or Adam
+    (the CIFAR setting of Tent, EATA and ROID)."""
+    if cfg.optimizer not in ("sgd", "adam") or (cfg.optimizer == "adam" and cfg.method == "sar"):
+        raise AdaptsoupError(f"optimizer must be sgd, or adam for tent, eata or roid; got {cfg.optimizer!r} for {cfg.method}")
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr(), betas=(0.9, 0.999))
+    if cfg.method == "roid":
+        return torch.optim.SGD(params, lr=cfg.lr(), momentum=cfg.momentum, nesterov=True)
     return torch.optim.SGD(params, lr=cfg.lr(), momentum=cfg.momentum)
 
 
-class Adapter:
-    """A model adapting online: ``predict_and_adapt(x)`` returns the batch's logits, then updates."""
+def method_state(cfg: TTAConfig, model: nn.Module, named_params: list[tuple[str, nn.Parameter]], e0: float,
+                 fisher_batches: Iterable[torch.Tensor] | None) -> EATA | ROID | None:
+    """What EATA or ROID keeps between batches (SAR and Tent keep theirs in the adapter); EATA's Fisher term is
+    computed here, once, from ``fisher_batches`` (None: ETA)."""
+    if cfg.method == "eata":
+        fisher, count = None, 0
+        if fisher_batches is not None and cfg.fisher_alpha > 0:
+            fisher, count = fisher_information(model, named_params, (x.to(cfg.device) for x in fisher_batches))
+        return EATA(named_params, e0, cfg.d_margin, fisher, cfg.fisher_alpha, fisher_images=count)
+    if cfg.method == "roid":
+        pre = Preprocess.for_model(model)
+        view = default_augment(pre.mean, pre.std, cfg.seed) if cfg.roid_consistency else None
+        return ROID([p for _, p in named_params], model.num_classes, cfg.batch_size, alpha=cfg.roid_alpha,
+                    temperature=cfg.roid_temperature, prior=cfg.roid_prior, augment_view=view)
+    return None
 
-    def __init__(self, model: nn.Module, cfg: TTAConfig) -> None:
+
+class Adapter:
+    """A model adapting online: ``predict_and_adapt(x)`` returns the batch's logits, then updates.
+    ``fisher_batches``: EATA's in-distribution inputs for its Fisher term (ignored by the other methods)."""
+
+    def __init__(self, model: nn.Module, cfg: TTAConfig, fisher_batches: Iterable[torch.Tensor] | None = None) -> None:
         if cfg.method not in TTA_METHODS:
             raise AdaptsoupError(f"unknown TTA method {cfg.method!r}; choose one of {', '.join(TTA_METHODS)}")
         self.model = model.to(cfg.device).eval()
@@ -100,22 +137,37 @@ class Adapter:
         self.e0 = cfg.e0_factor * math.log(model.num_classes)
         self.ema: float | None = None
         self.records: list[StepRecord] = []
+        self.state = method_state(cfg, self.model, self.named_params, self.e0, fisher_batches)
         self._initial_model = copy.deepcopy(self.model.state_dict())
         self._initial_optimizer = copy.deepcopy(self.optimizer.state_dict())
 
     def reset(self) -> None:
-        """Back to the initial model and optimizer state; the loss EMA restarts."""
+        """Back to the initial model and optimizer state; the loss EMA (EATA's, ROID's moving average) restarts."""
         self.model.load_state_dict(self._initial_model)
         self.optimizer.load_state_dict(self._initial_optimizer)
         self.ema = None
+        if self.state is not None:
+            self.state.reset()
 
     @torch.enable_grad()  # adapting needs gradients even when the caller runs under no_grad
     def predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.cfg.device)
         if self.cfg.episodic:
             self.reset()
-        logits = self._sar_step(x) if self.cfg.method == "sar" else self._tent_step(x)
+        if self.cfg.method == "sar":
+            logits = self._sar_step(x)
+        elif self.cfg.method == "tent":
+            logits = self._tent_step(x)
+        else:
+            logits = self._state_step(x)
         return logits.detach().cpu()
+
+    def _state_step(self, x: torch.Tensor) -> torch.Tensor:
+        """EATA (passed_first: reliable, passed_second: also non-redundant) or ROID (passed_second: kept)."""
+        step = self.state.step(self.model, self.optimizer, x)
+        first, second = (step.passed_first, step.passed_second) if self.cfg.method == "eata" else (len(x), step.kept)
+        self.records.append(StepRecord(len(self.records), len(x), first, second, step.loss, None, False, step.loss is None))
+        return step.logits
 
     def _tent_step(self, x: torch.Tensor) -> torch.Tensor:
         logits, loss = tent_step(self.model, self.optimizer, x)

@@ -36,10 +36,14 @@ class TTAResult:
 
 
 def run_tta(model: nn.Module, images: ImageSet, pre: Preprocess, cfg: TTAConfig,
-            on_batch: Callable[[int, int], None] | None = None) -> tuple[TTAResult, Adapter]:
-    """One online pass over ``images`` in a seeded order; labels, if any, are used only to score."""
+            on_batch: Callable[[int, int], None] | None = None, fisher: ImageSet | None = None) -> tuple[TTAResult, Adapter]:
+    """One online pass over ``images`` in a seeded order; labels, if any, are used only to score.  ``fisher``:
+    EATA's in-distribution images for its Fisher term, in batches of the stream's size (None: ETA)."""
     t0 = time.perf_counter()
-    adapter = Adapter(model, cfg)
+    fisher_batches = None
+    if fisher is not None:
+        fisher_batches = (pre.normalize(fisher.images[i : i + cfg.batch_size]) for i in range(0, len(fisher), cfg.batch_size))
+    adapter = Adapter(model, cfg, fisher_batches=fisher_batches)
     n = len(images)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)) if cfg.shuffle else torch.arange(n)
     logits = torch.zeros(n, model.num_classes)
@@ -84,8 +88,27 @@ def run_summary(cfg: TTAConfig, adapter: Adapter, result: TTAResult) -> dict:
         "method": cfg.method, "lr": cfg.lr(), "e0": adapter.e0, "batches": len(result.records), "resets": result.resets,
         "filtered_out_first": result.filtered_out, "skipped_updates": sum(r.skipped for r in result.records),
         "final_ema": result.final_ema, "online_accuracy": result.accuracy, "wall_s": round(result.wall_s, 2),
+        **(adapter.state.describe() if adapter.state is not None else {}),
         "per_batch": [dataclasses.asdict(r) for r in result.records],
     }
+
+
+def load_fisher_images(cfg: TTAConfig, pre: Preprocess, progress, log: Callable[[str], None]) -> ImageSet | None:
+    """EATA's Fisher images: ``cfg.fisher_images`` (a folder, labels unused), at most ``fisher_size`` of them
+    (a seeded subset).  None, and a log line saying the run is ETA, when there are none."""
+    if cfg.method != "eata":
+        if cfg.fisher_images:
+            log(f"{cfg.method}: --source ({cfg.fisher_images}) is only used by eata; ignored")
+        return None
+    if not cfg.fisher_images or cfg.fisher_alpha <= 0:
+        why = "fisher_alpha is 0" if cfg.fisher_images else "no in-distribution images (--source) for its Fisher term"
+        log(f"eata: {why}: running ETA, EATA without the anti-forgetting term")
+        return None
+    images = load_folder(cfg.fisher_images, pre, progress=progress, description="decode Fisher images")
+    if len(images) > cfg.fisher_size:
+        images = images.subset(torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.fisher_size])
+    log(f"eata: Fisher information from {len(images)} image(s) of {cfg.fisher_images}")
+    return images
 
 
 def tta_run_dir(model_path: str, out_dir: str, cfg: TTAConfig, *, target: str | None = None, eval_labels: str | None = None,
@@ -110,8 +133,10 @@ def tta_run_dir(model_path: str, out_dir: str, cfg: TTAConfig, *, target: str | 
     manifest = Manifest.load_or_new(out / "manifest.json", kind="tta")
     manifest.data.update(config=dataclasses.asdict(cfg), model=str(model_path), stream=str(eval_labels or target),
                          environment=environment(), data={"images": len(images), "skipped": len(images.skipped)})
+    fisher = load_fisher_images(cfg, pre, progress, log)
     task = progress.add_task(f"{cfg.method} online", total=None)
-    result, adapter = run_tta(model, images, pre, cfg, on_batch=lambda b, n: progress.update(task, total=n, completed=b))
+    result, adapter = run_tta(model, images, pre, cfg, on_batch=lambda b, n: progress.update(task, total=n, completed=b),
+                              fisher=fisher)
     progress.remove_task(task)
     write_predictions_csv(out / "predictions.csv", images, result, names)
     adapted = adapter.model.cpu()
