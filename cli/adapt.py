@@ -24,7 +24,7 @@ def adapt(
     eval_dirs: Optional[List[Path]] = typer.Option(None, "--eval", help="Labeled folder to report top-1 on (repeatable)."),
     vanilla: Optional[int] = typer.Option(None, min=0, help="Also fine-tune the stock this many times without inter-training (supervised soup)."),
     validation: Optional[Path] = typer.Option(None, "--validation", help="Labeled in-distribution folder (<class_name>/<image>) no model trained on: the label-free estimates and deploy recommendation every run ends with (default: source images held out, see --validation-holdout)."),
-    validation_holdout: Optional[int] = typer.Option(None, "--validation-holdout", min=0, help="Without --validation: hold this many source images (seeded, class-balanced, at most a fifth) out of every fine-tuning for the estimates (default 1000; 0: no estimates)."),
+    validation_holdout: Optional[int] = typer.Option(None, "--validation-holdout", min=0, help="Without --validation: hold this many source images (seeded, class-balanced, at most a tenth) out of every fine-tuning for the estimates (default 1000; 0: no estimates)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Recipe file (.toml or .yaml); flags override it."),
     preset: Optional[str] = typer.Option(None, "--preset", help="A named recipe under --config and the flags. task-vector: the deployed model + the target's MAE task vector (needs --pretrained; no --source), the label-free recipe that won on held-out CIFAR-10-C; check its deploy recommendation (every run ends with one)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory with its recorded recipe (only --mix/--tta settings may change)."),
