@@ -1,4 +1,4 @@
-"""Stage 6, test-time adaptation: SAR or Tent on the soup over the target stream, stacked after mixing —
+"""Stage 6, test-time adaptation: SAR, Tent, EATA or ROID on the soup over the target stream, stacked after mixing —
 on the soup of the last ``mix`` method, or on the uniform soup when nothing was mixed."""
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ def adapt_at_test_time(ctx: RunContext) -> dict | None:
     soup = soup_to_adapt(cfg)
     model = ctx.run_dir.soup(soup)
     ctx.log(f"test-time adaptation: {cfg.tta} on the {soup} soup ({ctx.run_dir.relative(model)}) over the target")
-    tta_cfg = TTAConfig(method=cfg.tta, batch_size=cfg.tta_batch_size, base_lr=cfg.tta_base_lr, device=cfg.device)
+    # EATA's Fisher term is computed on the source images (labels unused); without a source it runs as ETA
+    tta_cfg = TTAConfig(method=cfg.tta, batch_size=cfg.tta_batch_size, base_lr=cfg.tta_base_lr, device=cfg.device,
+                        fisher_images=cfg.source if cfg.tta == "eata" and cfg.source else None)
     with ctx.timed("tta"):
         summary = tta_run_dir(str(model), str(ctx.run_dir.tta), tta_cfg, target=cfg.target, progress=ctx.progress, log=ctx.log)
         record = {"soup": soup, "model": ctx.run_dir.relative(model), "adapted": ctx.run_dir.relative(ctx.run_dir.tta / "adapted.safetensors"),
