@@ -31,7 +31,7 @@ def markdown_table(result: dict) -> str:
     lines = [
         f"# {TITLES.get(result['benchmark'], result['benchmark'])}, severity {result['severity']} ({result['mode']} mode)",
         "",
-        *provenance_lines(result),
+        *provenance_lines({**result, "notes": []}),  # the notes close the report (notes_markdown)
         "",
         *([f"Protocol **{result['protocol']}**"
            + (f" (every ingredient, supervised ones too, LP-FT from the pre-trained stock `{Path(result['pretrained']).name}`)"
@@ -89,7 +89,23 @@ def markdown_table(result: dict) -> str:
                       f"{cost['epochs']} epochs over {cost['subset']} target images in {cost['wall_s']:.0f} s; "
                       f"process RSS peak {cost.get('rss_peak_mb')} MB (+{cost.get('rss_rise_mb')} MB during the stage)."]
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in result["timings_s"].items()), ""]
-    return "\n".join(lines)
+    return notes_markdown("\n".join(lines), result)
+
+
+def result_notes(result: dict) -> list[str]:
+    """A result's ``notes`` (a string or a list of strings) as a list."""
+    notes = result.get("notes") or []
+    return [notes] if isinstance(notes, str) else list(notes)
+
+
+def notes_markdown(text: str, result: dict) -> str:
+    """``text``, a report, closed by the result's notes: its reading (what the figures say) and what a reader must
+    know that the run could not record (a rename, an earlier default, how the run was stopped and resumed).
+    Each note is a Markdown paragraph (or block: a table, a list); a result without notes renders as ``text``."""
+    notes = result_notes(result)
+    if not notes:
+        return text
+    return text.rstrip("\n") + "\n\n## Notes\n\n" + "\n\n".join(note.strip("\n") for note in notes) + "\n"
 
 
 def plot_results(result: dict, per_corruption_png: Path, soups_png: Path) -> None:
