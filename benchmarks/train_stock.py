@@ -5,7 +5,7 @@
 
 Phases are resumable: the training state is checkpointed every few minutes under ``--work`` (default
 ``~/.cache/adaptsoup/stock_run``) and a rerun of the same command continues where it stopped.
-A run that cannot finish in one sitting (a CPU session that ends) is carried to another machine with
+A run that cannot finish in one sitting (a machine that is handed back) is carried to another machine with
 
     python benchmarks/train_stock.py --save-wip
 
@@ -208,7 +208,7 @@ def main() -> None:
     # Phase 1: MAE pre-training without labels (gives the decoder too).
     mae_ckpt = work / "mae.safetensors"
     mae = MaskedAutoencoder(encoder, mask_ratio=0.75, norm_pix_loss=True)
-    committed = WIP / "mae.safetensors"  # a finished MAE phase committed by an earlier session
+    committed = WIP / "mae.safetensors"  # a finished MAE phase committed by an earlier run
     with main_then_barrier() as main:
         if main and not mae_ckpt.is_file() and committed.is_file():
             shutil.copy2(committed, mae_ckpt)
