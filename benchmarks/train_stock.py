@@ -52,7 +52,7 @@ OUT = ROOT / "benchmarks" / "stock"
 STOCK = OUT / f"{ARCH}_cifar10.safetensors"
 DECODER = OUT / f"{ARCH}_cifar10_mae_decoder.safetensors"
 PRETRAINED = OUT / f"{ARCH}_cifar10_mae.safetensors"  # the MAE phase: the deployed stock is its LP-FT fine-tune
-WIP = OUT / "wip"  # unfinished phases committed by an earlier session, so another machine can resume them
+WIP = OUT / "wip"  # unfinished phases committed by an earlier run, so another machine can resume them
 
 
 def log(msg: str) -> None:
