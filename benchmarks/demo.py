@@ -18,6 +18,7 @@ Run ``python -m adaptsoup_bench.demo --help`` for options.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -78,6 +79,12 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"  supervised soup           {scores[SUPERVISED_SOUP]:6.2f}%   (fine-tuned on source only)")
     console.print(f"  self-soup                 {scores[SOUP]:6.2f}%   (MAE on the shifted images, then fine-tuned back)")
     console.print(f"  its ingredients           {min(ingredients):6.2f}% .. {max(ingredients):.2f}%")
+    rec = result.recommendation
+    if rec is not None:
+        estimate = {m: row.get("atc-ne") for m, row in json.loads(result.manifest_path.read_text())["estimates"]["estimates"].items()}
+        console.print(f"label-free estimate (ATC) of the deployed model {estimate[DEPLOYED]:.1f}%, of the self-soup {estimate[SOUP]:.1f}% "
+                      f"(validation: {rec['validation'].split(';')[0]})")
+        console.print("recommendation: " + (f"deploy {rec['model']}" if rec["switch"] else "keep the deployed model") + f" ({rec['reason']})")
     console.print(f"ONNX: {report.path}  (max |logit diff| vs PyTorch {report.max_abs_diff:.1e}, accuracy {report.fp32_accuracy:.2f}%)")
     console.print(f"done in {time.perf_counter() - t0:.0f}s on {torch.get_num_threads()} torch threads; manifest: {result.manifest_path}")
 

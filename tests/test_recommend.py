@@ -9,6 +9,7 @@ import torch
 from adaptsoup.pipeline import recommend as recommend_module
 from adaptsoup.pipeline.adapt import run_adapt
 from adaptsoup.pipeline.inputs import holdout_split
+from adaptsoup.pipeline.recommend import shifts_of
 from adaptsoup.pipeline.recipe import AdaptConfig, FineTuneConfig, InterTrainConfig
 from helpers import CLASS_NAMES, build_adapt_inputs, write_noise_images
 
@@ -59,3 +60,13 @@ def test_without_validation_images_the_run_says_so_and_recommends_nothing(tmp_pa
     manifest = json.loads(result.manifest_path.read_text())
     assert manifest["recommendation"] is None and result.recommendation is None and manifest["data"]["validation"] is None
     assert "no deploy recommendation: no validation images" in (tmp_path / "run" / "adapt.log").read_text()
+
+
+def test_class_folders_are_not_shifts(monkeypatch):
+    from adaptsoup.core.image_set import ImageSet
+
+    monkeypatch.setattr(recommend_module, "MIN_SUBFOLDER_IMAGES", 1)
+    images = ImageSet(images=torch.zeros(4, 3, 2, 2, dtype=torch.uint8), paths=["cat/a.png", "cat/b.png", "dog/c.png", "fog/d.png"])
+    assert set(shifts_of(images, ["cat", "dog", "fog"])) == set()  # every subfolder is a class: a labeled layout
+    assert set(shifts_of(images, ["cat", "dog"])) == {"cat", "dog", "fog"}  # one is not a class: shifts
+    assert set(shifts_of(images)) == {"cat", "dog", "fog"}

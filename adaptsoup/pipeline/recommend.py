@@ -18,7 +18,7 @@ import torch
 
 from adaptsoup.core.data import ImageSet
 from adaptsoup.core.evaluation import run_model
-from adaptsoup.core.models import load_model
+from adaptsoup.core.models import class_names, load_model
 from adaptsoup.core.run_dir import DEPLOYED, SOUP, SUPERVISED_SOUP
 from adaptsoup.estimate import DecisionConfig, EstimateConfig, estimate_and_recommend
 from adaptsoup.pipeline.context import RunContext
@@ -37,14 +37,17 @@ def candidate_paths(ctx: RunContext) -> dict[str, Path]:
     return {name: path for name, path in out.items() if path.is_file()}
 
 
-def shifts_of(target: ImageSet) -> dict[str, torch.Tensor]:
+def shifts_of(target: ImageSet, class_names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """The target's subfolders (first level under its root) with enough images each, as index tensors; {} when
-    the target is one folder or a single subfolder."""
+    the target is one folder, a single subfolder, or a folder per class (every subfolder named after one of
+    ``class_names``: those are not shifts)."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i, path in enumerate(target.paths):  # relative to the target folder
         parts = Path(path).parts
         if len(parts) > 1:
             groups[parts[0]].append(i)
+    if class_names and groups and set(groups) <= set(class_names):
+        return {}
     kept = {name: torch.tensor(idx) for name, idx in sorted(groups.items()) if len(idx) >= MIN_SUBFOLDER_IMAGES}
     return kept if len(kept) >= 2 else {}
 
@@ -68,7 +71,8 @@ def recommend_deployment(ctx: RunContext, plan: Plan, decision: DecisionConfig =
             target_logits if idx is None else {m: v[idx] for m, v in target_logits.items()}, validation_logits,
             inputs.validation.labels, DEPLOYED, EstimateConfig(seed=ctx.cfg.seed), decision, candidates=list(candidates))
         pooled = run()
-        per_shift = {name: run(idx)["recommendation"] for name, idx in shifts_of(inputs.target).items()}
+        shifts = shifts_of(inputs.target, class_names(ctx.deployed))
+        per_shift = {name: run(idx)["recommendation"] for name, idx in shifts.items()}
     rec = pooled["recommendation"]
     record = {**rec, "path": str(pool[rec["model"]]) if rec["model"] == DEPLOYED else ctx.run_dir.relative(pool[rec["model"]]),
               "per_shift": {name: {k: r[k] for k in ("model", "switch", "gain", "ci95", "reason")} for name, r in per_shift.items()},
