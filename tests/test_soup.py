@@ -101,9 +101,10 @@ def test_stacked_ingredients_hold_each_ingredient_in_its_slot(tmp_path):
 
 
 def test_every_method_is_registered_with_its_own_options():
-    assert methods.names() == ["best", "greedy", "model-stock", "season", "self-season", "uniform"]
+    assert methods.names() == ["best", "greedy", "model-stock", "season", "self-season", "self-season-tv", "uniform"]
     needs = {name: methods.get(name).needs for name in methods.names()}
-    assert needs == {"best": "labels", "greedy": "labels", "model-stock": "none", "season": "labels", "self-season": "target", "uniform": "none"}
+    assert needs == {"best": "labels", "greedy": "labels", "model-stock": "none", "season": "labels", "self-season": "target",
+                     "self-season-tv": "target", "uniform": "none"}
     greedy = methods.get("greedy").options_from({"tie": "keep", "k": 5, "epochs": 3})  # epochs is not greedy's: ignored
     assert (greedy.tie, greedy.k, greedy.score) == ("keep", 5, "auto")
     assert methods.get("self-season").options_from({"epochs": 3, "samples": 9}).epochs == 3
