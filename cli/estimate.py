@@ -19,7 +19,7 @@ def estimate(
     deployed: Optional[Path] = typer.Option(None, help="The deployed model (default: the first --model)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every estimate and the recommendation to this JSON file."),
     margin: float = typer.Option(0.5, help="Points of estimated gain every voting estimator must agree on before switching."),
-    vote: Optional[str] = typer.Option(None, help="Comma-separated estimators that vote on the switch (default: all of them)."),
+    vote: Optional[str] = typer.Option(None, help="Comma-separated estimators that vote on the switch (default: cot, the rule chosen on the tuning split; 'all' for every estimator)."),
     resamples: int = typer.Option(1000, min=1, help="Bootstrap resamples over target images."),
     seed: int = typer.Option(0, help="Seed of the bootstrap and of COT's batches."),
     batch_size: int = typer.Option(256, min=1, help="Images per forward pass."),
@@ -36,7 +36,7 @@ def estimate(
     from adaptsoup.estimate.config import ALL_ESTIMATORS
     from adaptsoup.pipeline.estimates import estimate_checkpoints
 
-    voters = tuple(parse_names(vote) or ALL_ESTIMATORS)
+    voters = ALL_ESTIMATORS if vote == "all" else tuple(parse_names(vote) or DecisionConfig().estimators)
     unknown = [v for v in voters if v not in ALL_ESTIMATORS]
     if unknown:
         fail(f"--vote: unknown estimator(s) {', '.join(unknown)}; choose from {', '.join(ALL_ESTIMATORS)}")

@@ -13,7 +13,7 @@ def test_the_task_vector_preset_is_the_frozen_label_free_recipe_and_flags_and_fi
     base = {"model": "m.safetensors", "target": "t", "pretrained": "p.safetensors", "out": str(tmp_path / "a")}
     cfg = resolve_config(AdaptRequest(settings=base, preset="task-vector"))
     assert (cfg.finetune_back, cfg.task_vector_scale, cfg.inter.ssl, cfg.inter.lrs, cfg.inter.steps, cfg.inter.batch_size) == (
-        False, 1.0, ["mae"], [1e-5, 3e-5], [600], 64)
+        False, 1.5, ["mae"], [1e-5, 3e-5], [600], 64)
     assert not cfg.source  # no labels needed
     recipe = tmp_path / "r.toml"
     recipe.write_text("[inter]\nsteps = [300]\n")
