@@ -65,6 +65,10 @@ def test_a_rule_that_never_switches_deploys_the_deployed_model_on_every_shift(be
     out = decision.main(["--bench-config", str(settings), "--rule", str(never), "--resamples", "10", "--out", str(tmp_path / "never")])
     assert out["gate"]["chosen"] == pytest.approx(out["gate"]["deployed"]) and out["gate"]["switched"] == 0
     assert out["gate"]["worst_regret_vs_deployed"] == 0.0 and out["gate"]["pooled"]["chosen"] == "deployed"
+    # the paired differences over the evaluation images are the table's differences of means
+    assert out["paired"]["rule-deployed"]["mean"] == 0.0 and out["paired"]["rule-deployed"]["ci95"] == [0.0, 0.0]
+    assert out["paired"]["task_vector_soup_x1-deployed"]["mean"] == pytest.approx(
+        out["mean_accuracy_eval"]["task_vector_soup_x1"] - out["mean_accuracy_eval"]["deployed"])
 
 
 def test_logits_only_makes_every_candidate_and_shows_no_accuracy(bench_result, capsys):
