@@ -119,6 +119,18 @@ def written_opset(proto) -> int:
     return next(int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
+def export_with_fallback(export: Callable[[bool], None]) -> tuple[str, str | None]:
+    """``export(dynamo=True)`` (the torch.export-based exporter); if it fails, ``export(dynamo=False)`` (TorchScript).
+    Returns the exporter used and, after a fallback, why the first failed (one line)."""
+    try:
+        export(True)
+        return "dynamo", None
+    except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript exporter, and say why
+        reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+        export(False)
+        return "torchscript", reason
+
+
 def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamo: bool) -> None:
     common = dict(input_names=["input"], output_names=["logits"], dynamo=dynamo)
     with quiet():
@@ -148,14 +160,9 @@ def export_onnx(model: nn.Module, out_path: str | os.PathLike, opset: int = DEFA
     example = torch.randn(2, 3, h, w)
     source = fusable_copy(model)[0] if optimize else model
     out_path = Path(out_path)
-    exporter, reason, optimization = "dynamo", None, None
+    optimization = None
     with atomic_path(out_path) as tmp:
-        try:
-            _torch_export(source, example, tmp, opset, dynamo=True)
-        except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript exporter, and say why
-            exporter = "torchscript"
-            reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
-            _torch_export(source, example, tmp, opset, dynamo=False)
+        exporter, reason = export_with_fallback(lambda dynamo: _torch_export(source, example, tmp, opset, dynamo=dynamo))
         proto = onnx.load(str(tmp))
         for key, value in onnx_metadata(model).items():
             entry = proto.metadata_props.add()

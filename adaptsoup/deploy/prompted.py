@@ -37,7 +37,7 @@ from torch import nn
 from adaptsoup.core.io import atomic_path
 from adaptsoup.core.models import model_meta, require_vit
 from adaptsoup.deploy.fusable import fusable_copy
-from adaptsoup.deploy.onnx import DEFAULT_OPSET, onnx_metadata, written_opset
+from adaptsoup.deploy.onnx import DEFAULT_OPSET, export_with_fallback, onnx_metadata, written_opset
 from adaptsoup.deploy.optimize import optimize_proto, vit_shape
 from adaptsoup.deploy.runtime import ort_session, quiet, read_onnx_metadata
 from adaptsoup.errors import AdaptsoupError
@@ -138,13 +138,9 @@ def export_prompted(model: nn.Module, out_path: str | os.PathLike, *, int8: bool
     example = (torch.randn(2, 3, h, w, generator=gen), 0.1 * torch.randn(2, shape.embed_dim, generator=gen),
                0.1 * torch.randn(shape.embed_dim, generator=gen))
     out_path = Path(out_path)
-    exporter, reason, fused = "dynamo", None, None
+    fused = None
     with atomic_path(out_path) as tmp:
-        try:
-            _export(source, example, tmp, opset, dynamo=True)
-        except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript exporter, and say why
-            exporter, reason = "torchscript", f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
-            _export(source, example, tmp, opset, dynamo=False)
+        exporter, reason = export_with_fallback(lambda dynamo: _export(source, example, tmp, opset, dynamo=dynamo))
         proto = onnx.load(str(tmp))
         for key, value in {**onnx_metadata(model), META_KEY: json.dumps(
                 {"embed_dim": shape.embed_dim, "depth": shape.depth, "prefix_tokens": shape.prefix_tokens,
