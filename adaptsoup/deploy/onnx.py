@@ -119,6 +119,24 @@ def written_opset(proto) -> int:
     return next(int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
+def finish_exported(path: Path, metadata: dict[str, str], model: nn.Module, optimize: bool):
+    """The exported file at ``path`` with ``metadata`` written in, checked, and (``optimize``) carrying
+    onnxruntime's fusions for ``model``'s shape; saved back.  Returns (proto, optimisation or None)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "adaptsoup"
+    onnx.checker.check_model(proto)
+    optimization = None
+    if optimize:
+        proto, optimization = optimize_proto(proto, vit_shape(model))
+    onnx.save(proto, str(path))
+    return proto, optimization
+
+
 def export_with_fallback(export: Callable[[bool], None]) -> tuple[str, str | None]:
     """``export(dynamo=True)`` (the torch.export-based exporter); if it fails, ``export(dynamo=False)`` (TorchScript).
     Returns the exporter used and, after a fallback, why the first failed (one line)."""
@@ -153,8 +171,6 @@ def export_onnx(model: nn.Module, out_path: str | os.PathLike, opset: int = DEFA
     preprocessing go into the model's metadata; the opset reported is the one the file declares.  The file
     is written atomically.
     """
-    import onnx
-
     model = model.eval().cpu()
     _, h, w = model_meta(model).input_size
     example = torch.randn(2, 3, h, w)
@@ -163,15 +179,7 @@ def export_onnx(model: nn.Module, out_path: str | os.PathLike, opset: int = DEFA
     optimization = None
     with atomic_path(out_path) as tmp:
         exporter, reason = export_with_fallback(lambda dynamo: _torch_export(source, example, tmp, opset, dynamo=dynamo))
-        proto = onnx.load(str(tmp))
-        for key, value in onnx_metadata(model).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        proto.producer_name = "adaptsoup"
-        onnx.checker.check_model(proto)
-        if optimize:
-            proto, optimization = optimize_proto(proto, vit_shape(model))
-        onnx.save(proto, str(tmp))
+        proto, optimization = finish_exported(tmp, onnx_metadata(model), model, optimize)
     written = written_opset(proto)
     if reason is not None:
         log(f"ONNX export: the torch.export-based exporter failed ({reason}); "

@@ -37,8 +37,7 @@ from torch import nn
 from adaptsoup.core.io import atomic_path
 from adaptsoup.core.models import model_meta, require_vit
 from adaptsoup.deploy.fusable import fusable_copy
-from adaptsoup.deploy.onnx import DEFAULT_OPSET, export_with_fallback, onnx_metadata, written_opset
-from adaptsoup.deploy.optimize import optimize_proto, vit_shape
+from adaptsoup.deploy.onnx import DEFAULT_OPSET, export_with_fallback, finish_exported, onnx_metadata, written_opset
 from adaptsoup.deploy.runtime import ort_session, quiet, read_onnx_metadata
 from adaptsoup.errors import AdaptsoupError
 
@@ -127,8 +126,6 @@ def export_prompted(model: nn.Module, out_path: str | os.PathLike, *, int8: bool
     onnxruntime: with 2 prompts and a shift against :class:`PromptedViT` over the original model, and with none
     against the model itself (both within :data:`PARITY_TOLERANCE`, on seeded noise).  With ``int8``, also
     its dynamic int8 copy ``NAME.int8.onnx`` (:func:`adaptsoup.deploy.quantize.quantize_int8`)."""
-    import onnx
-
     model = model.eval().cpu()
     shape = prompted_shape(model)
     reference = PromptedViT(model).eval()
@@ -141,20 +138,14 @@ def export_prompted(model: nn.Module, out_path: str | os.PathLike, *, int8: bool
     fused = None
     with atomic_path(out_path) as tmp:
         exporter, reason = export_with_fallback(lambda dynamo: _export(source, example, tmp, opset, dynamo=dynamo))
-        proto = onnx.load(str(tmp))
-        for key, value in {**onnx_metadata(model), META_KEY: json.dumps(
-                {"embed_dim": shape.embed_dim, "depth": shape.depth, "prefix_tokens": shape.prefix_tokens,
-                 "patch_size": list(shape.patch_size), "inputs": list(INPUTS), "outputs": list(OUTPUTS)})}.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        proto.producer_name = "adaptsoup"
-        onnx.checker.check_model(proto)
-        if optimize:
-            proto, optimization = optimize_proto(proto, vit_shape(model))
+        metadata = {**onnx_metadata(model), META_KEY: json.dumps(
+            {"embed_dim": shape.embed_dim, "depth": shape.depth, "prefix_tokens": shape.prefix_tokens,
+             "patch_size": list(shape.patch_size), "inputs": list(INPUTS), "outputs": list(OUTPUTS)})}
+        proto, optimization = finish_exported(tmp, metadata, model, optimize)
+        if optimization is not None:
             fused = optimization.fused
             if optimization.reason is not None:
                 log(f"ONNX optimisation of the prompt-capable graph: {optimization.reason}")
-        onnx.save(proto, str(tmp))
         session = PromptedSession(tmp)
         x = torch.randn(3, 3, h, w, generator=gen)
         prompts, shift = 0.5 * torch.randn(2, shape.embed_dim, generator=gen), 0.5 * torch.randn(shape.embed_dim, generator=gen)
