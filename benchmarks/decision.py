@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--result", help="A finished bench c10c --protocol pretrained result JSON.")
-    source.add_argument("--bench-config", help="A JSON of bench c10c settings (BenchConfig fields) whose adapt runs are complete.")
+    source.add_argument("--bench-config", help="A JSON of bench c10c settings (BenchConfig fields, or a decision result that "
+                                               "recorded them as bench_config) whose adapt runs are complete.")
     parser.add_argument("--rule", help="The pre-registered rule (JSON written by --choose on the tuning split): score it alone.")
     parser.add_argument("--choose", action="store_true", help="Score the grid of rules and scales and choose one (tuning split only).")
     parser.add_argument("--rule-out", default="benchmarks/results/decision_rule.json", help="With --choose: where the chosen rule goes.")

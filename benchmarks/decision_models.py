@@ -41,7 +41,8 @@ def open_bench_run(args: argparse.Namespace) -> BenchRun:
     from adaptsoup_bench.shift import BenchConfig, bench_work_dir, prepare_c10c, pretrained_path
 
     settings = json.loads(Path(args.result or args.bench_config).read_text())
-    cfg = BenchConfig(**(settings["config"] if args.result else settings))
+    # --bench-config: the settings themselves, or an earlier decision result that recorded them (``bench_config``)
+    cfg = BenchConfig(**(settings["config"] if args.result else settings.get("bench_config", settings)))
     if cfg.protocol != "pretrained":
         raise AdaptsoupError("the decision benchmark needs a --protocol pretrained configuration (its task-vector soups)")
     data = prepare_c10c(cfg, log=print)

@@ -54,6 +54,9 @@ def test_choosing_on_tuning_then_scoring_the_frozen_rule_alone(bench_result):
     frozen = decision.main(["--result", str(path), "--rule", str(rule_file), "--resamples", "20", "--out", str(tmp_path / "report")])
     assert frozen["rule"]["margin"] == rule["margin"] and len(next(iter(frozen["grid"].values()))) == 1
     assert (tmp_path / "report" / "decision_c10c_quick_s3.md").read_text().startswith("# The deploy decision")
+    again = decision.main(["--bench-config", str(tmp_path / "report" / "decision_c10c_quick_s3.json"), "--rule", str(rule_file),
+                           "--resamples", "20", "--out", str(tmp_path / "again")])  # an earlier result names its settings
+    assert again["gate"] == frozen["gate"] and again["bench_config"] == frozen["bench_config"]
 
 
 def test_a_rule_that_never_switches_deploys_the_deployed_model_on_every_shift(bench_result):
