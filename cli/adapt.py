@@ -91,7 +91,11 @@ def adapt(
     if not world().is_main:
         return
     if not result.complete:
-        out.print(f"shard {shard}: done; {len(result.missing)} ingredient(s) still to come from other shards")
+        who, others = (f"shard {shard}", "other shards") if shard else ("this job", "the other jobs working in this run")
+        if result.missing:
+            out.print(f"{who}: done; {len(result.missing)} ingredient(s) still to come from {others}")
+        else:
+            out.print(f"{who}: done; another job is writing the soups")
         out.print(f"manifest: {result.manifest_path}")
         return
     print_metrics(result.metrics)
