@@ -98,12 +98,23 @@ def test_a_live_jobs_claim_is_never_shared_whatever_its_label_and_a_closed_jobs_
 
 
 def test_finished_work_is_never_claimed_again_even_when_it_appears_while_waiting_for_the_lock(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
     claims = Claims(tmp_path, "1/2")
     assert claims.claim("a", done=lambda: True) == DONE and not claims.path("a").exists()
     answers = iter([False, True])  # not done when first looked at, written by another job before the lock was won
     assert claims.claim("b", done=lambda: next(answers)) == DONE and not claims.path("b").exists()
     claims.mark_done("c")
     assert claims.is_done("c") and not claims.path("c").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claims.path("d").write_text(json.dumps({"owner": "2/2", "token": "t", "host": socket.gethostname(), "pid": dead.pid}))
+    assert claims.claim("d", done=lambda: True) == DONE and not claims.path("d").exists()  # a job died after writing, before releasing
+    alive = Claims(tmp_path, "2/2")
+    assert alive.claim("e") == NEW
+    assert claims.claim("e", done=lambda: True) == DONE and alive.path("e").exists()  # a live job releases its own claim
 
 
 def test_an_empty_or_torn_claim_file_does_not_block_its_unit(tmp_path):

@@ -170,9 +170,9 @@ class Claims:
     def claim(self, name: str, done: Callable[[], bool] | None = None) -> str:
         """Try to claim ``name``: NEW, TAKEN_OVER, MINE, OTHER or DONE (``done()`` true before or after the claim is won)."""
         done = done or (lambda: False)
-        if done():
-            return DONE
         path = self.path(name)
+        if not path.exists() and done():  # the common case of a finished unit: no lock needed
+            return DONE
         with file_lock(self.dir / ".lock"):
             outcome = NEW
             if path.exists():
@@ -180,12 +180,13 @@ class Claims:
                 if held.get("token") == self.token:
                     outcome = MINE
                 elif self._alive(held, path):
-                    return OTHER
+                    return DONE if done() else OTHER  # a live job that wrote the unit releases its claim itself
                 else:
                     outcome = TAKEN_OVER
-            if done():  # written and released while this job waited for the lock
-                if outcome == TAKEN_OVER:
-                    path.unlink(missing_ok=True)
+            if done():  # finished, by a job that died before releasing its claim, or while this one waited for the lock
+                if outcome != NEW:
+                    path.unlink(missing_ok=True)  # a dead job's stale claim (or this job's own) on a finished unit
+                    HEARTBEAT.drop(path)
                 return DONE
             write_json_atomic(path, self.record())
         HEARTBEAT.hold(path, self.token)
