@@ -24,7 +24,6 @@ from adaptsoup.core.manifest import Manifest, environment
 from adaptsoup.core.models import class_names, load_model, model_meta, require_vit
 from adaptsoup.core.progress import NullProgress
 from adaptsoup.core.run_dir import RunDir, RunLog
-from adaptsoup.errors import AdaptsoupError
 from adaptsoup.pipeline.diversity import add_parameter_noise, name_seed, tensor_stds
 from adaptsoup.pipeline.inputs import RunInputs, load_inputs
 from adaptsoup.pipeline.recipe import AdaptConfig, validate
@@ -71,11 +70,12 @@ class RunContext:
         """``decide()`` on rank 0, its answer on every rank: decisions that read the run directory are made once."""
         return distributed.from_main(decide() if self.world.is_main else None)
 
-    def claim(self, name: str, done: Callable[[], bool] | None = None, *, wait: bool = False) -> bool:
+    def claim(self, name: str, done: Callable[[], bool] | None = None, *, wait: bool | None = None) -> bool:
         """Whether this job makes the unit ``name`` (:mod:`~adaptsoup.pipeline.claims`): False when ``done()``
-        (checked before and after the claim is won) or when a live job holds it; with ``wait``, wait for that job
-        instead and then decide again.  Rank 0 decides, every rank learns its answer."""
-        return self.on_main(lambda: self._claim(name, done, wait))
+        (checked before and after the claim is won) or when a live job holds it; with ``wait`` (default: this
+        job's :attr:`waits`), wait for that job instead and then decide again.  Rank 0 decides, every rank
+        learns its answer."""
+        return self.on_main(lambda: self._claim(name, done, self.waits if wait is None else wait))
 
     def _claim(self, name: str, done: Callable[[], bool] | None, wait: bool) -> bool:
         waited = False

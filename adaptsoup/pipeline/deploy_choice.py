@@ -43,7 +43,8 @@ def _run_of(path: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def _deployed_path(run: Path, data: dict) -> Path:
+def _deployed_path(data: dict) -> Path:
+    """The run's deployed model, a relative path taken from the folder the run was started in."""
     model = Path(data.get("config", {}).get("model", ""))
     return model if model.is_absolute() else Path(data.get("cwd") or ".") / model
 
@@ -63,7 +64,7 @@ def resolve_export(model: Path, force: bool = False) -> ExportChoice:
             raise AdaptsoupError(f"{run} holds no deploy recommendation (the run had no validation images); export one of its "
                                  f"files by path, e.g. --model {run / 'soup.safetensors'}")
         if not rec["switch"]:
-            return ExportChoice(_deployed_path(run, data), f"the run recommends keeping the deployed model ({rec['reason']})")
+            return ExportChoice(_deployed_path(data), f"the run recommends keeping the deployed model ({rec['reason']})")
         return ExportChoice(run / rec["path"], f"the run recommends {rec['model']}: estimated {rec['gain']:+.2f} points "
                                               f"[{rec['ci95'][0]:+.2f}, {rec['ci95'][1]:+.2f}] over the deployed model")
     if rec is None:

@@ -31,7 +31,7 @@ def finetune_back(ctx: RunContext, plan: Plan) -> None:
         task = ctx.progress.add_task("ingredients", total=len(plan.ingredients))
         for done, ing in enumerate(plan.ingredients, start=1):
             if (owns(ctx.shard, plan, ing) and ctx.on_main(lambda: _encoder_ready(ctx, ing))
-                    and ctx.claim(f"ingredient.{ing.name}", done=ctx.run_dir.ingredient(ing.name).is_file, wait=ctx.waits)):
+                    and ctx.claim(f"ingredient.{ing.name}", done=ctx.run_dir.ingredient(ing.name).is_file)):
                 if ing.finetune is None:
                     keep_encoder(ctx, ing)
                 else:

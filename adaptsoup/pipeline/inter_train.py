@@ -54,7 +54,7 @@ def inter_train(ctx: RunContext, plan: Plan) -> None:
         partitions = _partitions(ctx)
         decoder_state = stock_decoder(ctx)
         for run in plan.inters:
-            if owns(ctx.shard, plan, run) and ctx.claim(f"inter.{run.name}", done=lambda: not _needed(ctx, plan, run), wait=ctx.waits):
+            if owns(ctx.shard, plan, run) and ctx.claim(f"inter.{run.name}", done=lambda: not _needed(ctx, plan, run)):
                 inter_train_one(ctx, run, _data_of(ctx, run, partitions), decoder_state)
 
 

@@ -67,9 +67,13 @@ def recommend_deployment(ctx: RunContext, plan: Plan, decision: DecisionConfig =
                 **{f"ingredient:{ing.name}": ctx.run_dir.ingredient(ing.name) for ing in plan.ingredients}}
         ctx.log(f"label-free estimates of {len(pool)} models on {len(inputs.target)} target images; validation: {inputs.validation_origin}")
         target_logits, validation_logits = _logits(ctx, pool)
-        run = lambda idx=None: estimate_and_recommend(  # noqa: E731
-            target_logits if idx is None else {m: v[idx] for m, v in target_logits.items()}, validation_logits,
-            inputs.validation.labels, DEPLOYED, EstimateConfig(seed=ctx.cfg.seed), decision, candidates=list(candidates))
+
+        def run(idx: torch.Tensor | None = None) -> dict:
+            """The estimates and the recommendation on the target images ``idx`` (all of them: None)."""
+            target = target_logits if idx is None else {m: v[idx] for m, v in target_logits.items()}
+            return estimate_and_recommend(target, validation_logits, inputs.validation.labels, DEPLOYED,
+                                          EstimateConfig(seed=ctx.cfg.seed), decision, candidates=list(candidates))
+
         pooled = run()
         shifts = shifts_of(inputs.target, class_names(ctx.deployed))
         per_shift = {name: run(idx)["recommendation"] for name, idx in shifts.items()}
