@@ -24,6 +24,9 @@ from PIL import Image
 from scipy.ndimage import map_coordinates
 from skimage.filters import gaussian
 
+from adaptsoup_bench.corruptions_extra import EXTRA_CORRUPTIONS, EXTRA_FUNCS, EXTRA_PARAMS
+from adaptsoup_bench.distortions import DISTORTION_FUNCS, DISTORTION_PARAMS, DISTORTIONS
+
 CORRUPTIONS = (
     "gaussian_noise", "shot_noise", "impulse_noise",
     "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
@@ -57,6 +60,10 @@ PARAMS = {
     "pixelate": [0.95, 0.9, 0.85, 0.75, 0.65],
     "jpeg_compression": [80, 65, 58, 50, 40],
 }
+# Shifts held out of every choice of recipe and decision rule: CIFAR-10-C's four extra (validation)
+# corruptions and six LAION-C-style distortions (``bench c10c --corruptions unseen``).
+UNSEEN = EXTRA_CORRUPTIONS + DISTORTIONS
+ALL_SHIFTS = CORRUPTIONS + UNSEEN
 FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
 
 
@@ -66,11 +73,11 @@ def image_seed(corruption: str, severity: int, index: int) -> int:
 
 def corrupt32(image: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
     """Corrupt one uint8 ``[H, W, 3]`` image (CIFAR-10-C parameters) with a fixed seed; returns uint8."""
-    if corruption not in PARAMS:
-        raise ValueError(f"unknown corruption {corruption!r}; choose one of {', '.join(CORRUPTIONS)}")
+    if corruption not in _ALL_PARAMS:
+        raise ValueError(f"unknown corruption {corruption!r}; choose one of {', '.join(ALL_SHIFTS)}")
     if not 1 <= severity <= 5:
         raise ValueError(f"severity must be 1..5, got {severity}")
-    c = PARAMS[corruption][severity - 1]
+    c = _ALL_PARAMS[corruption][severity - 1]
     state = np.random.get_state()
     np.random.seed(seed)
     try:
@@ -207,7 +214,9 @@ _FUNCS = {
     "defocus_blur": _defocus_blur, "glass_blur": _glass_blur, "motion_blur": _motion_blur32, "zoom_blur": _zoom_blur,
     "snow": _snow, "frost": _frost, "fog": _fog, "brightness": _brightness,
     "contrast": _contrast, "elastic_transform": _elastic, "pixelate": _pixelate, "jpeg_compression": _jpeg,
+    **EXTRA_FUNCS, **DISTORTION_FUNCS,
 }
+_ALL_PARAMS = {**PARAMS, **EXTRA_PARAMS, **DISTORTION_PARAMS}
 
 
 def corrupt_batch(images: np.ndarray, corruption: str, severity: int, indices=None) -> np.ndarray:

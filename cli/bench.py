@@ -68,7 +68,9 @@ def bench_c10c(
     data: BenchData = None,
     out_dir: BenchOut = RESULTS,
     work: BenchWork = None,
-    corruptions: Optional[str] = typer.Option(None, help="Comma-separated subset of the 15 corruptions."),
+    corruptions: Optional[str] = typer.Option(None, help="Comma-separated corruptions (default the 15 of CIFAR-10-C); 'unseen' "
+                                                        "stands for the ten held out of every choice (the four extra CIFAR-10-C "
+                                                        "corruptions and six LAION-C-style distortions)."),
     device: BenchDevice = "cpu",
     warm_decoder: BenchWarmDecoder = False,
     label: BenchLabel = "",
@@ -81,15 +83,15 @@ def bench_c10c(
     require_bench_extra()
     from adaptsoup_bench.shift import C10CConfig, run_c10c
     from adaptsoup.pipeline.recipe import parse_settings
-    from adaptsoup_bench.corruptions import CORRUPTIONS
+    from adaptsoup_bench.corruptions import ALL_SHIFTS, UNSEEN
     from adaptsoup.core.progress import progress_bars
 
     chosen = None
     if corruptions:
-        chosen = parse_names(corruptions)
-        unknown = [c for c in chosen if c not in CORRUPTIONS]
+        chosen = [name for given in parse_names(corruptions) for name in (UNSEEN if given == "unseen" else [given])]
+        unknown = [c for c in chosen if c not in ALL_SHIFTS]
         if unknown:
-            fail(f"unknown corruption(s) {', '.join(unknown)}; known: {', '.join(CORRUPTIONS)}")
+            fail(f"unknown corruption(s) {', '.join(unknown)}; known: {', '.join(ALL_SHIFTS)}, or 'unseen'")
     cfg = C10CConfig.for_mode(mode, severity=severity, stock=str(stock) if stock else None, decoder=str(decoder) if decoder else None,
                               data=str(data) if data else None, out=str(out_dir), work=str(work) if work else None,
                               corruptions=chosen, device=device, decoder_warmup_loaded=warm_decoder, label=label,
