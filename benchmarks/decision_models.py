@@ -17,8 +17,7 @@ import torch
 
 from adaptsoup.core.evaluation import run_model
 from adaptsoup.core.models import load_model
-
-DEPLOYED = "deployed"
+from adaptsoup_bench.decision_scoring import DEPLOYED
 
 
 @dataclass

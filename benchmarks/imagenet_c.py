@@ -35,10 +35,11 @@ from adaptsoup.core.data import IMAGE_SUFFIXES, Preprocess, load_folder
 from adaptsoup.core.models import load_model
 from adaptsoup.core.progress import NullProgress
 from adaptsoup.errors import AdaptsoupError
+from adaptsoup_bench.shift_estimates import superclass_logits
 from adaptsoup_bench.shift import PROTOCOLS, SPLITS, BenchConfig, ShiftData, bench_work_dir, results_stem, run_shift_benchmark
 from adaptsoup_bench.shiftsets import (
     LAYOUTS, class_halves, default_mapping_dir, detect_layout, level_dir, link_file, prepare_shift_benchmark, select_shift_files,
-    subset_sorted,
+    subset_sorted, superclass_membership,
 )
 
 SPLIT_TEXT = {
@@ -172,7 +173,8 @@ def run_imagenet_c(cfg: BenchConfig, root: str, source: str, *, layout: str = "a
     split = split_description(cfg, layout, root_path, files, chosen_clean, clean_path)
     log(f"data: {layout} at {root_path}, severity {cfg.severity}, split {cfg.split!r}: {len(files)} corruptions, "
         f"{sum(len(v) for v in files.values())} images" + (f", {len(chosen_clean)} clean" if chosen_clean is not None else ""))
-    data = ShiftData(layout, stock_for_run, decoder, source, target, list(files), evals, pre, score,
+    to_labels = superclass_logits(superclass_membership(mapping)[1]) if layout == "laion-c" else None
+    data = ShiftData(layout, stock_for_run, decoder, source, target, list(files), evals, pre, score, to_labels=to_labels,
                      notes={"prepare_data_s": round(time.perf_counter() - t0, 1), "root": str(root_path), "layout": layout,
                             "clean": str(clean_path) if clean_path else None, "split": split},
                      chance=100.0 / len(labels) if layout == "imagenet-c" else None)

@@ -65,6 +65,7 @@ from adaptsoup_bench.shift_data import (
 from adaptsoup_bench.shift_eval import (
     evaluate_rows, ingredient_scores, load_correct, per_image_correct, sanity_checks, save_correct, score_row,
 )
+from adaptsoup_bench.shift_estimates import shift_estimates
 from adaptsoup_bench.shift_report import markdown_table, paired_from_work, plot_results, write_results
 from adaptsoup_bench.shift_rows import (
     INTER_SETTINGS, VANILLA_SETTINGS, adapt_runs, build_soups, inter_encoders, sar_per_corruption, sar_rows, self_season_cost,
@@ -128,6 +129,12 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     timings["bootstrap"] = time.perf_counter() - t0
     rows = table_rows(soups, metrics, corruptions, best, mixes, (len(ingredients), len(vanillas)), cfg)
 
+    # -- label-free estimates of every row, and what the default deploy rule picks per corruption ------------------
+    t0 = time.perf_counter()
+    estimates = (shift_estimates(soups, data.evals, corruptions, data.preprocess, to_labels=data.to_labels, device=cfg.device, log=log)
+                 if cfg.estimates else {"skipped": "estimates=false"})
+    timings["estimates"] = time.perf_counter() - t0
+
     # -- SAR on the soups (Table 2): online over each corruption's odd images, reset between corruptions ---------
     t0 = time.perf_counter()
     rows += sar_rows(data, cfg, soups, evals)
@@ -149,7 +156,7 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
         "steps": {"inter": cfg.inter_steps, "fine_tune": cfg.ft_steps, "batch_size": cfg.batch_size,
                   "ingredients": {"self": len(ingredients), "vanilla": len(vanillas)}},
         "rows": rows, "paired": paired, "ingredients": ingredient_scores(metrics, ingredients, corruptions),
-        "self_season_cost": self_season_cost(mixes, cfg), "checks": sanity_checks(rows, chance=data.chance),
+        "self_season_cost": self_season_cost(mixes, cfg), "checks": sanity_checks(rows, chance=data.chance), "estimates": estimates,
         "runs": {"self": str(self_run.run_dir), "cont_ssl": str(cont.run_dir) if cont is not None else None},
         "per_image_correct": str(predictions_path),
     }

@@ -92,6 +92,9 @@ class BenchConfig:
     # pretrained protocol: the row self_task_vector_soup = deployed + scale · mean_k(inter-trained_k − pretrained),
     # the label-free task-arithmetic shortcut for fine-tuning back (adaptsoup.soup.task_vector); no training of its own
     task_vector_scale: float = 1.0
+    # the label-free estimates of every row and the default deploy rule's choice per corruption, scored
+    # (adaptsoup_bench.shift_estimates); needs labeled clean images none of the corrupted ones come from
+    estimates: bool = True
 
     @classmethod
     def for_mode(cls, mode: str, **overrides) -> "BenchConfig":
@@ -114,7 +117,7 @@ class BenchConfig:
         return cfg
 
 
-EVALUATION_ONLY = ("cont_ssl", "centered", "sar", "joint", "bootstrap_resamples", "task_vector_scale")  # choose rows, shape no data and no run
+EVALUATION_ONLY = ("cont_ssl", "centered", "sar", "joint", "bootstrap_resamples", "task_vector_scale", "estimates")  # choose rows, shape no data and no run
 NEW_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BenchConfig)
                 if f.name in ("protocol", "pretrained", "split", *EVALUATION_ONLY)}
 C10CConfig = BenchConfig  # the CIFAR-10-C name of the same settings

@@ -125,6 +125,7 @@ class ShiftData:
     score: Callable[[torch.Tensor, torch.Tensor], float] = top1
     notes: dict = field(default_factory=dict)
     chance: float | None = None  # accuracy (%) of guessing, for the sanity check; None where not defined
+    to_labels: Callable[[torch.Tensor], torch.Tensor] | None = None  # logits to the scored label space (LAION-C: superclasses)
 
 
 def prepare_c10c(cfg: BenchConfig, *, progress=None, log: Callable[[str], None] = print) -> ShiftData:

@@ -88,8 +88,32 @@ def markdown_table(result: dict) -> str:
         lines += ["", f"Self-Seasoning: {cost['ingredients']} ingredients stacked once ({cost['stacked_mb']} MB), "
                       f"{cost['epochs']} epochs over {cost['subset']} target images in {cost['wall_s']:.0f} s; "
                       f"process RSS peak {cost.get('rss_peak_mb')} MB (+{cost.get('rss_rise_mb')} MB during the stage)."]
+    lines += estimates_lines(result.get("estimates"))
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in result["timings_s"].items()), ""]
     return notes_markdown("\n".join(lines), result)
+
+
+def estimates_lines(estimates: dict | None) -> list[str]:
+    """The label-free estimates and the deploy rule's outcome (the ``estimates`` entry), as Markdown lines."""
+    if not estimates:
+        return []
+    if "skipped" in estimates:
+        return ["", f"Label-free estimates: none ({estimates['skipped']})."]
+    g, rule = estimates["gate"], estimates["rule"]
+    lines = ["", f"Deploy decision without labels (rule: margin {rule['margin']:g} points, voters {', '.join(rule['estimators'])}; "
+                 f"candidates {', '.join(estimates['candidates'])}; estimators fitted on {estimates['validation_images']:,} "
+                 "labeled clean images none of the corrupted ones come from), scored on the odd images:", "",
+             "| what is deployed | mean accuracy (%) |", "|---|---|",
+             f"| the rule's choice per corruption | {g['chosen']:.2f} |", f"| always the deployed model | {g['deployed']:.2f} |",
+             f"| always {estimates['primary']} | {g['always_candidate']:.2f} |", f"| oracle (best per corruption) | {g['oracle']:.2f} |",
+             "", f"Worst regret against the deployed model {g['worst_regret_vs_deployed']:.2f} points; switched on {g['switched']} "
+                 f"corruption(s); picked the oracle's model on {100 * g['picked_right']:.0f}%. One pooled decision: "
+                 f"{g['pooled']['chosen']} ({g['pooled']['accuracy']:.2f}%).", "",
+             "| estimator | mean absolute error on target accuracy (points) | 95% CI over corruptions | abstained |", "|---|---|---|---|"]
+    for name, e in estimates["estimators"].items():
+        lines.append(f"| {name} | {e['mae']:.2f} | [{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}] | {e['abstained']} |" if e["mae"] is not None
+                     else f"| {name} | — | — | {e['abstained']} |")
+    return lines
 
 
 def result_notes(result: dict) -> list[str]:

@@ -94,6 +94,9 @@ def test_imagenet_c_pretrained_protocol_on_the_report_split_end_to_end(tmp_path,
     assert manifest["protocol"] == "pretrained" and manifest["config"]["pretrained"] == str(pretrained)
     assert "protocol pretrained, split report" in " ".join(out.split())
     assert "split **report**" in (tmp_path / "results" / "imagenet-c_quick_s5.md").read_text()
+    # the estimates need 100 clean images none of the corrupted ones come from; this tree has 6, so the entry says why
+    assert "--clean" in result["estimates"]["skipped"] and "estimates" in result["timings_s"]
+    assert "Label-free estimates: none" in (tmp_path / "results" / "imagenet-c_quick_s5.md").read_text()
 
 
 def test_laion_c_pretrained_protocol_on_the_tuning_split_end_to_end(tmp_path, capsys):
