@@ -47,6 +47,12 @@ class TTAConfig:
     roid_temperature: float = 1 / 3  # ROID: weights exp(diversity x certainty / T)
     roid_consistency: bool = True  # ROID: the augmentation-consistency term (official default: on)
     roid_prior: str = "probabilities"  # ROID: prior correction of "probabilities", of "logits" (official code), "none"
+    guard: bool = False  # reset when the stream drifts (adaptsoup.tta.guard)
+    guard_window: int = 8  # batches in the guard's moving window
+    # reset when the adapted model agrees with the unadapted one on fewer than this fraction of the window's images
+    guard_min_agreement: float = 0.5
+    # ... or when the entropy of its mean prediction falls below this fraction of the unadapted model's (class collapse)
+    guard_min_marginal_ratio: float = 0.5
 
     def lr(self) -> float:
         """The learning rate at this batch size: ``base_lr`` (or the method's default) per 64 images, scaled linearly."""
