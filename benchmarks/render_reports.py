@@ -77,6 +77,8 @@ def renderer(benchmark: str, stem: str = "") -> Callable[[dict], str] | None:
         from adaptsoup_bench.label_free import markdown as render
     elif benchmark == "decision":
         from adaptsoup_bench.decision import markdown as render
+    elif benchmark == "tta-stream":
+        from adaptsoup_bench.tta_stream_report import markdown as render
     elif benchmark:
         return None
     else:
