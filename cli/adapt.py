@@ -52,6 +52,7 @@ def adapt(
     tta_method: Optional[str] = typer.Option(None, "--tta", help="Stack test-time adaptation (sar, tent, eata or roid) over the target on the soup: the last --mix soup, else the uniform one. eata runs as ETA here (no Fisher images; adaptsoup tta --source gives them)."),
     tta_batch_size: Optional[int] = typer.Option(None, "--tta-batch-size", min=1, help="With --tta: images per adaptation step (default 64)."),
     tta_base_lr: Optional[float] = typer.Option(None, "--tta-base-lr", help="With --tta: learning rate per 64 images (default: SAR 1e-3, Tent 2.5e-4, EATA 1e-3, ROID 2.5e-4, their references)."),
+    tta_guard: Optional[bool] = typer.Option(None, "--tta-guard/--no-tta-guard", help="With --tta: reset the adapting soup to the unadapted one when its predictions drift from it (agreement or marginal entropy over 8 batches below half the unadapted model's; adaptsoup tta --guard); one extra forward pass per batch. Default off."),
     mix_methods: Optional[List[str]] = typer.Option(None, "--mix", help="Also mix with this method at the end (repeatable; replaces the recipe's mix)."),
     mix_labeled: Optional[Path] = typer.Option(None, help="Few-label folder for --mix season/greedy/best."),
     finetune_back: Optional[bool] = typer.Option(None, "--finetune/--no-finetune", help="Fine-tune back on --source (default), or keep the inter-trained encoders as label-free ingredients."),
@@ -72,7 +73,7 @@ def adapt(
         "max_source_images": max_source_images, "max_target_images": max_target_images, "seed": seed,
         "device": device, "precision": _precision(precision, bf16), "finetune_back": finetune_back,
         "mix": list(mix_methods) if mix_methods else None, "mix_labeled": _path(mix_labeled),
-        "tta": tta_method, "tta_batch_size": tta_batch_size, "tta_base_lr": tta_base_lr,
+        "tta": tta_method, "tta_batch_size": tta_batch_size, "tta_base_lr": tta_base_lr, "tta_guard": tta_guard,
         "inter": {
             "ssl": [a.strip() for a in ssl.split(",") if a.strip()] if ssl else None,
             "lrs": _floats(inter_lrs, "--inter-lrs"), "mask_ratios": _floats(mask_ratios, "--mask-ratios"),
@@ -103,7 +104,8 @@ def adapt(
         print_mixes(result.mixes)
     if result.tta:
         tta = result.tta
-        out.print(f"{tta['method']} on the {tta['soup']} soup: {result.run_dir / tta['adapted']} ({tta['resets']} reset(s))")
+        guard = f", {tta['guard_resets']} guard reset(s)" if tta.get("guard") else ""
+        out.print(f"{tta['method']} on the {tta['soup']} soup: {result.run_dir / tta['adapted']} ({tta['resets']} reset(s){guard})")
     out.print(f"soup: {result.soup_path}")
     print_recommendation(result.recommendation)
     out.print(f"manifest: {result.manifest_path}")

@@ -25,6 +25,10 @@ def tta(
     e0_factor: float = typer.Option(0.4, help="SAR, EATA: entropy filter E0 = factor x ln(classes)."),
     reset_threshold: float = typer.Option(0.2, help="SAR: reset the model when the loss EMA falls below this."),
     episodic: bool = typer.Option(False, help="Reset to the initial model after every batch."),
+    guard: bool = typer.Option(False, "--guard/--no-guard", help="sar, tent, eata, roid: reset to the initial model when the adapted model's predictions drift from the unadapted model's (see --guard-min-agreement, --guard-min-marginal-ratio); one extra forward pass per batch."),
+    guard_window: int = typer.Option(8, "--guard-window", min=1, help="With --guard: batches in the moving window the guard judges."),
+    guard_min_agreement: float = typer.Option(0.5, "--guard-min-agreement", min=0.0, max=1.0, help="With --guard: reset when the adapted and the unadapted model agree on fewer than this fraction of the window's images (0: off)."),
+    guard_min_marginal_ratio: float = typer.Option(0.5, "--guard-min-marginal-ratio", min=0.0, max=1.0, help="With --guard: reset when the entropy of the adapted model's mean prediction over the window falls below this fraction of the unadapted model's (class collapse; 0: off)."),
     optimizer: str = typer.Option("sgd", help="Tent, EATA, ROID: sgd (momentum 0.9, Nesterov for ROID: their ImageNet settings) or adam (their CIFAR settings). SAR: sgd."),
     source: Optional[Path] = typer.Option(None, "--source", "-s", help="EATA: in-distribution images (a folder; labels, if any, are not used) for its Fisher anti-forgetting term, at most 2000; without it EATA runs as ETA. FOA: the images its source feature statistics come from (at most 2000); without them, entropy alone and no shift."),
     d_margin: float = typer.Option(0.05, help="EATA: a reliable sample is used when |cosine(its softmax, the moving average)| < this (official 0.05 for ImageNet; 0.4 for 10 classes)."),
@@ -45,6 +49,8 @@ def tta(
     from adaptsoup.tta.stream import tta_run_dir
 
     if onnx is not None or method == "foa":
+        if guard:
+            fail("--guard resets an adapted checkpoint: it applies to sar, tent, eata and roid (of --model), not foa")
         return _foa(onnx, model, method, target, eval_labels, out_dir, arch, batch_size, source, int8, prompts, popsize,
                     fitness_lambda, shift_step, threads, seed, progress)
     if model is None:
@@ -53,12 +59,17 @@ def tta(
         fail(f"--method must be one of {', '.join(TTA_METHODS)} (or foa, with --onnx), got {method!r}")
     cfg = TTAConfig(method=method, batch_size=batch_size, base_lr=base_lr, rho=rho, e0_factor=e0_factor,
                     reset_threshold=reset_threshold, episodic=episodic, optimizer=optimizer, seed=seed, device=device,
-                    d_margin=d_margin, fisher_alpha=fisher_alpha, fisher_images=str(source) if source else None)
+                    d_margin=d_margin, fisher_alpha=fisher_alpha, fisher_images=str(source) if source else None,
+                    guard=guard, guard_window=guard_window, guard_min_agreement=guard_min_agreement,
+                    guard_min_marginal_ratio=guard_min_marginal_ratio)
     with progress_bars(progress) as bars:
         summary = tta_run_dir(str(model), str(out_dir), cfg, target=str(target) if target else None,
                               eval_labels=str(eval_labels) if eval_labels else None, arch=arch, progress=bars,
                               log=log_line)
     out.print(f"wrote {out_dir / 'predictions.csv'}, {out_dir / 'adapted.safetensors'}, {out_dir / 'manifest.json'}")
+    if guard:
+        out.print(f"guard resets: {summary['guard_resets']}"
+                  + (f" (at batches {', '.join(map(str, summary['guard_reset_batches']))})" if summary["guard_resets"] else ""))
     if summary["online_accuracy"] is not None:
         out.print(f"online accuracy: {summary['online_accuracy']:.2f}%")
 

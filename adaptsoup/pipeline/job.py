@@ -24,7 +24,7 @@ from adaptsoup.pipeline.presets import check_requirements, preset_settings
 from adaptsoup.pipeline.recipe import AdaptConfig, load_recipe_file, merge
 from adaptsoup.pipeline.shard import Shard
 
-AFTER_SOUPS = ("mix", "mix_labeled", "tta", "tta_batch_size", "tta_base_lr")  # the settings a resumed run may change
+AFTER_SOUPS = ("mix", "mix_labeled", "tta", "tta_batch_size", "tta_base_lr", "tta_guard")  # the settings a resumed run may change
 REQUIRED = ("model", "target", "source")
 
 

@@ -112,6 +112,7 @@ class AdaptConfig:
     tta: str | None = None  # sar or tent: test-time adaptation of the soup over the target
     tta_batch_size: int = 64
     tta_base_lr: float | None = None  # per 64 images; default: the method's reference
+    tta_guard: bool = False  # reset the adapting soup when its predictions drift (adaptsoup.tta.guard)
     max_source_images: int = 0  # 0: all
     max_target_images: int = 0
     seed: int = 0

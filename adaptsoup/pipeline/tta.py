@@ -25,7 +25,7 @@ def adapt_at_test_time(ctx: RunContext) -> dict | None:
     model = ctx.run_dir.soup(soup)
     ctx.log(f"test-time adaptation: {cfg.tta} on the {soup} soup ({ctx.run_dir.relative(model)}) over the target")
     # EATA's Fisher term is computed on the source images (labels unused); without a source it runs as ETA
-    tta_cfg = TTAConfig(method=cfg.tta, batch_size=cfg.tta_batch_size, base_lr=cfg.tta_base_lr, device=cfg.device,
+    tta_cfg = TTAConfig(method=cfg.tta, batch_size=cfg.tta_batch_size, base_lr=cfg.tta_base_lr, guard=cfg.tta_guard, device=cfg.device,
                         fisher_images=cfg.source if cfg.tta == "eata" and cfg.source else None)
     with ctx.timed("tta"):
         summary = tta_run_dir(str(model), str(ctx.run_dir.tta), tta_cfg, target=cfg.target, progress=ctx.progress, log=ctx.log)

@@ -17,6 +17,7 @@ from adaptsoup.core.models import require_vit
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.tta.eata import EATA, EATA_BASE_LR, fisher_information
 from adaptsoup.tta.entropy import affine_parameters
+from adaptsoup.tta.guard import DriftGuard, frozen_copy
 from adaptsoup.tta.roid import ROID, ROID_BASE_LR, default_augment
 from adaptsoup.tta.sar import SAR_BASE_LR, sar_modules, sar_step, update_ema
 from adaptsoup.tta.tent import TENT_BASE_LR_ADAM, TENT_BASE_LR_SGD, tent_modules, tent_step
@@ -91,8 +92,10 @@ class StepRecord:
     passed_second: int
     loss: float | None
     ema: float | None
-    reset: bool
+    reset: bool  # the method's own reset (SAR's model recovery)
     skipped: bool
+    guard_reset: bool = False  # the drift guard reset the model after this batch (adaptsoup.tta.guard)
+    guard_reason: str | None = None
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TTAConfig) -> torch.optim.Optimizer:
@@ -140,6 +143,9 @@ class Adapter:
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = make_optimizer(self.params, cfg)
+        # the drift guard's reference: the unadapted model, frozen, run on every batch too (cfg.guard)
+        self.guard = DriftGuard(cfg.guard_window, cfg.guard_min_agreement, cfg.guard_min_marginal_ratio) if cfg.guard else None
+        self.anchor = frozen_copy(self.model) if cfg.guard else None
         self.e0 = cfg.e0_factor * math.log(model.num_classes)
         self.ema: float | None = None
         self.records: list[StepRecord] = []
@@ -148,12 +154,15 @@ class Adapter:
         self._initial_optimizer = copy.deepcopy(self.optimizer.state_dict())
 
     def reset(self) -> None:
-        """Back to the initial model and optimizer state; the loss EMA (EATA's, ROID's moving average) restarts."""
+        """Back to the initial model and optimizer state; the loss EMA (EATA's, ROID's moving average) and the
+        drift guard's window restart."""
         self.model.load_state_dict(self._initial_model)
         self.optimizer.load_state_dict(self._initial_optimizer)
         self.ema = None
         if self.state is not None:
             self.state.reset()
+        if self.guard is not None:
+            self.guard.restart()
 
     @torch.enable_grad()  # adapting needs gradients even when the caller runs under no_grad
     def predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +175,21 @@ class Adapter:
             logits = self._tent_step(x)
         else:
             logits = self._state_step(x)
+        if self.guard is not None:
+            self._check_drift(x, logits.detach())
         return logits.detach().cpu()
+
+    @torch.no_grad()
+    def _check_drift(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+        """Show the guard this batch's predictions beside the unadapted model's; reset when it says so, and
+        record why.  A batch after which the method reset on its own is not shown (the window restarted)."""
+        record = self.records[-1]
+        if record.reset:
+            return
+        reason = self.guard.observe(logits, self.anchor(x))
+        if reason is not None:
+            self.reset()
+            record.guard_reset, record.guard_reason = True, reason
 
     def _state_step(self, x: torch.Tensor) -> torch.Tensor:
         """EATA (passed_first: reliable, passed_second: also non-redundant) or ROID (passed_second: kept)."""

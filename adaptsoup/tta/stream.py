@@ -29,6 +29,7 @@ class TTAResult:
     order: torch.Tensor  # the stream order (indices into the image set)
     records: list[StepRecord] = field(default_factory=list)
     resets: int = 0
+    guard_resets: int = 0  # resets of the drift guard (TTAConfig.guard)
     filtered_out: int = 0
     final_ema: float | None = None
     accuracy: float | None = None
@@ -54,6 +55,7 @@ def run_tta(model: nn.Module, images: ImageSet, pre: Preprocess, cfg: TTAConfig,
             on_batch(b + 1, len(batches))
     result = TTAResult(logits=logits, order=order, records=adapter.records)
     result.resets = sum(r.reset for r in adapter.records)
+    result.guard_resets = sum(r.guard_reset for r in adapter.records)
     result.filtered_out = sum(r.size - r.passed_first for r in adapter.records)
     result.final_ema = adapter.ema
     if images.labels is not None:
@@ -82,10 +84,30 @@ def write_predictions_csv(path: Path, images: ImageSet, result: TTAResult, names
     write_atomic(path, write)
 
 
+GUARD_REASONS_SHOWN = 5  # the summary's first reasons for a guard reset (every one is in per_batch)
+
+
+def guard_summary(cfg: TTAConfig, records: list[StepRecord]) -> dict:
+    """The drift guard's part of a summary: whether it ran, its resets, the batches and first reasons."""
+    fired = [r for r in records if r.guard_reset]
+    return {"guard": cfg.guard, "guard_resets": len(fired), "guard_reset_batches": [r.batch for r in fired],
+            "guard_reasons": [f"batch {r.batch}: {r.guard_reason}" for r in fired[:GUARD_REASONS_SHOWN]]}
+
+
+def guard_log(records: list[StepRecord]) -> str:
+    """``, 2 guard resets at batches 11, 30`` (``, no guard reset`` without any)."""
+    batches = [str(r.batch) for r in records if r.guard_reset]
+    if not batches:
+        return ", no guard reset"
+    shown = ", ".join(batches[:10]) + (", ..." if len(batches) > 10 else "")
+    return f", {len(batches)} guard reset{'s at batches' if len(batches) > 1 else ' at batch'} {shown}"
+
+
 def run_summary(cfg: TTAConfig, adapter: Adapter, result: TTAResult) -> dict:
     """What the manifest records of a pass: settings that were derived, counts, and every step."""
     return {
         "method": cfg.method, "lr": cfg.lr(), "e0": adapter.e0, "batches": len(result.records), "resets": result.resets,
+        **guard_summary(cfg, result.records),
         "filtered_out_first": result.filtered_out, "skipped_updates": sum(r.skipped for r in result.records),
         "final_ema": result.final_ema, "online_accuracy": result.accuracy, "wall_s": round(result.wall_s, 2),
         **(adapter.state.describe() if adapter.state is not None else {}),
@@ -148,5 +170,6 @@ def tta_run_dir(model_path: str, out_dir: str, cfg: TTAConfig, *, target: str | 
     manifest.data["result"] = summary
     manifest.save()
     log(f"{cfg.method}: {len(result.records)} batches, {result.filtered_out} samples filtered out, {result.resets} reset(s)"
+        + (guard_log(result.records) if cfg.guard else "")
         + (f", online accuracy {result.accuracy:.2f}%" if result.accuracy is not None else ""))
     return summary
