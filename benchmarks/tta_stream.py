@@ -44,6 +44,10 @@ from adaptsoup_bench.tta_stream_data import (
 from adaptsoup_bench.tta_stream_runs import FOA_PER_CORRUPTION, Runner, Stream, foa_rows
 
 SOUPS = {"supervised_soup": ("soups", "supervised_soup.safetensors"), "self_soup_target": ("soup.safetensors",)}
+# also adaptable: the deployed model itself, and the soup of ``adapt --preset task-vector`` (deployed + 1.5 x the
+# target's mean MAE task vector, made from the run's inter-trained encoders; --protocol pretrained runs only)
+EXTRA_SOUPS = ("deployed", "task_vector_soup")
+TASK_VECTOR_SCALE = 1.5
 LR_FACTORS = (0.25, 1.0, 4.0)
 # fixed settings besides the lr, not chosen on any evaluation image: EATA's redundancy margin at its CIFAR-10 value
 # (mariodoebler/test-time-adaptation; the official 0.05 is ImageNet's and filters nearly every sample of 10 classes)
@@ -108,6 +112,24 @@ def open_bench(path: str) -> tuple[object, Path]:
     return cfg, run
 
 
+def soup_path(name: str, cfg, self_run: Path) -> Path:
+    """The checkpoint of soup ``name`` of the configuration (the task-vector soup is written beside the run's soups)."""
+    from adaptsoup_bench.datasets import default_stock_path
+    from adaptsoup_bench.shift_config import pretrained_path
+    from adaptsoup_bench.shift_rows import inter_encoders, write_task_vector_soup
+
+    if name in SOUPS:
+        return self_run.joinpath(*SOUPS[name])
+    stock = Path(cfg.stock or default_stock_path())
+    if name == "deployed":
+        return stock
+    pretrained = pretrained_path(cfg)
+    if pretrained is None:
+        raise AdaptsoupError("task_vector_soup needs a --protocol pretrained configuration (the pre-trained stock its task vector is taken from)")
+    path = self_run / "soups" / f"task_vector_soup_x{TASK_VECTOR_SCALE:g}.safetensors"
+    return path if path.is_file() else write_task_vector_soup(path, stock, pretrained, inter_encoders(self_run), TASK_VECTOR_SCALE)
+
+
 def prepare_stream(cfg, args, model, progress) -> tuple[Stream, int]:
     """The test images of the split, drawn and corrupted (cached under the work folder), and the in-distribution
     images (EATA's Fisher term, FOA's source statistics) when a method needs them."""
@@ -166,7 +188,7 @@ def run(args: argparse.Namespace) -> dict:
     choice = None if args.choose else read_choice(args.choice, args.methods)
     if args.threads:
         torch.set_num_threads(args.threads)
-    soups = {s: self_run.joinpath(*SOUPS[s]) for s in args.soups}
+    soups = {s: soup_path(s, cfg, self_run) for s in args.soups}
     with progress_bars(not args.no_progress) as progress:
         stream, pool = prepare_stream(cfg, args, load_model(None, soups[args.soups[0]]), progress)
         runner = Runner(stream, soups, progress, state["commit"])
@@ -191,7 +213,7 @@ def run(args: argparse.Namespace) -> dict:
         "rows": rows, "tuning": tuning, "timings_s": {"total": round(time.perf_counter() - t_start, 1)},
         "notes": notes(cfg.split, n, pool, k, cfg.severity, size) + (foa_notes(args, n) if args.foa else []),
     }
-    stem = Path(args.out) / f"tta_stream_{cfg.split}_s{cfg.severity}_n{n}"
+    stem = Path(args.out) / f"tta_stream_{cfg.split}_s{cfg.severity}_n{n}{'_' + args.label if args.label else ''}"
     if tuning:
         write_json_atomic(Path(args.choice_out), {
             "split": cfg.split, "severity": cfg.severity, "per_corruption": n, "bench_config": str(args.bench_config),
@@ -258,7 +280,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--settings", type=csv_list(SETTINGS), default=list(SETTINGS))
     p.add_argument("--choose-settings", type=csv_list(SETTINGS), default=["reset"], help="With --choose: the settings the lrs are scored in.")
     p.add_argument("--methods", type=csv_list(TTA_METHODS), default=list(TTA_METHODS))
-    p.add_argument("--soups", type=csv_list(tuple(SOUPS)), default=list(SOUPS), help="The first is the one the lrs are chosen on.")
+    p.add_argument("--soups", type=csv_list((*SOUPS, *EXTRA_SOUPS)), default=list(SOUPS),
+                   help="The first is the one the lrs are chosen on; deployed (the deployed model itself) and task_vector_soup "
+                        f"(deployed + {TASK_VECTOR_SCALE:g} x the target's MAE task vector, adapt --preset task-vector's) are adaptable too.")
+    p.add_argument("--label", default="", help="Appended to the result's file name, to keep variants apart.")
     p.add_argument("--lr-factors", type=floats, default=list(LR_FACTORS))
     p.add_argument("--guard-variants", action="store_true", help="Also each method with the drift guard (continual, mixed).")
     p.add_argument("--foa", action="store_true", help="Also FOA on each soup's prompt-capable ONNX export (reset setting).")
@@ -271,6 +296,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if any(f <= 0 for f in args.lr_factors) or min(args.per_corruption or 1, args.foa_per_corruption) < 1:
         p.error("--lr-factors must be positive, --per-corruption and --foa-per-corruption at least 1")
+    if args.label and not all(ch.isalnum() or ch in "._-" for ch in args.label):
+        p.error("--label: letters, digits, '.', '_' and '-' only")
     args.choice_out = args.choice_out or str(Path(args.out) / "tta_stream_choice.json")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args

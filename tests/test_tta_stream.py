@@ -270,3 +270,28 @@ def test_the_report_renders_from_a_small_result():
     assert "| supervised_soup | sar | 1.00e-03 | 71.20 (+2.10 [+1.00, +3.20]) · 12 s | — |" in text
     assert "(with uncommitted changes)" in text and "| supervised_soup | sar | 70.0 | 72.4 |" in text
     assert text.endswith("## Notes\n\nStream size: quick.\n")
+
+
+def test_the_deployed_model_and_the_task_vector_soup_are_adaptable_too(tmp_path):
+    from adaptsoup.core.checkpoint import read_checkpoint
+    from adaptsoup.errors import AdaptsoupError
+    from adaptsoup_bench.shift_config import BenchConfig
+
+    deployed, pretrained, inter = tiny_model(seed=1), tiny_model(seed=2), tiny_model(seed=3)
+    stock = save_checkpoint(tmp_path / "stock.safetensors", deployed.state_dict(), model_meta(deployed))
+    pre_path = save_checkpoint(tmp_path / "stock_mae.safetensors", pretrained.state_dict(), model_meta(pretrained))
+    run = tmp_path / "runs" / "self"
+    encoder = save_checkpoint(run / "inter" / "mae00.safetensors", inter.state_dict(), model_meta(inter))
+    (run / "manifest.json").write_text(json.dumps({"ingredients": {"mae00-ft00": {"inter": "mae00"}}}))
+    assert tta_stream.soup_path("deployed", BenchConfig(stock=str(stock)), run) == stock
+    with pytest.raises(AdaptsoupError, match="pretrained"):
+        tta_stream.soup_path("task_vector_soup", BenchConfig(stock=str(stock)), run)
+    cfg = BenchConfig(stock=str(stock), protocol="pretrained", pretrained=str(pre_path))
+    path = tta_stream.soup_path("task_vector_soup", cfg, run)
+    assert path.name == "task_vector_soup_x1.5.safetensors" and encoder.is_file()
+    soup, _ = read_checkpoint(path)
+    key = "blocks.0.attn.qkv.weight"
+    expected = deployed.state_dict()[key].double() + 1.5 * (inter.state_dict()[key].double() - pretrained.state_dict()[key].double())
+    assert torch.allclose(soup[key].double(), expected, atol=1e-5)
+    assert tta_stream.parse(["--bench-config", "x", "--choose", "--soups", "task_vector_soup,deployed", "--label", "v1"]).soups == [
+        "task_vector_soup", "deployed"]
