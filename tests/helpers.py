@@ -138,3 +138,16 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 NON_UTF8_NAME = os.fsdecode(b"caf\xe9 \xff.png")  # Latin-1 bytes: not UTF-8 (a surrogate-escaped str)
+
+
+def saved_model_and_labeled_stream(tmp_path: Path, per_class: int = 4) -> tuple[Path, Path]:
+    """A tiny saved model (``tmp_path/m.safetensors``) and a labeled stream of noise images, ``per_class`` in each
+    of its class folders (``tmp_path/stream/<class>/``)."""
+    from adaptsoup.core.checkpoint import save_checkpoint
+    from adaptsoup.core.models import model_meta
+
+    model = tiny_model(seed=0)
+    path = save_checkpoint(tmp_path / "m.safetensors", model.state_dict(), model_meta(model))
+    for i, name in enumerate(CLASS_NAMES):
+        write_noise_images(tmp_path / "stream" / name, per_class, seed=i)
+    return path, tmp_path / "stream"

@@ -12,13 +12,11 @@ import torch
 import torch.nn.functional as F
 
 import adaptsoup  # noqa: F401
-from adaptsoup.core.checkpoint import save_checkpoint
-from adaptsoup.core.models import model_meta
 from adaptsoup.tta.adapter import TTA_METHODS, Adapter, TTAConfig, norm_parameters
 from adaptsoup.tta.eata import fisher_information, sample_weights, select, update_probs
 from adaptsoup.tta.entropy import softmax_entropy
 from adaptsoup.tta.stream import tta_run_dir
-from helpers import CLASS_NAMES, tiny_model, write_noise_images
+from helpers import saved_model_and_labeled_stream, tiny_model, write_noise_images
 
 
 def batch(seed: int, n: int = 8) -> torch.Tensor:
@@ -202,10 +200,7 @@ def test_nothing_selected_means_no_update_and_reset_forgets_the_average():
 
 @pytest.fixture
 def stream(tmp_path):
-    model = tiny_model(seed=0)
-    path = save_checkpoint(tmp_path / "m.safetensors", model.state_dict(), model_meta(model))
-    for i, name in enumerate(CLASS_NAMES):
-        write_noise_images(tmp_path / "stream" / name, 4, seed=i)
+    path, _ = saved_model_and_labeled_stream(tmp_path)
     write_noise_images(tmp_path / "source", 10, seed=9)
     return path, tmp_path
 

@@ -4,21 +4,18 @@ Adapter, a guarded run that never fires predicting exactly as an unguarded one, 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
 import pytest
 import torch
 
-from adaptsoup.core.checkpoint import save_checkpoint
-from adaptsoup.core.models import model_meta
 from adaptsoup.errors import AdaptsoupError
 from adaptsoup.tta.adapter import TTA_METHODS, Adapter, StepRecord, TTAConfig
 from adaptsoup.tta.guard import DriftGuard, agreement, marginal_entropy
 from adaptsoup.tta.stream import guard_log
 from adaptsoup_cli.main import main
-from helpers import CLASS_NAMES, build_adapt_inputs, tiny_model, write_noise_images
+from helpers import build_adapt_inputs, saved_model_and_labeled_stream, tiny_model
 
 CLASSES = 10
 
@@ -168,11 +165,7 @@ def test_the_log_says_how_many_guard_resets_and_at_which_batches():
 
 @pytest.fixture
 def tta_inputs(tmp_path):
-    model = tiny_model(seed=0)
-    path = save_checkpoint(tmp_path / "m.safetensors", model.state_dict(), model_meta(model))
-    for i, name in enumerate(CLASS_NAMES):
-        write_noise_images(tmp_path / "stream" / name, 4, seed=i)
-    return path, tmp_path / "stream"
+    return saved_model_and_labeled_stream(tmp_path)
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
