@@ -91,8 +91,29 @@ def read_choice(path: str, methods: list[str]) -> dict:
     return choice
 
 
-def tta_config(method: str, base_lr: float, seed: int, guard: bool = False) -> TTAConfig:
-    return TTAConfig(method=method, batch_size=BATCH, base_lr=base_lr, seed=seed, guard=guard, **METHOD_SETTINGS.get(method, {}))
+def tta_config(method: str, base_lr: float, seed: int, guard: bool = False, settings: dict | None = None) -> TTAConfig:
+    """The run's settings: ``settings`` (default :data:`METHOD_SETTINGS`) holds each method's fixed ones besides the lr."""
+    fixed = (METHOD_SETTINGS if settings is None else settings).get(method, {})
+    return TTAConfig(method=method, batch_size=BATCH, base_lr=base_lr, seed=seed, guard=guard, **fixed)
+
+
+def method_settings(overrides: list[str], base: dict | None = None) -> dict[str, dict]:
+    """``base`` (default :data:`METHOD_SETTINGS`) with ``METHOD.KEY=VALUE`` overrides (``--method-setting``; values parsed
+    as JSON, else text), each key checked against :class:`TTAConfig`."""
+    fields = {f.name for f in dataclasses.fields(TTAConfig)}
+    out = {m: dict(v) for m, v in (METHOD_SETTINGS if base is None else base).items()}
+    for item in overrides:
+        name, _, value = item.partition("=")
+        method, _, key = name.partition(".")
+        if not value or method not in TTA_METHODS or key not in fields or key in ("method", "base_lr", "batch_size", "seed", "guard"):
+            raise AdaptsoupError(f"--method-setting {item!r}: want METHOD.KEY=VALUE with METHOD one of {', '.join(TTA_METHODS)} and KEY "
+                                 "a TTAConfig setting other than method, base_lr, batch_size, seed and guard")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(method, {})[key] = parsed
+    return out
 
 
 def stream_batches(setting: str, n_corruptions: int, n_images: int) -> int:
@@ -154,7 +175,8 @@ def prepare_stream(cfg, args, model, progress) -> tuple[Stream, int]:
     return stream, len(pool)
 
 
-def tune(runner: Runner, soup: str, methods: list[str], factors: list[float], settings: list[str], seed: int) -> dict:
+def tune(runner: Runner, soup: str, methods: list[str], factors: list[float], settings: list[str], seed: int,
+         fixed: dict | None = None) -> dict:
     """Every method at every lr factor on ``soup`` in ``settings``: the scores (mean online accuracy) and the choice."""
     k, n = len(runner.stream.corruptions), len(runner.stream.ids)
     runner.plan(len(methods) * len(factors) * sum(stream_batches(s, k, n) for s in settings))
@@ -162,7 +184,7 @@ def tune(runner: Runner, soup: str, methods: list[str], factors: list[float], se
     rows = []
     for m in methods:
         for f in factors:
-            got = [runner.run(soup, s, tta_config(m, default_base_lr(m) * f, seed)) for s in settings]
+            got = [runner.run(soup, s, tta_config(m, default_base_lr(m) * f, seed, settings=fixed)) for s in settings]
             rows += [{**r, "lr_factor": f} for r in got]
             scores.setdefault(m, {})[factor_key(f)] = float(np.mean([r["accuracy"] for r in got]))
     chosen = choose_factors(scores)
@@ -170,10 +192,11 @@ def tune(runner: Runner, soup: str, methods: list[str], factors: list[float], se
             "base_lr": {m: default_base_lr(m) * chosen[m] for m in methods}, "rows": rows}
 
 
-def table(runner: Runner, soups: list[str], settings: list[str], methods: list[str], base_lr: dict, guards: bool, seed: int) -> list[dict]:
+def table(runner: Runner, soups: list[str], settings: list[str], methods: list[str], base_lr: dict, guards: bool, seed: int,
+          fixed: dict | None = None) -> list[dict]:
     """Every soup x setting x method once (and METHOD+guard in the continual and mixed settings with ``guards``)."""
     k, n = len(runner.stream.corruptions), len(runner.stream.ids)
-    plan = [(soup, s, tta_config(m, base_lr[m], seed, guard)) for soup in soups for s in settings for m in methods
+    plan = [(soup, s, tta_config(m, base_lr[m], seed, guard, fixed)) for soup in soups for s in settings for m in methods
             for guard in ((False, True) if guards and s in GUARD_SETTINGS else (False,))]
     runner.plan(sum(stream_batches(s, k, n) for _, s, _ in plan))
     return [runner.run(soup, s, cfg) for soup, s, cfg in plan]
@@ -188,13 +211,15 @@ def run(args: argparse.Namespace) -> dict:
     choice = None if args.choose else read_choice(args.choice, args.methods)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # the methods' fixed settings: the choice's (frozen with its lrs), else the defaults; then --method-setting
+    fixed = method_settings(args.method_setting, choice.get("method_settings") if choice else None)
     soups = {s: soup_path(s, cfg, self_run) for s in args.soups}
     with progress_bars(not args.no_progress) as progress:
         stream, pool = prepare_stream(cfg, args, load_model(None, soups[args.soups[0]]), progress)
         runner = Runner(stream, soups, progress, state["commit"])
-        tuning = tune(runner, args.soups[0], args.methods, args.lr_factors, args.choose_settings, cfg.seed) if args.choose else None
+        tuning = tune(runner, args.soups[0], args.methods, args.lr_factors, args.choose_settings, cfg.seed, fixed) if args.choose else None
         base_lr = tuning["base_lr"] if tuning else {m: choice["base_lr"][m] for m in args.methods}
-        rows = table(runner, args.soups, args.settings, args.methods, base_lr, args.guard_variants, cfg.seed)
+        rows = table(runner, args.soups, args.settings, args.methods, base_lr, args.guard_variants, cfg.seed, fixed)
         if args.foa:
             rows += foa_rows(runner, args.soups, args.foa_per_corruption, args.int8, args.threads)
     k, n = len(stream.corruptions), len(stream.ids)
@@ -205,7 +230,7 @@ def run(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(), "bench_config_path": str(args.bench_config), "bench_config": dataclasses.asdict(cfg),
         "split": cfg.split, "severity": cfg.severity, "per_corruption": n, "pool": pool, "stream_size": size, "corruptions": stream.corruptions,
         "batch_size": BATCH, "settings": args.settings, "methods": args.methods, "soups": {s: str(p) for s, p in soups.items()},
-        "base_lr": base_lr, "method_settings": {m: dataclasses.asdict(tta_config(m, base_lr[m], cfg.seed)) for m in args.methods},
+        "base_lr": base_lr, "method_settings": {m: dataclasses.asdict(tta_config(m, base_lr[m], cfg.seed, settings=fixed)) for m in args.methods},
         "choice": str(args.choice) if choice else str(args.choice_out), "source_images": FISHER_IMAGES if stream.source else 0,
         "baseline": {s: {"accuracy": float(runner.base[s].mean() * 100),
                          "per_corruption": {c: float(runner.base[s][i].mean() * 100) for i, c in enumerate(stream.corruptions)}}
@@ -219,7 +244,7 @@ def run(args: argparse.Namespace) -> dict:
             "split": cfg.split, "severity": cfg.severity, "per_corruption": n, "bench_config": str(args.bench_config),
             "commit": state["commit"], "default_base_lr": {m: default_base_lr(m) for m in args.methods},
             **{k_: tuning[k_] for k_ in ("soup", "settings", "lr_factors", "scores", "chosen_factor", "base_lr")},
-            "method_settings": METHOD_SETTINGS})
+            "method_settings": fixed})
     write_json_atomic(stem.with_suffix(".json"), out)
     write_text_atomic(stem.with_suffix(".md"), renderer("tta-stream")(out))
     print(f"wrote {stem}.json and .md in {out['timings_s']['total']:.0f}s" + (f"; the choice in {args.choice_out}" if tuning else ""))
@@ -283,6 +308,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--soups", type=csv_list((*SOUPS, *EXTRA_SOUPS)), default=list(SOUPS),
                    help="The first is the one the lrs are chosen on; deployed (the deployed model itself) and task_vector_soup "
                         f"(deployed + {TASK_VECTOR_SCALE:g} x the target's MAE task vector, adapt --preset task-vector's) are adaptable too.")
+    p.add_argument("--method-setting", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="A fixed setting of one method besides its lr (a TTAConfig field, e.g. roid.roid_prior=none); repeatable.")
     p.add_argument("--label", default="", help="Appended to the result's file name, to keep variants apart.")
     p.add_argument("--lr-factors", type=floats, default=list(LR_FACTORS))
     p.add_argument("--guard-variants", action="store_true", help="Also each method with the drift guard (continual, mixed).")

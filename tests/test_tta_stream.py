@@ -295,3 +295,16 @@ def test_the_deployed_model_and_the_task_vector_soup_are_adaptable_too(tmp_path)
     assert torch.allclose(soup[key].double(), expected, atol=1e-5)
     assert tta_stream.parse(["--bench-config", "x", "--choose", "--soups", "task_vector_soup,deployed", "--label", "v1"]).soups == [
         "task_vector_soup", "deployed"]
+
+
+def test_method_settings_override_one_field_and_refuse_unknown_ones():
+    from adaptsoup.errors import AdaptsoupError
+
+    fixed = tta_stream.method_settings(["roid.roid_prior=none", "roid.roid_consistency=false", "eata.d_margin=0.2"])
+    assert fixed == {"eata": {"d_margin": 0.2}, "roid": {"roid_prior": "none", "roid_consistency": False}}
+    cfg = tta_stream.tta_config("roid", 1e-4, 0, settings=fixed)
+    assert cfg.roid_prior == "none" and cfg.roid_consistency is False and tta_stream.tta_config("roid", 1e-4, 0).roid_prior != "none"
+    assert tta_stream.method_settings([], {"sar": {"rho": 0.1}}) == {"sar": {"rho": 0.1}}  # a frozen choice's settings
+    for bad in ("roid.nonsense=1", "foo.rho=1", "sar.base_lr=1", "sar.rho"):
+        with pytest.raises(AdaptsoupError, match="METHOD.KEY=VALUE"):
+            tta_stream.method_settings([bad])
