@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import math
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -57,26 +56,6 @@ def check_guard_settings(window: int, min_agreement: float, min_marginal_ratio: 
             raise AdaptsoupError(f"{name} must be in [0, 1], got {value!r}")
 
 
-@dataclass
-class BatchSignal:
-    """What the guard keeps of one batch: its size, how many images both models put in the same class, and
-    each model's softmax summed over the batch."""
-
-    size: int
-    agreeing: int
-    adapted_mass: torch.Tensor  # [C]
-    anchor_mass: torch.Tensor  # [C]
-
-
-def batch_signal(adapted_logits: torch.Tensor, anchor_logits: torch.Tensor) -> BatchSignal:
-    """One batch's :class:`BatchSignal` from both models' logits on its images."""
-    adapted, anchor = adapted_logits.detach().float(), anchor_logits.detach().float()
-    if adapted.shape != anchor.shape:
-        raise AdaptsoupError(f"guard: the adapted and unadapted logits differ in shape: {tuple(adapted.shape)} vs {tuple(anchor.shape)}")
-    return BatchSignal(size=len(adapted), agreeing=int((adapted.argmax(1) == anchor.argmax(1)).sum()),
-                       adapted_mass=adapted.softmax(1).sum(0).cpu(), anchor_mass=anchor.softmax(1).sum(0).cpu())
-
-
 def floor2(value: float) -> str:
     """``value`` rounded down to two decimals, so that a value below a threshold never reads as equal to it."""
     return f"{math.floor(value * 100) / 100:.2f}"
@@ -92,41 +71,34 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 class DriftGuard:
-    """A moving window of the last ``window`` batches' signals; :meth:`observe` adds one batch and returns why
-    to reset (and restarts the window), or None.  A threshold of 0 turns its signal off."""
+    """A moving window of both models' logits on the last ``window`` batches; :meth:`observe` adds one batch and
+    returns why to reset (and restarts the window), or None.  A threshold of 0 turns its signal off."""
 
     def __init__(self, window: int = 8, min_agreement: float = 0.5, min_marginal_ratio: float = 0.5) -> None:
         check_guard_settings(window, min_agreement, min_marginal_ratio)
         self.window = window
         self.min_agreement = min_agreement
         self.min_marginal_ratio = min_marginal_ratio
-        self.signals: deque[BatchSignal] = deque(maxlen=window)
+        self.signals: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=window)  # (adapted, unadapted) logits
 
     def restart(self) -> None:
         self.signals.clear()
 
-    def window_agreement(self) -> float:
-        """The fraction of the window's images on which both models agree."""
-        return sum(s.agreeing for s in self.signals) / max(1, sum(s.size for s in self.signals))
-
-    def window_marginal_entropies(self) -> tuple[float, float]:
-        """The entropy of the adapted and of the unadapted model's mean prediction over the window's images."""
-        n = max(1, sum(s.size for s in self.signals))
-        adapted = torch.stack([s.adapted_mass for s in self.signals]).sum(0) / n
-        anchor = torch.stack([s.anchor_mass for s in self.signals]).sum(0) / n
-        return entropy_of(adapted), entropy_of(anchor)
-
     def observe(self, adapted_logits: torch.Tensor, anchor_logits: torch.Tensor) -> str | None:
         """Add a batch (the adapted model's logits before its update, the unadapted model's on the same images);
         on a full window whose signals cross a threshold, restart the window and return the reason."""
-        self.signals.append(batch_signal(adapted_logits, anchor_logits))
+        adapted, anchor = adapted_logits.detach().float().cpu(), anchor_logits.detach().float().cpu()
+        if adapted.shape != anchor.shape:
+            raise AdaptsoupError(f"guard: the adapted and unadapted logits differ in shape: {tuple(adapted.shape)} vs {tuple(anchor.shape)}")
+        self.signals.append((adapted, anchor))
         if len(self.signals) < self.window:
             return None
         reasons = []
-        agree = self.window_agreement()
+        window_adapted, window_anchor = (torch.cat(side) for side in zip(*self.signals))
+        agree = agreement(window_adapted, window_anchor)
         if agree < self.min_agreement:
             reasons.append(f"agreement {floor2(agree)} < {self.min_agreement:g}")
-        adapted_h, anchor_h = self.window_marginal_entropies()
+        adapted_h, anchor_h = marginal_entropy(window_adapted), marginal_entropy(window_anchor)
         if adapted_h < self.min_marginal_ratio * anchor_h:
             reasons.append(f"marginal entropy ratio {floor2(adapted_h / anchor_h)} < {self.min_marginal_ratio:g}")
         if not reasons:
