@@ -118,7 +118,8 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
     t0 = time.perf_counter()
     evals = data.evals if cfg.joint else {k: v for k, v in data.evals.items() if not k.startswith("even/")}
     soups, ingredients, vanillas = build_soups(data, cfg, self_run, cont, mixes)
-    metrics, predictions, best = evaluate_rows(data, cfg, soups, ingredients, evals, progress)
+    row_logits: dict | None = {} if cfg.estimates else None
+    metrics, predictions, best = evaluate_rows(data, cfg, soups, ingredients, evals, progress, logits=row_logits)
     timings["evaluate"] = time.perf_counter() - t0
     corruptions = data.corruptions
     # per-image correctness where the score is top-1 (LAION-C's superclass scoring is not per-image top-1 here)
@@ -131,7 +132,8 @@ def run_shift_benchmark(data: ShiftData, cfg: BenchConfig, *, command: str = "",
 
     # -- label-free estimates of every row, and what the default deploy rule picks per corruption ------------------
     t0 = time.perf_counter()
-    estimates = (shift_estimates(soups, data.evals, corruptions, data.preprocess, to_labels=data.to_labels, device=cfg.device, log=log)
+    estimates = (shift_estimates(soups, data.evals, corruptions, data.preprocess, to_labels=data.to_labels, device=cfg.device,
+                                 known=row_logits, log=log)
                  if cfg.estimates else {"skipped": "estimates=false"})
     timings["estimates"] = time.perf_counter() - t0
 

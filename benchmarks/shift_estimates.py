@@ -36,47 +36,63 @@ DEPLOYABLE = ("self_task_vector_soup", "self_soup_target", "self_soup_target_sel
 MIN_VALIDATION = 100  # fewer labeled validation images than this fit no threshold worth reporting
 
 
-def validation_set(evals: dict[str, ImageSet], minimum: int = MIN_VALIDATION) -> ImageSet | None:
-    """The clean images whose file stem is none of the corrupted (target or evaluation) images' stems; None
-    when the benchmark has no clean images or fewer than ``minimum`` are left."""
+def validation_indices(evals: dict[str, ImageSet], minimum: int = MIN_VALIDATION) -> list[int] | None:
+    """The positions in ``evals["clean"]`` of the clean images whose file stem is none of the corrupted (target or
+    evaluation) images' stems; None when the benchmark has no clean images or fewer than ``minimum`` are left."""
     clean = evals.get("clean")
     if clean is None:
         return None
     corrupted = {Path(p).stem for key, images in evals.items() if key != "clean" for p in images.paths}
     keep = [i for i, p in enumerate(clean.paths) if Path(p).stem not in corrupted]
-    return clean.subset(keep) if len(keep) >= minimum else None
+    return keep if len(keep) >= minimum else None
 
 
-def logits_by_set(models: dict[str, Path], sets: dict[str, ImageSet], pre, to_labels: Callable | None,
-                  device: str = "cpu") -> dict[str, dict[str, torch.Tensor]]:
-    """``{model: {set: logits in the benchmark's label space}}``, one model in memory at a time."""
+def validation_set(evals: dict[str, ImageSet], minimum: int = MIN_VALIDATION) -> ImageSet | None:
+    """The images of :func:`validation_indices`, or None."""
+    keep = validation_indices(evals, minimum)
+    return None if keep is None else evals["clean"].subset(keep)
+
+
+def logits_by_set(models: dict[str, Path], sets: dict[str, ImageSet], pre, to_labels: Callable | None, device: str = "cpu",
+                  known: dict | None = None, subsets: dict[str, tuple[str, list[int]]] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """``{model: {set: logits in the benchmark's label space}}``, one model in memory at a time.  What ``known``
+    (``{set: {model: logits}}``, e.g. the benchmark's evaluation) holds is taken from there, as is a set of
+    ``subsets`` (``{set: (known set, positions)}``) whose known set holds the model; only the rest is run."""
+    known, subsets = known or {}, subsets or {}
     out = {}
     for name, path in models.items():
-        model = load_model(None, path)
-        out[name] = {}
+        raw, model = {}, None
         for key, images in sets.items():
-            logits = run_model(model, images, pre, device=device).logits.float()
-            out[name][key] = to_labels(logits) if to_labels is not None else logits
+            parent, positions = subsets.get(key, (None, None))
+            if name in known.get(key, {}):
+                raw[key] = known[key][name]
+            elif parent is not None and name in known.get(parent, {}):
+                raw[key] = known[parent][name][torch.as_tensor(positions)]
+            else:
+                model = model or load_model(None, path)
+                raw[key] = run_model(model, images, pre, device=device).logits.float()
+        out[name] = {key: to_labels(v) if to_labels is not None else v for key, v in raw.items()}
         del model
     return out
 
 
 def shift_estimates(soups: dict[str, Path], evals: dict[str, ImageSet], corruptions: list[str], pre, *,
                     to_labels: Callable | None = None, decision: DecisionConfig = DecisionConfig(), resamples: int = 200,
-                    min_validation: int = MIN_VALIDATION, device: str = "cpu", log: Callable[[str], None] = print) -> dict:
+                    min_validation: int = MIN_VALIDATION, device: str = "cpu", known: dict | None = None, log: Callable[[str], None] = print) -> dict:
     """The ``estimates`` entry: per corruption each row's estimates against its true target accuracy, each
     estimator's error, and the rule's decision per corruption scored on the evaluation images (its ``gate``,
-    as the decision benchmark writes it)."""
-    validation = validation_set(evals, min_validation)
-    if validation is None:
+    as the decision benchmark writes it).  ``known``: logits the caller already has, ``{set: {model: logits}}``."""
+    keep = validation_indices(evals, min_validation)
+    if keep is None:
         return {"skipped": f"fewer than {min_validation} labeled validation images (clean images none of the corrupted ones come "
                            "from; bench imagenet-c: give --clean) to fit the estimators on"}
     candidates = [name for name in DEPLOYABLE if name in soups]
     if DEPLOYED not in soups or not candidates:
         return {"skipped": "no deployed model or no deployable soup among the rows"}
+    validation = evals["clean"].subset(keep)
     t0 = time.perf_counter()
     sets = {"validation": validation, **{f"{side}/{c}": evals[f"{side}/{c}"] for c in corruptions for side in ("even", "odd")}}
-    logits = logits_by_set(soups, sets, pre, to_labels, device)
+    logits = logits_by_set(soups, sets, pre, to_labels, device, known=known, subsets={"validation": ("clean", keep)})
     logits_s = time.perf_counter() - t0
     labels = {c: (evals[f"even/{c}"].labels, evals[f"odd/{c}"].labels) for c in corruptions}
     shifts = shifts_from_logits(logits, labels)

@@ -19,7 +19,7 @@ from adaptsoup_bench.shift_stats import mean_or_nan
 
 
 def evaluate_rows(data: ShiftData, cfg: BenchConfig, soups: dict[str, Path], ingredients: dict[str, Path],
-                  evals: dict[str, ImageSet], progress=None) -> tuple[dict, dict[str, dict[str, torch.Tensor]], str]:
+                  evals: dict[str, ImageSet], progress=None, logits: dict | None = None) -> tuple[dict, dict[str, dict[str, torch.Tensor]], str]:
     """The accuracy of every checkpoint: the rows (``soups``) on every set of ``evals``, the self ingredients on
     clean and disjoint only (their joint accuracy is in no table), then the best of them on every set too.
 
@@ -30,7 +30,7 @@ def evaluate_rows(data: ShiftData, cfg: BenchConfig, soups: dict[str, Path], ing
     predictions: dict[str, dict[str, torch.Tensor]] = {}
     evaluate = functools.partial(evaluate_checkpoints, pre=data.preprocess, device=cfg.device, bf16=False, progress=progress, score=data.score,
                                  predictions=predictions)
-    metrics = evaluate(soups, evals)
+    metrics = evaluate(soups, evals, logits=logits)  # the rows' logits, when asked for, serve the label-free estimates
     metrics = evaluate(candidates, {k: v for k, v in evals.items() if not k.startswith("even/")}, known=metrics)
     best = max(ingredients, key=lambda k: mean_or_nan(metrics[f"odd/{c}"][f"ingredient:{k}"] for c in data.corruptions))
     metrics = evaluate({f"ingredient:{best}": ingredients[best]}, evals, known=metrics)

@@ -81,3 +81,16 @@ def test_superclass_logits_predict_what_laion_c_scores():
     # closed form: the log of the mean member probability
     probs = logits.softmax(1)
     assert torch.allclose(converted[:, 1], torch.log((probs[:, 3] + probs[:, 4]) / 2), atol=1e-6)
+
+
+def test_logits_the_evaluation_already_made_are_reused_not_recomputed(tmp_path):
+    from adaptsoup.core.evaluation import run_model
+
+    models = {"deployed": tiny_model(seed=1), "self_task_vector_soup": tiny_model(seed=2)}
+    paths = {n: save_checkpoint(tmp_path / f"{n}.safetensors", m.state_dict(), model_meta(m)) for n, m in models.items()}
+    evals, pre = evals_of(), Preprocess.for_model(models["deployed"])
+    fresh = shift_estimates(paths, evals, ["fog", "snow"], pre, resamples=20, min_validation=1, log=lambda m: None)
+    known = {key: {n: run_model(m, images, pre).logits.float() for n, m in models.items()} for key, images in evals.items()}
+    missing = {n: tmp_path / "absent" / f"{n}.safetensors" for n in models}  # loading any of these would fail
+    reused = shift_estimates(missing, evals, ["fog", "snow"], pre, resamples=20, min_validation=1, known=known, log=lambda m: None)
+    assert reused["gate"] == fresh["gate"] and reused["per_shift"] == fresh["per_shift"]

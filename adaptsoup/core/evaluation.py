@@ -77,14 +77,16 @@ def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 def evaluate_checkpoints(candidates: dict[str, Path], evals: dict[str, ImageSet], pre: Preprocess, *,
                          arches: dict[str, str | None] | None = None, device: str = "cpu", bf16: bool = False, progress=None,
-                         known: dict | None = None, score=top1, predictions: dict | None = None) -> dict[str, dict[str, float]]:
+                         known: dict | None = None, score=top1, predictions: dict | None = None,
+                         logits: dict | None = None) -> dict[str, dict[str, float]]:
     """Score each checkpoint on each labeled set: ``{eval_name: {model_name: score}}``, one model in memory.
 
     Pairs already in ``known`` are kept, not recomputed.  ``arches`` names the timm architecture of
     candidates whose checkpoint carries no adaptsoup metadata.  ``score(logits, labels)`` turns logits
     into a percentage (default: top-1 over the model's classes).  ``predictions``, if given, is filled
     with each evaluated model's per-image arg-max class, ``{eval_name: {model_name: int64 [N]}}`` (only
-    for the pairs evaluated now, not those ``known`` held): the paired bootstrap's input.
+    for the pairs evaluated now, not those ``known`` held): the paired bootstrap's input.  ``logits``, if given, is
+    filled likewise with their float32 logits ``{eval_name: {model_name: [N, C]}}``.
     """
     progress = progress or NullProgress()
     arches = arches or {}
@@ -96,10 +98,12 @@ def evaluate_checkpoints(candidates: dict[str, Path], evals: dict[str, ImageSet]
         model = load_model(arches.get(name), candidates[name])
         for eval_name in missing:
             images = evals[eval_name]
-            logits = run_model(model, images, pre, device=device, bf16=bf16).logits
-            metrics.setdefault(eval_name, {})[name] = score(logits, images.labels)
+            out = run_model(model, images, pre, device=device, bf16=bf16).logits
+            metrics.setdefault(eval_name, {})[name] = score(out, images.labels)
             if predictions is not None:
-                predictions.setdefault(eval_name, {})[name] = logits.argmax(dim=1)
+                predictions.setdefault(eval_name, {})[name] = out.argmax(dim=1)
+            if logits is not None:
+                logits.setdefault(eval_name, {})[name] = out.float()
             progress.advance(task)
         del model
     progress.remove_task(task)
