@@ -89,17 +89,17 @@ def run_stream(make_adapter: Callable[[], object], images: torch.Tensor, segment
         raise AdaptsoupError("the stream did not show every (corruption, image) pair")
     run.records = list(adapter.records)
     run.method_resets = sum(bool(r.reset) for r in run.records)
-    run.guard_resets = sum(bool(getattr(r, "guard_reset", False)) for r in run.records)
+    run.guard_resets = sum(r.guard_reset for r in run.records)
     run.wall_s = time.perf_counter() - t0
     return run
 
 
-@torch.no_grad()
 def plain_logits(model: torch.nn.Module, images: torch.Tensor, pre: Preprocess, batch_size: int = 500) -> torch.Tensor:
     """The soup without TTA: one forward pass over every (corruption, image), ``[K, N, C]``."""
-    model.eval()
+    from adaptsoup.core.evaluation import run_model
+
     flat = images.reshape(-1, *images.shape[2:])
-    out = torch.cat([model(pre.normalize(flat[i : i + batch_size])).float() for i in range(0, len(flat), batch_size)])
+    out = run_model(model, ImageSet(images=flat, paths=[""] * len(flat)), pre, batch_size=batch_size).logits.float()
     return out.reshape(images.shape[0], images.shape[1], -1)
 
 
